@@ -1,0 +1,5 @@
+import sys
+
+from emloc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""Stage 1a: calibration statistics ``C = sum_t x_t x_t^T`` per distinct linear input.
+
+Linears that read the same tensor (q/k/v, gate/up) share one ``C``: a module whose input is the
+very tensor the previous hooked module just read joins that module's group.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from emloc.data import pad_batch
+from emloc.errors import EmlocError
+
+
+@dataclass
+class CalibrationStats:
+    """``covariances[leader]``: ``C`` (``in x in``, float32); ``input_of[module] -> leader``."""
+
+    covariances: dict[str, torch.Tensor]
+    input_of: dict[str, str]
+    token_counts: dict[str, int]
+    n_samples: int
+
+    def C(self, module_name: str) -> torch.Tensor:
+        return self.covariances[self.input_of[module_name]]
+
+
+def matches_target(name: str, patterns: list[str]) -> bool:
+    """A module is targeted when its name ends with a pattern (``q_proj``) or fully matches it as a regex."""
+    return any(name == p or name.endswith("." + p) or _regex_fullmatch(p, name) for p in patterns)
+
+
+def _regex_fullmatch(pattern: str, name: str) -> bool:
+    if not any(ch in pattern for ch in ".*+?[]()|^$\\"):
+        return False
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        raise EmlocError(f"target module pattern {pattern!r} is not a valid regex: fix it or use a plain name") from None
+
+
+def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules matched by ``patterns``; an unmatched pattern is an error."""
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and matches_target(name, patterns)}
+    for pattern in patterns:
+        if not any(matches_target(name, [pattern]) for name in found):
+            raise EmlocError(f"target module pattern {pattern!r} matches no linear layer of this model: "
+                             f"check the names with `model.named_modules()`")
+    return found
+
+
+class _Accumulator:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.covariances: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.input_of: dict[str, str] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._previous: tuple[torch.Tensor, str] | None = None
+
+    def hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._previous is not None and self._previous[0] is x:
+                self.input_of[name] = self.input_of[self._previous[1]]
+                return
+            self._previous = (x, name)
+            self.input_of[name] = name
+            rows = x.reshape(-1, x.shape[-1])
+            if self.token_mask is not None and rows.shape[0] == self.token_mask.numel():
+                rows = rows[self.token_mask.reshape(-1)]
+            rows = rows.to(torch.float32)
+            if name not in self.covariances:
+                self.covariances[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=self.device)
+                self.counts[name] = 0
+            self.covariances[name] += (rows.T @ rows).to(torch.float64)
+            self.counts[name] += rows.shape[0]
+        return record
+
+
+@contextlib.contextmanager
+def recording_inputs(modules: dict[str, nn.Module], device: torch.device) -> Iterator[_Accumulator]:
+    """Forward pre-hooks that accumulate ``C``; always removed on exit, even after an error."""
+    accumulator = _Accumulator(device)
+    handles = [module.register_forward_pre_hook(accumulator.hook(name)) for name, module in modules.items()]
+    try:
+        yield accumulator
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, features: list[dict[str, list[int]]], target_modules: list[str],
+                       pad_token_id: int, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
+    """Run ``model`` on tokenised calibration samples and return ``C`` per distinct linear input."""
+    if not features:
+        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
+    device = next(model.parameters()).device
+    modules = target_linears(model, target_modules)
+    with recording_inputs(modules, device) as accumulator:
+        for start in tqdm(range(0, len(features), batch_size), desc="calibration", disable=not progress):
+            batch = pad_batch(features[start:start + batch_size], pad_token_id)
+            accumulator.token_mask = batch["attention_mask"].bool().to(device)
+            accumulator._previous = None
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    covariances = {name: C.float().cpu() for name, C in accumulator.covariances.items()}
+    for name, C in covariances.items():
+        if not torch.isfinite(C).all():
+            raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: the model produced non-finite "
+                             f"activations; check its weights and dtype (try --dtype float32)")
+    return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), len(features))

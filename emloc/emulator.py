@@ -1,0 +1,164 @@
+"""Stage 1b: the emulator. Each targeted ``nn.Linear`` becomes a :class:`LowRankLinear` with the same
+name, ``in_features`` and ``out_features``, so a LoRA adapter trained on it fits the original model.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from emloc.calibration import CalibrationStats, target_linears
+from emloc.config import EmulatorConfig
+from emloc.errors import EmlocError
+from emloc.lowrank import (break_even_rank, calibration_error, plain_truncation, rank_from_ratio,
+                           relative_error_curve, whitened_basis, whitened_basis_from_gram, whitening_factor,
+                           project_onto_basis)
+
+
+class LowRankLinear(nn.Module):
+    """``y = u (v x) + b`` with ``u: (out, r)``, ``v: (r, in)``; a drop-in for ``nn.Linear``."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.rank = u.shape
+        self.in_features = v.shape[1]
+        self.down = nn.Linear(self.in_features, self.rank, bias=False, device=v.device, dtype=v.dtype)
+        self.up = nn.Linear(self.rank, self.out_features, bias=bias is not None, device=u.device, dtype=u.dtype)
+        with torch.no_grad():
+            self.down.weight.copy_(v)
+            self.up.weight.copy_(u)
+            if bias is not None:
+                self.up.bias.copy_(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``W' = u v`` (``out x in``), for inspection."""
+        return self.up.weight @ self.down.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class EmulatorFactors:
+    """The emulator's low-rank factors ``u``/``v`` per module, spectra, and the per-layer report."""
+
+    u: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    spectra: dict[str, dict[str, torch.Tensor]]
+    report: pd.DataFrame
+    method: str
+
+    def W_emulated(self, name: str) -> torch.Tensor:
+        return self.u[name] @ self.v[name]
+
+
+def ratio_for(name: str, config: EmulatorConfig) -> float:
+    """The first matching pattern in ``config.ratio_patterns`` wins, else ``config.ratio``."""
+    for pattern, ratio in config.ratio_patterns.items():
+        if re.fullmatch(pattern, name) or re.search(pattern, name):
+            return float(ratio)
+    return float(config.ratio)
+
+
+def module_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int:
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
+def _factorise(W: torch.Tensor, C: torch.Tensor, S_cache: dict, leader: str, r: int, method: str):
+    """Return ``(u, v, sigma_whitened)``; the whitening factor ``S`` is cached per shared input."""
+    if method == "plain":
+        u, v, _ = plain_truncation(W, r)
+        sigma = (whitened_basis_from_gram(W, C) if W.shape[0] < W.shape[1] else whitened_basis(W, _S(C, S_cache, leader)))[1]
+        return u, v, sigma
+    if W.shape[0] < W.shape[1]:
+        U, sigma = whitened_basis_from_gram(W, C)
+    else:
+        U, sigma = whitened_basis(W, _S(C, S_cache, leader))
+    u, v = project_onto_basis(W, U, r)
+    return u, v, sigma
+
+
+def _S(C: torch.Tensor, cache: dict, leader: str) -> torch.Tensor:
+    if leader not in cache:
+        cache[leader] = whitening_factor(C)
+    return cache[leader]
+
+
+def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True) -> EmulatorFactors:
+    """Compute rank-``r`` factors for every targeted linear (``r`` from ``rho``); the model is not changed."""
+    compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
+    linears = target_linears(model, config.target_modules)
+    missing = [name for name in linears if name not in stats.input_of]
+    if missing:
+        raise EmlocError(f"calibration statistics do not cover {missing[0]}: they belong to another model or "
+                         f"target list; re-run `emloc calibrate`")
+    u_all, v_all, spectra, rows, S_cache = {}, {}, {}, [], {}
+    for name, linear in tqdm(linears.items(), desc="emulator", disable=not progress):
+        W = linear.weight.detach().to(compute)
+        C = stats.C(name).to(W.device, compute)
+        out_features, in_features = W.shape
+        rho = ratio_for(name, config)
+        r = rank_from_ratio(rho, out_features, in_features)
+        u, v, sigma = _factorise(W, C, S_cache, stats.input_of[name], r, config.method)
+        sigma_plain = torch.linalg.svdvals(W)
+        u_all[name], v_all[name] = u.to(linear.weight.dtype).cpu(), v.to(linear.weight.dtype).cpu()
+        spectra[name] = {"whitened": sigma.float().cpu(), "plain": sigma_plain.float().cpu()}
+        rows.append(_report_row(name, W, C, u @ v, sigma, r, rho, linear))
+        if len(S_cache) > 1:  # keep only the current shared input's factor
+            S_cache.pop(next(iter(S_cache)))
+    return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method)
+
+
+def _report_row(name, W, C, W_emulated, sigma, r, rho, linear) -> dict:
+    out_features, in_features = W.shape
+    params_before = out_features * in_features + (linear.bias.numel() if linear.bias is not None else 0)
+    params_after = r * (out_features + in_features) + (linear.bias.numel() if linear.bias is not None else 0)
+    return {
+        "module": name, "layer": layer_index(name), "type": module_type(name),
+        "out_features": out_features, "in_features": in_features, "ratio": rho, "rank": r,
+        "break_even_rank": break_even_rank(out_features, in_features),
+        "params_before": params_before, "params_after": params_after,
+        "calibration_error": calibration_error(W, W_emulated, C),
+        "whitened_error_at_rank": float(relative_error_curve(sigma)[min(r, len(sigma))]),
+    }
+
+
+def emulate(model: nn.Module, factors: EmulatorFactors, copy_model: bool = True) -> nn.Module:
+    """Return the emulator: ``model`` with each factored linear swapped for a :class:`LowRankLinear`.
+
+    With ``copy_model=False`` the swap happens in place (saves memory when the caller owns ``model``).
+    """
+    emulator = copy.deepcopy(model) if copy_model else model
+    modules = dict(emulator.named_modules())
+    for name in factors.u:
+        if name not in modules or not isinstance(modules[name], nn.Linear):
+            raise EmlocError(f"emulator factors name {name}, which is not a linear layer of this model: "
+                             f"the emulator was built for another model; rebuild it with `emloc build`")
+        linear = modules[name]
+        u, v = factors.u[name], factors.v[name]
+        if u.shape[0] != linear.out_features or v.shape[1] != linear.in_features:
+            raise EmlocError(f"emulator factors for {name} have shape {tuple(u.shape)}x{tuple(v.shape)}, which does "
+                             f"not fit ({linear.out_features}, {linear.in_features}): rebuild with `emloc build`")
+        device, dtype = linear.weight.device, linear.weight.dtype
+        bias = linear.bias.detach() if linear.bias is not None else None
+        low_rank = LowRankLinear(u.to(device, dtype), v.to(device, dtype), bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child, low_rank)
+    return emulator
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

