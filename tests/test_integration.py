@@ -16,7 +16,7 @@ def test_quick_run_on_the_default_model(tmp_path):
     emloc = Path(sys.executable).parent / "emloc"
     command = [str(emloc)] if emloc.exists() else [sys.executable, "-m", "emloc"]
     done = subprocess.run([*command, "run", "--out", str(out), "--preset", "quick", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=2400, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "transfer_corrected" in done.stdout and "Traceback" not in done.stderr
     results = json.loads((out / "results.json").read_text())
