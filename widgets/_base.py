@@ -54,6 +54,10 @@ class FigureView(widgets.VBox):
         super().__init__([*controls, self.output], **kwargs)
         self.refresh()
 
+    def trace(self, key: str):
+        """The trace whose ``meta`` is ``key`` (legend names are for people; keys are for code and tests)."""
+        return next(t for t in self.figure.data if t.meta == key)
+
     def refresh(self) -> None:
         """Show the current figure: replace the ``Output``'s content with its plotly mime bundle."""
         bundle = _MIME.to_mimebundle(self.figure.to_dict())

@@ -33,7 +33,7 @@ class CorrectionInspector(FigureView):
                                               description="modules")
         self.stats = stat_line("")
         controls = [widgets.HBox([self.lambda_slider, self.no_clamp]), self.type_dropdown, self.stats]
-        super().__init__(self._empty_figure(), controls)
+        super().__init__(self._empty_figure(report), controls)
         self.update()
         for control in (self.lambda_slider, self.no_clamp, self.type_dropdown):
             control.observe(self.update, "value")
@@ -42,23 +42,23 @@ class CorrectionInspector(FigureView):
     def lam(self) -> float | None:
         return None if self.no_clamp.value else float(self.lambda_slider.value)
 
-    def trace(self, name: str):
-        return next(t for t in self.figure.data if t.name == name)
 
-    def _empty_figure(self) -> go.Figure:
+    def _empty_figure(self, report: pd.DataFrame) -> go.Figure:
         figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
                                subplot_titles=("misalignment of original + adapter vs fine-tuned emulator, on span(A)",
                                                "LoRA columns scaled down by the clamp"))
         for name, label in (("before", "before correction (B A as trained)"), ("after", "after correction (A', B^)")):
-            figure.add_trace(go.Scatter(name=name, mode="lines+markers", line_color=COLOURS[name],
+            figure.add_trace(go.Scatter(name=label, meta=name, mode="lines+markers", line_color=COLOURS[name],
                                         hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.4f}}<extra></extra>"),
                              row=1, col=1)
-        figure.add_trace(go.Bar(name="clamped", marker_color=COLOURS["clamped"], showlegend=False,
+        figure.add_trace(go.Bar(name="clamped columns", meta="clamped", marker_color=COLOURS["clamped"], showlegend=False,
                                 hovertemplate="layer %{x}: %{y:.1f}% of columns clamped<br>%{text}<extra></extra>"),
                          row=2, col=1)
         figure.update_yaxes(title_text="s‖D − D_applied‖ / ‖W'Q + sB~‖", row=1, col=1, rangemode="tozero")
         figure.update_yaxes(title_text="% clamped", range=[0, 100], row=2, col=1)
         figure.update_xaxes(title_text="layer", row=2, col=1)
+        if report["layer"].nunique() <= 12:
+            figure.update_xaxes(dtick=1)
         figure.update_layout(template=TEMPLATE, height=560, margin=dict(l=70, r=20, t=80, b=50),
                              legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
         return figure

@@ -38,22 +38,20 @@ class ErrorMap(FigureView):
         self.ratio_slider.observe(self.update, "value")
         self.kind_dropdown.observe(self.update, "value")
 
-    def trace(self, name: str):
-        return next(t for t in self.figure.data if t.name == name)
 
     def _empty_figure(self) -> go.Figure:
         figure = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True, horizontal_spacing=0.03,
                                subplot_titles=("relative error per module", "parameters saved per layer"))
-        figure.add_trace(go.Heatmap(name="error", colorscale="Oranges", zmin=0, zmax=1,
-                                    colorbar=dict(title="rel. error", x=0.70),
+        figure.add_trace(go.Heatmap(name="relative error", meta="error", colorscale="Oranges", zmin=0, zmax=1,
+                                    colorbar=dict(title="rel. error", x=1.02, len=0.9),
                                     hovertemplate="layer %{y} · %{x}<br>%{text}<extra></extra>"), row=1, col=1)
-        figure.add_trace(go.Bar(name="saved", orientation="h", marker_color=COLOURS["emulator"],
+        figure.add_trace(go.Bar(name="parameters saved", meta="saved", orientation="h", marker_color=COLOURS["emulator"],
                                 hovertemplate="layer %{y}: %{x:.3f} M parameters saved<extra></extra>"), row=1, col=2)
         figure.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if len(set(self.report["layer"])) <= 12 else 5,
                             row=1, col=1)
         figure.update_xaxes(title_text="module type", row=1, col=1)
         figure.update_xaxes(title_text="millions", row=1, col=2)
-        figure.update_layout(template=TEMPLATE, height=520, showlegend=False, margin=dict(l=60, r=20, t=80, b=50))
+        figure.update_layout(template=TEMPLATE, height=520, showlegend=False, margin=dict(l=60, r=90, t=80, b=50))
         return figure
 
     def table(self):

@@ -30,17 +30,15 @@ class ResultsBoard(FigureView):
         self.update()
         self.metric.observe(self.update, "value")
 
-    def trace(self, name: str):
-        return next(t for t in self.figure.data if t.name == name)
 
     def _figure(self) -> go.Figure:
         figure = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.12,
                                subplot_titles=("the five variants on the test split", "weights in memory"))
         labels = [VARIANT_LABELS.get(v, v) for v in self.summary.index]
-        figure.add_trace(go.Bar(name="variants", x=labels, marker_color=[COLOURS.get(v, "#333") for v in self.summary.index],
+        figure.add_trace(go.Bar(name="variants", meta="variants", x=labels, marker_color=[COLOURS.get(v, "#333") for v in self.summary.index],
                                 showlegend=False), row=1, col=1)
         memory = self.memory
-        figure.add_trace(go.Bar(name="memory", x=list(memory.index), y=memory["megabytes"].to_numpy(), showlegend=False,
+        figure.add_trace(go.Bar(name="memory", meta="memory", x=list(memory.index), y=memory["megabytes"].to_numpy(), showlegend=False,
                                 marker_color=[COLOURS[m] for m in memory.index],
                                 text=[f"{p / 1e6:.1f} M params" for p in memory["parameters"]], textposition="auto",
                                 hovertemplate="%{x}: %{y:.1f} MB<br>%{text}<extra></extra>"), row=1, col=2)

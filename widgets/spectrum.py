@@ -15,7 +15,7 @@ KINDS = {"plain": "plain SVD of W", "whitened": "activation-aware (whitened W S)
 class SpectrumExplorer(FigureView):
     """Pick a layer and module type; move the rank slider to see kept energy and relative error.
 
-    Traces (by name): ``sigma plain``, ``sigma whitened`` (``sigma_i / sigma_1``, log scale), ``rank``
+    Traces (keys for ``view.trace(key)``): ``sigma plain``, ``sigma whitened`` (``sigma_i / sigma_1``, log scale), ``rank``
     (the slider's rank on the left), ``error plain``, ``error whitened`` (relative error of keeping
     ``k``), ``at rank`` (both errors at the slider's rank), ``ratio rank`` (the rank ``rho`` picks).
     """
@@ -43,28 +43,26 @@ class SpectrumExplorer(FigureView):
     def module(self) -> str:
         return self.rows[(self.layer_slider.value, self.type_dropdown.value)].module
 
-    def trace(self, name: str) -> go.Scatter:
-        return next(t for t in self.figure.data if t.name == name)
 
     def _empty_figure(self) -> go.Figure:
         figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
             "singular values (normalised, log scale)", "relative error of keeping the top k"))
         for kind in KINDS:
-            figure.add_trace(go.Scatter(name=f"sigma {kind}", legendgroup=kind, mode="lines", line_color=COLOURS[kind],
+            figure.add_trace(go.Scatter(name=KINDS[kind], meta=f"sigma {kind}", legendgroup=kind, mode="lines", line_color=COLOURS[kind],
                                         hovertemplate=f"{KINDS[kind]}<br>i = %{{x}}<br>σ_i/σ_1 = %{{y:.3g}}<extra></extra>"),
                              row=1, col=1)
-        figure.add_trace(go.Scatter(name="rank", mode="lines", line=dict(color="black", dash="dot"), showlegend=False,
+        figure.add_trace(go.Scatter(name="slider rank", meta="rank", mode="lines", line=dict(color="black", dash="dot"), showlegend=False,
                                     hovertemplate="slider rank r = %{x}<extra></extra>"), row=1, col=1)
         for kind, label in (("plain", "weight error ‖W−W'‖/‖W‖"), ("whitened", "calibration error ‖(W−W')X‖/‖WX‖")):
-            figure.add_trace(go.Scatter(name=f"error {kind}", legendgroup=kind, mode="lines", showlegend=False,
+            figure.add_trace(go.Scatter(name=label, meta=f"error {kind}", legendgroup=kind, mode="lines", showlegend=False,
                                         line_color=COLOURS[kind],
                                         hovertemplate=f"{label}<br>k = %{{x}}<br>error = %{{y:.3f}}<extra></extra>"),
                              row=1, col=2)
-        figure.add_trace(go.Scatter(name="at rank", mode="markers", showlegend=False,
+        figure.add_trace(go.Scatter(name="errors at the slider rank", meta="at rank", mode="markers", showlegend=False,
                                     marker=dict(size=10, color=[COLOURS["plain"], COLOURS["whitened"]],
                                                 line=dict(color="black", width=1)),
                                     hovertemplate="r = %{x}<br>error = %{y:.3f}<extra></extra>"), row=1, col=2)
-        figure.add_trace(go.Scatter(name="ratio rank", mode="lines", line=dict(color="black", dash="dash"),
+        figure.add_trace(go.Scatter(name="rank chosen by ρ", meta="ratio rank", mode="lines", line=dict(color="black", dash="dash"),
                                     hovertemplate="rank chosen by ρ: %{x}<extra></extra>"), row=1, col=2)
         figure.update_xaxes(title_text="index i", row=1, col=1)
         figure.update_yaxes(title_text="σ_i / σ_1", type="log", row=1, col=1)

@@ -27,15 +27,13 @@ class TrainingMonitor(FigureView):
         self.stats = {which: stat_line("waiting") for which in MODELS}
         figure = new_figure(title_text="LoRA training loss", height=400, legend=dict(orientation="h", y=-0.2))
         for which, label in MODELS.items():
-            figure.add_scatter(name=which, x=[], y=[], mode="lines+markers", line_color=COLOURS[which], marker_size=4,
+            figure.add_scatter(name=label, meta=which, x=[], y=[], mode="lines+markers", line_color=COLOURS[which], marker_size=4,
                                hovertemplate=f"{label}<br>step %{{x}}<br>loss %{{y:.4f}}<extra></extra>")
         figure.update_xaxes(title_text="optimizer step")
         figure.update_yaxes(title_text="training loss (response tokens)")
         rows = [widgets.HBox([self.progress[w], self.stats[w]]) for w in MODELS]
         super().__init__(figure, rows)
 
-    def trace(self, which: str):
-        return next(t for t in self.figure.data if t.name == which)
 
     def on_loss(self, which: str, step: int, loss: float) -> None:
         """Add one logged loss of model ``which`` ('emulator' or 'original') and redraw."""
