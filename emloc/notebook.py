@@ -34,10 +34,14 @@ def notebook_run_dir() -> Path:
 
 
 def notebook_run(preset: str = "quick", directory: str | Path | None = None, **overrides) -> pipeline.Run:
-    """A :class:`~emloc.pipeline.Run` on the shared notebook directory with ``preset`` sizes (+ ``overrides``)."""
+    """A :class:`~emloc.pipeline.Run` on the shared notebook directory with ``preset`` sizes (+ ``overrides``).
+
+    ``$EMLOC_NOTEBOOK_MODEL`` replaces the default model (e.g. a workshop's own model folder).
+    """
     if preset not in PRESETS:
         raise EmlocError(f"preset {preset!r} is unknown: use one of {', '.join(PRESETS)}")
-    config = RunConfig.from_dict(merge_dicts(PRESETS[preset], overrides))
+    model = {"model": os.environ["EMLOC_NOTEBOOK_MODEL"]} if os.environ.get("EMLOC_NOTEBOOK_MODEL") else {}
+    config = RunConfig.from_dict(merge_dicts(merge_dicts(PRESETS[preset], model), overrides))
     return pipeline.Run(directory or notebook_run_dir(), config)
 
 
