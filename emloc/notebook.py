@@ -1,0 +1,74 @@
+"""The run directory the notebooks share: each notebook reuses finished stages and computes the rest.
+
+``notebook_run()`` opens ``runs/notebooks`` under the repository root (``$EMLOC_NOTEBOOK_RUN``
+overrides it); ``ensure(run, "correct")`` runs whatever ``correct`` still needs, in order.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from emloc import pipeline
+from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.errors import EmlocError
+
+# Stages each stage needs, in the order they run.
+NEEDS = {
+    "calibrate": [],
+    "build": ["calibrate"],
+    "train_emulator": ["calibrate", "build"],
+    "train_original": [],
+    "correct": ["calibrate", "build", "train_emulator"],
+    "evaluate": ["calibrate", "build", "train_emulator", "train_original", "correct"],
+}
+
+
+def notebook_run_dir() -> Path:
+    """``$EMLOC_NOTEBOOK_RUN``, else ``runs/notebooks`` in the repository (the current folder if not a checkout)."""
+    if os.environ.get("EMLOC_NOTEBOOK_RUN"):
+        return Path(os.environ["EMLOC_NOTEBOOK_RUN"]).expanduser()
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").exists() else Path.cwd()) / "runs" / "notebooks"
+
+
+def notebook_run(preset: str = "quick", directory: str | Path | None = None, **overrides) -> pipeline.Run:
+    """A :class:`~emloc.pipeline.Run` on the shared notebook directory with ``preset`` sizes (+ ``overrides``).
+
+    ``$EMLOC_NOTEBOOK_MODEL`` replaces the default model (e.g. a workshop's own model folder).
+    """
+    if preset not in PRESETS:
+        raise EmlocError(f"preset {preset!r} is unknown: use one of {', '.join(PRESETS)}")
+    model = {"model": os.environ["EMLOC_NOTEBOOK_MODEL"]} if os.environ.get("EMLOC_NOTEBOOK_MODEL") else {}
+    config = RunConfig.from_dict(merge_dicts(merge_dicts(PRESETS[preset], model), overrides))
+    return pipeline.Run(directory or notebook_run_dir(), config)
+
+
+def ensure(run: pipeline.Run, stage: str, on_loss: Callable[[str, int, float], None] | None = None) -> list[str]:
+    """Run ``stage`` and the stages it needs that are not finished for this config; returns those run.
+
+    ``on_loss(which, step, loss)`` receives the training losses (a training monitor's ``on_loss``).
+    """
+    if stage not in NEEDS:
+        raise EmlocError(f"stage {stage!r} is unknown: use one of {', '.join(NEEDS)}")
+    steps = {
+        "calibrate": lambda: pipeline.calibrate(run),
+        "build": lambda: pipeline.build(run),
+        "train_emulator": lambda: pipeline.train(run, "emulator", pipeline._tagged(on_loss, "emulator")),
+        "train_original": lambda: pipeline.train(run, "original", pipeline._tagged(on_loss, "original")),
+        "correct": lambda: pipeline.correct(run),
+        "evaluate": lambda: pipeline.evaluate(run),
+    }
+    ran = []
+    for name in [*NEEDS[stage], stage]:
+        if run.is_done(name):
+            print(f"{name}: reusing the finished stage in {run.dir}", flush=True)
+            continue
+        print(f"{name}: computing ...", flush=True)
+        start = time.perf_counter()
+        steps[name]()
+        print(f"{name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+        ran.append(name)
+    return ran
+

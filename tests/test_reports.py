@@ -1,0 +1,125 @@
+"""The inspection tables behind the widgets (emloc.reports) and the shared notebook run (emloc.notebook)."""
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from emloc.errors import EmlocError
+from emloc.lowrank import calibration_error, rank_from_ratio, whitened_truncation
+from emloc.notebook import ensure, notebook_run, notebook_run_dir
+from emloc.reports import (error_curves, errors_at_ratio, layer_grid, memory_table, misalignment_by_layer, rank_summary,
+                           spectrum_curves, t_interval, variant_summary, wilson_interval)
+
+
+def test_spectrum_curves_ends_and_monotone():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    curves = spectrum_curves(sigma)
+    assert curves["normalised"][0] == 1 and len(curves["error"]) == 5
+    assert curves["error"][0] == pytest.approx(1) and curves["error"][-1] == 0
+    assert np.all(np.diff(curves["kept_energy"]) >= 0)
+    assert curves["kept_energy"][1] == pytest.approx(16 / 21.25)
+    summary = rank_summary(curves, 2, out_features=6, in_features=3)
+    assert summary["kept_energy"] == pytest.approx(20 / 21.25)
+    assert summary["ratio"] == pytest.approx(2 / 2.0) and summary["parameter_share"] == pytest.approx(1.0)
+    assert rank_summary(curves, 99, 6, 3)["rank"] == 4
+
+
+def test_whitened_curve_is_the_calibration_error_of_the_truncation():
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 20, generator=generator, dtype=torch.float64)
+    X = torch.randn(20, 50, generator=generator, dtype=torch.float64)
+    C = X @ X.T
+    u, v, sigma = whitened_truncation(W, C, 5)
+    curve = error_curves({"m": {"whitened": sigma, "plain": torch.linalg.svdvals(W)}})["m"]
+    assert curve[5] == pytest.approx(calibration_error(W, u @ v, C), rel=1e-9)
+
+
+def fake_build_report():
+    rows = []
+    for layer in range(3):
+        for kind, (out_f, in_f) in {"q_proj": (8, 8), "down_proj": (8, 16)}.items():
+            rows.append({"module": f"model.layers.{layer}.{kind}", "layer": layer, "type": kind,
+                         "out_features": out_f, "in_features": in_f, "params_before": out_f * in_f})
+    return pd.DataFrame(rows)
+
+
+def test_errors_at_ratio_ranks_params_and_grid():
+    report = fake_build_report()
+    sigmas = {m: {"whitened": torch.linspace(3, 1, 8) * (i + 1), "plain": torch.ones(8)} for i, m in enumerate(report["module"])}
+    curves = error_curves(sigmas)
+    half, low = errors_at_ratio(report, curves, 0.5), errors_at_ratio(report, curves, 0.2)
+    assert list(half["rank"]) == [rank_from_ratio(0.5, o, i) for o, i in zip(report["out_features"], report["in_features"])]
+    assert list(half["params_after"]) == list(half["rank"] * (report["out_features"] + report["in_features"]))
+    assert np.all(low["error"] >= half["error"]) and np.all(low["params_saved"] > half["params_saved"])
+    assert half.loc[0, "error"] == pytest.approx(curves[report.loc[0, "module"]][half.loc[0, "rank"]])
+    grid = layer_grid(half, "error")
+    assert grid.shape == (3, 2) and list(grid.columns) == ["q_proj", "down_proj"]
+    with pytest.raises(ValueError):
+        error_curves(sigmas, "bogus")
+
+
+def test_misalignment_by_layer():
+    report = pd.DataFrame({"module": list("abcd"), "layer": [0, 0, 1, 1], "type": ["q", "k", "q", "k"],
+                           "misalignment_before": [0.2, 0.4, 0.1, 0.3], "misalignment_after": [0.0, 0.2, 0.0, 0.0],
+                           "clamped_columns": [0, 4, 0, 0], "columns": [8, 8, 8, 8]})
+    table = misalignment_by_layer(report)
+    assert table.loc[0, "misalignment_before"] == pytest.approx(0.3)
+    assert table.loc[0, "clamped_share"] == pytest.approx(0.25) and table.loc[0, "modules_clamped"] == 1
+    assert misalignment_by_layer(report, "k").loc[1, "misalignment_before"] == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        misalignment_by_layer(report, "v")
+
+
+def test_intervals():
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson_interval(0, 32)[0] == 0 and wilson_interval(0, 32)[1] > 0
+    low, high = t_interval([1.0, 2.0, 3.0])
+    assert high - 2 == pytest.approx(4.303 / math.sqrt(3))
+    assert t_interval([0.5]) == (0.5, 0.5)
+
+
+def results(acc, loss, n=10):
+    return {"variants": {"zero_shot": {"accuracy": 0.0, "loss": 3.0, "n": n},
+                         "emulator_lora": {"accuracy": acc, "loss": loss, "n": n}},
+            "parameters": {"original": 1000, "emulator": 600}, "config": {"dtype": "bfloat16"}}
+
+
+def test_variant_summary_and_memory():
+    one = variant_summary(results(0.5, 1.0))
+    assert one.loc["emulator_lora", "interval"] == "wilson" and one.loc["emulator_lora", "accuracy_low"] < 0.5
+    assert one.loc["emulator_lora", "loss_low"] == one.loc["emulator_lora", "loss_high"] == 1.0
+    three = variant_summary([results(0.4, 1.0), results(0.5, 1.2), results(0.6, 1.4)])
+    assert three.loc["emulator_lora", "accuracy"] == pytest.approx(0.5) and three.loc["emulator_lora", "seeds"] == 3
+    assert three.loc["emulator_lora", "accuracy_high"] - 0.5 == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    memory = memory_table(results(0.5, 1.0))
+    assert memory.loc["emulator", "megabytes"] == pytest.approx(600 * 2 / 2**20)
+    assert memory.loc["emulator", "share_of_original"] == pytest.approx(0.6)
+
+
+def test_notebook_run_directory_and_reuse(tmp_path, monkeypatch):
+    from emloc.models import load_tokenizer, tiny_llama
+    monkeypatch.setenv("EMLOC_NOTEBOOK_RUN", str(tmp_path / "shared"))
+    assert notebook_run_dir() == tmp_path / "shared"
+    model_dir = tmp_path / "tiny"
+    tiny_llama(seed=0).save_pretrained(model_dir)
+    load_tokenizer("default").save_pretrained(model_dir)
+    run = notebook_run(model=str(model_dir), device="cpu", data={"n_calibration": 4, "max_length": 64})
+    assert run.dir == tmp_path / "shared" and run.config.lora.steps == 15   # quick preset sizes
+    run.progress = False
+    assert ensure(run, "build") == ["calibrate", "build"]
+    again = notebook_run(model=str(model_dir), device="cpu", data={"n_calibration": 4, "max_length": 64})
+    assert ensure(again, "build") == []
+    changed = notebook_run(model=str(model_dir), device="cpu", data={"n_calibration": 4, "max_length": 64},
+                           emulator={"ratio": 0.3})
+    changed.progress = False
+    assert ensure(changed, "build") == ["build"]          # calibration does not depend on the ratio
+    with pytest.raises(EmlocError):
+        ensure(run, "bogus")
+    with pytest.raises(EmlocError):
+        notebook_run(preset="huge")

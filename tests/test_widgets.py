@@ -1,0 +1,165 @@
+"""Headless widget tests: build each view from a real (tiny) run, move its controls, check the figure data."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
+
+import numpy as np
+import pytest
+
+import widgets
+from emloc import pipeline
+from emloc.config import RunConfig, merge_dicts
+from emloc.models import load_tokenizer, tiny_llama
+from emloc.reports import variant_summary
+
+TINY = {
+    "device": "cpu",
+    "data": {"n_train": 32, "n_calibration": 8, "n_test": 6, "max_length": 96},
+    "lora": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "learning_rate": 5e-3},
+    "evaluation": {"max_new_tokens": 3, "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished pipeline on a tiny random Llama (2 layers, hidden 64) saved as a model folder."""
+    model_dir = tmp_path_factory.mktemp("tiny-llama-widgets")
+    tiny_llama(seed=0).save_pretrained(model_dir)
+    load_tokenizer("default").save_pretrained(model_dir)
+    config = RunConfig.from_dict(merge_dicts(TINY, {"model": str(model_dir)}))
+    run = pipeline.Run(tmp_path_factory.mktemp("run"), config, progress=False)
+    losses = []
+    pipeline.run_pipeline(run, on_loss=lambda which, step, loss: losses.append((which, step, loss)))
+    run.streamed_losses = losses
+    return run
+
+
+def shown(view):
+    """The plotly JSON currently in the view's Output (what the frontend draws)."""
+    (output,) = view.output.outputs
+    return output["data"]["application/vnd.plotly.v1+json"]
+
+
+def ydata(trace):
+    return np.asarray(trace.y, dtype=float)
+
+
+def test_spectrum_explorer_rank_and_module(tiny_run):
+    factors = tiny_run.factors()
+    view = widgets.spectrum_explorer(factors)
+    row = factors.report.iloc[0]
+    assert view.module == row.module and view.rank_slider.value == row["rank"]
+    assert view.trace("ratio rank").x[0] == row["rank"]
+    sigma = factors.spectra[row.module]["whitened"].double().numpy()
+    np.testing.assert_allclose(ydata(view.trace("sigma whitened")), sigma / sigma[0], rtol=1e-6)
+    assert view.rank_slider.max == len(sigma)
+
+    before_errors = ydata(view.trace("at rank"))
+    view.rank_slider.value = 1
+    after_errors = ydata(view.trace("at rank"))
+    assert list(view.trace("at rank").x) == [1, 1]
+    assert np.all(after_errors >= before_errors) and np.any(after_errors > before_errors)
+    assert "<b>r = 1</b>" in view.stats.value
+    view.rank_slider.value = view.rank_slider.max
+    assert np.allclose(ydata(view.trace("at rank")), 0, atol=1e-6)   # full rank keeps everything
+    assert "kept energy 100.0%" in view.stats.value
+
+    first = ydata(view.trace("sigma plain")).copy()
+    view.type_dropdown.value = "down_proj"
+    assert view.module.endswith("layers.0.mlp.down_proj")
+    assert not np.allclose(ydata(view.trace("sigma plain"))[:5], first[:5])
+    view.layer_slider.value = 1
+    assert view.module.endswith("layers.1.mlp.down_proj")
+    assert shown(view)["layout"]["title"]["text"].endswith("(W: 64 x 128)")
+
+
+def test_error_map_ratio_slider(tiny_run):
+    factors = tiny_run.factors()
+    view = widgets.error_map(factors)
+    z = np.asarray(view.trace("error").z, dtype=float)
+    assert z.shape == (2, 7) and list(view.trace("error").y) == [0, 1]
+    # at the configured ratio the map equals the build report's whitened error at rank
+    report = factors.report.set_index("module")
+    cell = report.loc["model.layers.1.self_attn.v_proj"]
+    column = list(view.trace("error").x).index("v_proj")
+    assert z[1, column] == pytest.approx(cell["whitened_error_at_rank"], rel=1e-6)
+    assert z[1, column] == pytest.approx(cell["calibration_error"], rel=1e-3)
+    saved_before = ydata(view.trace("saved")) if view.trace("saved").y is None else np.asarray(view.trace("saved").x)
+
+    view.ratio_slider.value = 0.2
+    z_low = np.asarray(view.trace("error").z, dtype=float)
+    assert np.all(z_low >= z - 1e-12) and np.any(z_low > z)
+    assert np.all(np.asarray(view.trace("saved").x) > saved_before)
+    assert "ρ = 0.20" in view.stats.value
+
+    view.kind_dropdown.value = "plain"
+    z_plain = np.asarray(view.trace("error").z, dtype=float)
+    assert not np.allclose(z_plain, z_low)
+    assert "weight error" in shown(view)["layout"]["title"]["text"]
+
+
+def test_training_monitor_live_and_history(tiny_run):
+    monitor = widgets.training_monitor(total_steps=3)
+    assert list(monitor.trace("emulator").x) == []
+    for which, step, loss in tiny_run.streamed_losses:
+        monitor.on_loss(which, step, loss)
+    emulator = tiny_run.history("emulator")["history"]
+    assert list(monitor.trace("emulator").x) == [s for s, _ in emulator]
+    np.testing.assert_allclose(ydata(monitor.trace("emulator")), [l for _, l in emulator])
+    assert monitor.progress["emulator"].value == 3 and monitor.progress["original"].value == 3
+
+    finished = widgets.training_monitor({w: tiny_run.history(w) for w in ("emulator", "original")})
+    np.testing.assert_allclose(ydata(finished.trace("original")), [l for _, l in tiny_run.history("original")["history"]])
+    assert finished.progress["original"].bar_style == "success"
+    assert "final loss" in finished.stats["emulator"].value
+
+    live = widgets.training_monitor(total_steps=3)
+    pipeline.train(tiny_run, "emulator", on_loss=live.callback("emulator"))
+    assert len(live.trace("emulator").x) == 3 and len(shown(live)["data"][0]["x"]) > 0
+    with pytest.raises(ValueError):
+        live.on_loss("student", 1, 0.5)
+
+
+def test_correction_inspector_lambda_slider(tiny_run):
+    report, tensors = tiny_run.correction_report(), tiny_run.correction_tensors()
+    view = widgets.correction_inspector(report, tensors, tiny_run.config.correction.clamp)
+    before, after = ydata(view.trace("before")), ydata(view.trace("after"))
+    np.testing.assert_allclose(after, report.groupby("layer")["misalignment_after"].mean().to_numpy(), atol=1e-12)
+
+    view.no_clamp.value = True                       # no clamp: the correction removes all misalignment
+    assert np.allclose(ydata(view.trace("after")), 0, atol=1e-9)
+    assert np.allclose(ydata(view.trace("clamped")), 0)
+    assert view.lambda_slider.disabled
+    view.no_clamp.value = False
+    view.lambda_slider.value = 0.1                   # a tight clamp leaves more misalignment
+    tight = ydata(view.trace("after"))
+    np.testing.assert_allclose(ydata(view.trace("before")), before)   # before does not depend on lambda
+    assert np.all(tight >= after - 1e-12) and np.all(tight <= before + 1e-12)
+    assert ydata(view.trace("clamped")).sum() > 0
+    assert "λ = 0.1" in view.stats.value
+
+    view.type_dropdown.value = "q_proj"
+    q_rows = view.report().query("type == 'q_proj'")
+    np.testing.assert_allclose(ydata(view.trace("after")), q_rows.groupby("layer")["misalignment_after"].mean().to_numpy(), atol=1e-12)
+
+
+def test_results_board_metric_and_seeds(tiny_run):
+    results = tiny_run.results()
+    board = widgets.results_board(results)
+    variants = list(results["variants"])
+    assert len(board.trace("variants").x) == len(variants) == 5
+    np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["accuracy"] for v in variants])
+    memory = ydata(board.trace("memory"))
+    assert memory[1] < memory[0]       # the emulator is smaller
+    board.metric.value = "loss"
+    np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["loss"] for v in variants])
+    assert "loss" in shown(board)["layout"]["title"]["text"]
+
+    other = {**results, "variants": {v: {**r, "loss": r["loss"] + 0.5} for v, r in results["variants"].items()}}
+    two = widgets.results_board([results, other])
+    two.metric.value = "loss"
+    np.testing.assert_allclose(ydata(two.trace("variants")), [results["variants"][v]["loss"] + 0.25 for v in variants])
+    error = two.trace("variants").error_y
+    assert np.all(np.asarray(error.array) > 0)
+    assert variant_summary([results, other])["interval"].eq("t").all()

@@ -1,0 +1,95 @@
+"""Correction inspector: per-layer misalignment before vs after the LoRA correction, and the clamp."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from emloc.correction import reclamp_report
+from emloc.reports import misalignment_by_layer
+from widgets._base import COLOURS, TEMPLATE, FigureView, stat_line
+
+ALL = "all modules"
+
+
+class CorrectionInspector(FigureView):
+    """A ``lambda`` slider (log scale; "no clamp" turns it off) recomputes the correction report from the
+    saved ``B~`` and ``D`` (:func:`emloc.correction.reclamp_report`) and redraws per layer:
+    misalignment ``s ||D - D_applied|| / ||W' Q + s B~||`` before (``D_applied = 0``) and after, and the
+    share of LoRA columns the clamp scaled down.
+
+    Traces: ``before``, ``after`` (top), ``clamped`` (bottom, % of columns).
+    """
+
+    def __init__(self, report: pd.DataFrame, tensors: dict[str, torch.Tensor], clamp: float | None = 3.0):
+        self.saved_report, self.tensors = report, tensors
+        self.lambda_slider = widgets.FloatLogSlider(value=clamp or 3.0, base=10, min=-1, max=2, step=0.05,
+                                                    description="clamp λ", readout_format=".3g",
+                                                    layout=widgets.Layout(width="500px"))
+        self.no_clamp = widgets.Checkbox(value=clamp is None, description="no clamp (λ = ∞)")
+        self.type_dropdown = widgets.Dropdown(options=[ALL, *dict.fromkeys(report["type"])], value=ALL,
+                                              description="modules")
+        self.stats = stat_line("")
+        controls = [widgets.HBox([self.lambda_slider, self.no_clamp]), self.type_dropdown, self.stats]
+        super().__init__(self._empty_figure(report), controls)
+        self.update()
+        for control in (self.lambda_slider, self.no_clamp, self.type_dropdown):
+            control.observe(self.update, "value")
+
+    @property
+    def lam(self) -> float | None:
+        return None if self.no_clamp.value else float(self.lambda_slider.value)
+
+
+    def _empty_figure(self, report: pd.DataFrame) -> go.Figure:
+        figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
+                               subplot_titles=("misalignment of original + adapter vs fine-tuned emulator, on span(A)",
+                                               "LoRA columns scaled down by the clamp"))
+        for name, label in (("before", "before correction (B A as trained)"), ("after", "after correction (A', B^)")):
+            figure.add_trace(go.Scatter(name=label, meta=name, mode="lines+markers", line_color=COLOURS[name],
+                                        hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.4f}}<extra></extra>"),
+                             row=1, col=1)
+        figure.add_trace(go.Bar(name="clamped columns", meta="clamped", marker_color=COLOURS["clamped"], showlegend=False,
+                                hovertemplate="layer %{x}: %{y:.1f}% of columns clamped<br>%{text}<extra></extra>"),
+                         row=2, col=1)
+        figure.update_yaxes(title_text="s‖D − D_applied‖ / ‖W'Q + sB~‖", row=1, col=1, rangemode="tozero")
+        figure.update_yaxes(title_text="% clamped", range=[0, 100], row=2, col=1)
+        figure.update_xaxes(title_text="layer", row=2, col=1)
+        if report["layer"].nunique() <= 12:
+            figure.update_xaxes(dtick=1)
+        figure.update_layout(template=TEMPLATE, height=560, margin=dict(l=70, r=20, t=80, b=50),
+                             legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+        return figure
+
+    def report(self) -> pd.DataFrame:
+        """The per-module correction report at the current ``lambda`` (a pandas DataFrame, for export)."""
+        return reclamp_report(self.tensors, self.saved_report, self.lam)
+
+    def update(self, _change=None) -> None:
+        self.lambda_slider.disabled = self.no_clamp.value
+        report = self.report()
+        module_type = None if self.type_dropdown.value == ALL else self.type_dropdown.value
+        layers = misalignment_by_layer(report, module_type)
+        x = list(layers.index)
+        text = [f"{m} of {n} modules touched" for m, n in zip(layers["modules_clamped"], layers["modules"])]
+        with self.figure.batch_update():
+            self.trace("before").update(x=x, y=layers["misalignment_before"].to_numpy())
+            self.trace("after").update(x=x, y=layers["misalignment_after"].to_numpy())
+            self.trace("clamped").update(x=x, y=100 * layers["clamped_share"].to_numpy(), text=text)
+            lam = "no clamp" if self.lam is None else f"λ = {self.lam:.3g}"
+            self.figure.layout.title.text = f"LoRA correction ({lam}): misalignment per layer"
+        touched = int((report["clamped_columns"] > 0).sum())
+        self.stats.value = (f"{lam}: the clamp touched {touched} of {len(report)} modules and "
+                            f"{int(report['clamped_columns'].sum())} of {int(report['columns'].sum())} LoRA columns · "
+                            f"mean misalignment {report['misalignment_before'].mean():.4f} before → "
+                            f"{report['misalignment_after'].mean():.4f} after")
+        self.refresh()
+
+
+def correction_inspector(report: pd.DataFrame, tensors: dict[str, torch.Tensor],
+                         clamp: float | None = 3.0) -> CorrectionInspector:
+    """The inspector for a correction: ``run.correction_report()``, ``run.correction_tensors()`` and
+    the clamp it was made with (``run.config.correction.clamp``)."""
+    return CorrectionInspector(report, tensors, clamp)

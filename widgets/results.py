@@ -1,0 +1,78 @@
+"""Results board: the five variants' accuracy and loss side by side, and emulator vs original memory."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from emloc.reports import memory_table, variant_summary
+from widgets._base import COLOURS, TEMPLATE, VARIANT_LABELS, FigureView, stat_line
+
+METRICS = {"accuracy": "exact-match accuracy", "loss": "response-token loss"}
+
+
+class ResultsBoard(FigureView):
+    """``metric`` (accuracy or loss) chooses the left panel; the right panel shows parameters and weight
+    memory of the original model and the emulator. Intervals: 95% Student-t over seeds when several
+    results are given, else a 95% Wilson interval of the accuracy over the test items.
+
+    Traces: ``variants`` (bars with error bars), ``memory`` (bars, MB).
+    """
+
+    def __init__(self, results: dict | list[dict]):
+        self.results = [results] if isinstance(results, dict) else list(results)
+        self.summary = variant_summary(self.results)
+        self.memory = memory_table(self.results[0])
+        self.metric = widgets.ToggleButtons(options=[(label, key) for key, label in METRICS.items()], value="accuracy",
+                                            description="metric")
+        self.stats = stat_line(self._stats_text())
+        super().__init__(self._figure(), [self.metric, self.stats])
+        self.update()
+        self.metric.observe(self.update, "value")
+
+
+    def _figure(self) -> go.Figure:
+        figure = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.12,
+                               subplot_titles=("the five variants on the test split", "weights in memory"))
+        labels = [VARIANT_LABELS.get(v, v) for v in self.summary.index]
+        figure.add_trace(go.Bar(name="variants", meta="variants", x=labels, marker_color=[COLOURS.get(v, "#333") for v in self.summary.index],
+                                showlegend=False), row=1, col=1)
+        memory = self.memory
+        figure.add_trace(go.Bar(name="memory", meta="memory", x=list(memory.index), y=memory["megabytes"].to_numpy(), showlegend=False,
+                                marker_color=[COLOURS[m] for m in memory.index],
+                                text=[f"{p / 1e6:.1f} M params" for p in memory["parameters"]], textposition="auto",
+                                hovertemplate="%{x}: %{y:.1f} MB<br>%{text}<extra></extra>"), row=1, col=2)
+        figure.update_yaxes(title_text="MB (weights)", row=1, col=2)
+        figure.update_layout(template=TEMPLATE, height=460, margin=dict(l=60, r=20, t=80, b=110))
+        return figure
+
+    def update(self, _change=None) -> None:
+        metric, table = self.metric.value, self.summary
+        y = table[metric].to_numpy()
+        plus, minus = table[f"{metric}_high"].to_numpy() - y, y - table[f"{metric}_low"].to_numpy()
+        hover = [f"{METRICS[metric]} {v:.3f}<br>95% interval [{lo:.3f}, {hi:.3f}] ({kind})<br>"
+                 f"{seeds} seed(s), {n} test items"
+                 for v, lo, hi, kind, seeds, n in zip(y, table[f"{metric}_low"], table[f"{metric}_high"],
+                                                      table["interval"], table["seeds"], table["n"])]
+        with self.figure.batch_update():
+            self.trace("variants").update(y=y, error_y=dict(type="data", array=plus, arrayminus=minus, visible=True),
+                                          hovertext=hover, hovertemplate="%{x}<br>%{hovertext}<extra></extra>")
+            self.figure.update_yaxes(title_text=METRICS[metric], row=1, col=1,
+                                     range=[0, 1] if metric == "accuracy" else None)
+            self.figure.layout.title.text = f"Results: {METRICS[metric]} per variant"
+        self.refresh()
+
+    def _stats_text(self) -> str:
+        memory = self.memory
+        seeds = len(self.results)
+        interval = "Student-t over seeds" if seeds > 1 else "Wilson over test items"
+        return (f"{seeds} seed(s), {int(self.summary['n'].iloc[0])} test items each, 95% intervals: {interval} · "
+                f"emulator {memory.loc['emulator', 'parameters'] / 1e6:.1f} M vs original "
+                f"{memory.loc['original', 'parameters'] / 1e6:.1f} M parameters "
+                f"({100 * memory.loc['emulator', 'share_of_original']:.0f}%, "
+                f"{memory.loc['emulator', 'megabytes']:.0f} MB vs {memory.loc['original', 'megabytes']:.0f} MB)")
+
+
+def results_board(results: dict | list[dict]) -> ResultsBoard:
+    """The results board for ``run.results()``, or a list of results (one per seed)."""
+    return ResultsBoard(results)
