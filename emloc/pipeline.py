@@ -176,6 +176,9 @@ class Run:
         spectra_flat = io.read_tensors(folder / "spectra.safetensors")
         report = io.read_csv(folder / "report.csv")
         names = list(report["module"])
+        if sorted(f"{n}.{k}" for n in names for k in "uv") != sorted(tensors) or report.isna().any().any():
+            raise EmlocError(f"{folder / 'report.csv'} is corrupted or truncated (it does not list the factored "
+                             f"modules): re-run `emloc build --out {self.dir}`")
         spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]} for n in names}
         method = io.read_json(self.manifest_path("build")).get("method", "activation_aware")
         return EmulatorFactors({n: tensors[f"{n}.u"] for n in names}, {n: tensors[f"{n}.v"] for n in names},
@@ -370,7 +373,8 @@ def run_pipeline(run: Run, force: bool = False, on_loss: Callable[[str, int, flo
     """All stages in order, reusing finished ones whose config still matches (unless ``force``)."""
     if force and run.dir.exists():
         shutil.rmtree(run.dir / "manifests", ignore_errors=True)
-    check_lora_rank(run.model, run.config.lora, run.config.emulator.target_modules)  # fail before any compute
+    run.data  # bad data or settings fail here, before any compute
+    check_lora_rank(run.model, run.config.lora, run.config.emulator.target_modules)
     steps = [
         ("calibrate", lambda: calibrate(run)),
         ("build", lambda: build(run)),
