@@ -391,13 +391,14 @@ def test_adapter_from_another_run(capsys, tmp_path, run_copy, model_dir):
 
 
 def test_nan_in_adapter(capsys, run_copy):
-    path = run_copy / "adapters" / "full_lora" / "adapter_model.safetensors"
+    path = run_copy / "adapters" / "emulator_lora" / "adapter_model.safetensors"
     tensors = io.read_tensors(path)
     key = next(k for k in tensors if "lora_B" in k)
     tensors[key][0, 0] = float("nan")
     io.write_tensors(path, tensors, metadata={"format": "pt"})
     line = cli_error(capsys, "evaluate", "--out", run_copy)
     assert "has NaN or Inf in" in line and "re-train it" in line
+    assert "evaluate" not in manifests(run_copy) and leftovers(run_copy) == []
 
 
 # ---- run directories ---------------------------------------------------------------------------
