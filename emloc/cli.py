@@ -54,6 +54,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raw = io.read_yaml(args.config) or {}
         if not isinstance(raw, dict):
             raise EmlocError(f"config file {args.config} must hold a mapping of keys to values")
+    if raw:
+        try:
+            RunConfig.from_dict(raw)
+        except EmlocError as error:  # name the file that holds the bad value
+            raise EmlocError(f"{args.config or stored}: {error}") from None
     if args.preset:
         raw = merge_dicts(raw, PRESETS[args.preset])
     flags = {

@@ -6,6 +6,7 @@ answers a bad one with a one-line :class:`~emloc.errors.EmlocError`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -157,6 +158,11 @@ def validate(config: RunConfig) -> None:
     for name, ratio in [("emulator.ratio", emu.ratio), *[(f"ratio_patterns['{k}']", v) for k, v in emu.ratio_patterns.items()]]:
         if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise EmlocError(f"{name} = {ratio!r} is outside (0, 1): choose a parameter-retention ratio such as 0.5")
+    for pattern in [*emu.ratio_patterns, *emu.target_modules]:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError):
+            raise EmlocError(f"module pattern {pattern!r} is not a valid regex: fix it or use a plain name like q_proj") from None
     if emu.method not in ("activation_aware", "plain"):
         raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use 'activation_aware' or 'plain'")
     if emu.compute_dtype not in ("float32", "float64"):

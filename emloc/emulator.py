@@ -105,6 +105,10 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
     if missing:
         raise EmlocError(f"calibration statistics do not cover {missing[0]}: they belong to another model or "
                          f"target list; re-run `emloc calibrate`")
+    for leader, C in stats.covariances.items():
+        if not torch.isfinite(C).all():
+            raise EmlocError(f"calibration statistics of {leader} contain NaN or Inf: re-run `emloc calibrate` "
+                             f"(and check the model's weights and dtype)")
     u_all, v_all, spectra, rows, S_cache = {}, {}, {}, [], {}
     for name, linear in tqdm(linears.items(), desc="emulator", disable=not progress):
         W = linear.weight.detach().to(compute)

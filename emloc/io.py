@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -82,6 +83,16 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise EmlocError(f"config file {path} is not valid YAML ({first}): fix its syntax") from None
+
+
+def read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a report table the suite wrote; a missing, empty or garbled file is a one-line error."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise EmlocError(f"{path} does not exist: run the stage that writes it first") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise EmlocError(f"{path} is corrupted or truncated ({str(exc).splitlines()[0]}): delete it and re-run its stage") from None
 
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

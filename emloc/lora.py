@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 from tqdm.auto import tqdm
@@ -18,6 +18,7 @@ from emloc.config import LoraConfigSpec
 from emloc.data import PaddingCollator
 from emloc.emulator import LowRankLinear
 from emloc.errors import EmlocError
+from emloc.io import read_tensors
 
 LossCallback = Callable[[int, float], None]
 
@@ -42,8 +43,21 @@ def _peft_targets(patterns: list[str]) -> list[str] | str:
     return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})" for p in patterns)
 
 
+def check_lora_rank(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str]) -> None:
+    """``lora.r`` must stay below ``min(in, out)`` of every targeted layer, or LoRA is no longer low-rank."""
+    from emloc.calibration import matches_target
+    widths = {name: min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, LowRankLinear)) and matches_target(name, target_modules)}
+    if widths:
+        name = min(widths, key=widths.get)
+        if spec.r >= widths[name]:
+            raise EmlocError(f"lora.r = {spec.r} is not below min(in, out) = {widths[name]} of {name}: "
+                             f"choose lora.r < {widths[name]}")
+
+
 def add_lora(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str], seed: int) -> PeftModel:
     """Wrap ``model`` with fresh LoRA (``A`` from ``seed``, ``B = 0``); only LoRA weights train."""
+    check_lora_rank(model, spec, target_modules)
     torch.manual_seed(seed)
     return get_peft_model(model, peft_lora_config(spec, target_modules))
 
@@ -52,16 +66,33 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default", is_tra
     """``PeftModel.from_pretrained`` that also knows the emulator's :class:`LowRankLinear` layers."""
     from pathlib import Path
     folder = Path(folder)
-    if not (folder / "adapter_config.json").exists():
-        raise EmlocError(f"{folder} is not a peft adapter folder (no adapter_config.json): run the stage that writes it")
+    weights = folder / "adapter_model.safetensors"
+    if not (folder / "adapter_config.json").exists() or not weights.exists():
+        raise EmlocError(f"{folder} is not a peft adapter folder (needs adapter_config.json and "
+                         f"adapter_model.safetensors): run the stage that writes it")
+    saved = read_tensors(weights)  # safetensors only: a pickled adapter_model.bin is never loaded
     config = LoraConfig.from_pretrained(str(folder))
     config._register_custom_module({LowRankLinear: LoraLinear})
     try:
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, config=config,
-                                         is_trainable=is_trainable)
+        peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, config=config,
+                                               is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise EmlocError(f"adapter {folder} does not fit this model ({str(exc).splitlines()[0][:160]}): "
                          f"it was trained for another model or emulator") from None
+    _check_loaded(peft_model, saved, folder, adapter_name)
+    return peft_model
+
+
+def _check_loaded(peft_model: PeftModel, saved: dict[str, torch.Tensor], folder, adapter_name: str) -> None:
+    """Every LoRA weight of the model came from the file (peft only warns about missing ones), all finite."""
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        raise EmlocError(f"adapter {folder} has no weights for {missing[0]} ({len(missing)} missing): "
+                         f"it was trained for another model or emulator")
+    for key, tensor in saved.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise EmlocError(f"adapter {folder} has NaN or Inf in {key}: re-train it")
 
 
 class TrainingProgress(TrainerCallback):

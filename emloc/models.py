@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from emloc.errors import EmlocError
@@ -95,8 +96,9 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_re
     """Load a causal LM in eval mode on ``device`` with ``dtype``."""
     path = resolve_model_path(model)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                      use_safetensors=True)  # never unpickle a .bin checkpoint
+    except (OSError, ValueError, SafetensorError) as exc:
         raise EmlocError(f"cannot load model {model!r} ({_first_line(exc)}): check the id or path, or use 'default'") from None
     check_finite_weights(loaded, model)
     return loaded.to(resolve_device(device) if isinstance(device, str) else device).eval()

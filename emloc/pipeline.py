@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,16 +23,18 @@ from emloc import io
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
-from emloc.data import TaskData, encode_examples, load_task_data
+from emloc.data import IGNORE_INDEX, TaskData, encode_examples, load_task_data
 from emloc.emulator import EmulatorFactors, build_factors, count_parameters, emulate
 from emloc.errors import EmlocError
 from emloc.evaluation import evaluate_variants
-from emloc.lora import LossCallback, load_adapter, train_lora
+from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
 from emloc.models import load_model, load_tokenizer, resolve_device
 
 FORMAT_VERSION = 1
 VARIANTS = ["zero_shot", "emulator_lora", "transfer_uncorrected", "transfer_corrected", "full_lora"]
 ADAPTERS = {"emulator": "emulator_lora", "original": "full_lora", "corrected": "corrected"}
+PROVENANCE = "emloc_provenance.json"
+ADAPTER_STAGES = {"train_emulator": "emulator", "train_original": "original", "correct": "corrected"}
 
 
 def _fingerprint_parts(config: RunConfig) -> dict[str, dict]:
@@ -70,7 +73,10 @@ class Run:
         path = self.dir / "config.yaml"
         if not path.exists():
             return RunConfig()
-        return RunConfig.from_dict(io.read_yaml(path))
+        try:
+            return RunConfig.from_dict(io.read_yaml(path))
+        except EmlocError as error:
+            raise EmlocError(f"{path} (from an older or different run): {error}; fix it or use a new run directory") from None
 
     def save_config(self) -> None:
         io.write_yaml(self.dir / "config.yaml", self.config.to_dict())
@@ -114,14 +120,37 @@ class Run:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
+        if stage in ADAPTER_STAGES and not self.adapter_matches(ADAPTER_STAGES[stage]):
+            return False
         return manifest.get("fingerprint") == fingerprint(self.config, stage)
 
     def require(self, stage: str, command: str) -> None:
+        if not self.dir.is_dir():
+            raise EmlocError(f"run directory {self.dir} does not exist: check the path or run `emloc run --out {self.dir}`")
         if not self.manifest_path(stage).exists():
             raise EmlocError(f"{self.dir} has no finished '{stage}' stage: run `emloc {command} --out {self.dir}` first")
         if not self.is_done(stage):
             raise EmlocError(f"the '{stage}' stage in {self.dir} was made with a different config or an older "
                              f"version: re-run `emloc {command} --out {self.dir}` or use a new --out")
+
+    def begin(self, stage: str) -> None:
+        """Forget a finished ``stage`` before rewriting its artifacts: an interrupted redo is never taken as done."""
+        self.manifest_path(stage).unlink(missing_ok=True)
+
+    def adapter_matches(self, which: str) -> bool:
+        """Whether the adapter folder is the one this run's ``train`` stage wrote (not copied from another run)."""
+        stage = "train_emulator" if which in ("emulator", "corrected") else "train_original"
+        path = self.adapter_dir(which) / PROVENANCE
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return recorded == fingerprint(self.config, stage)
+
+    def check_adapter(self, which: str) -> None:
+        if not self.adapter_matches(which):
+            raise EmlocError(f"adapter {self.adapter_dir(which)} does not belong to this run's model and emulator: "
+                             f"re-run `emloc train --out {self.dir}` (and `emloc correct`)")
 
     def finish(self, stage: str, seconds: float, **extra) -> None:
         io.write_json(self.manifest_path(stage), {"stage": stage, "fingerprint": fingerprint(self.config, stage),
@@ -145,8 +174,11 @@ class Run:
         folder = self.dir / "emulator"
         tensors = io.read_tensors(folder / "factors.safetensors")
         spectra_flat = io.read_tensors(folder / "spectra.safetensors")
-        report = pd.read_csv(folder / "report.csv")
+        report = io.read_csv(folder / "report.csv")
         names = list(report["module"])
+        if sorted(f"{n}.{k}" for n in names for k in "uv") != sorted(tensors) or report.isna().any().any():
+            raise EmlocError(f"{folder / 'report.csv'} is corrupted or truncated (it does not list the factored "
+                             f"modules): re-run `emloc build --out {self.dir}`")
         spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]} for n in names}
         method = io.read_json(self.manifest_path("build")).get("method", "activation_aware")
         return EmulatorFactors({n: tensors[f"{n}.u"] for n in names}, {n: tensors[f"{n}.v"] for n in names},
@@ -160,7 +192,7 @@ class Run:
 
     def correction_report(self) -> pd.DataFrame:
         self.require("correct", "correct")
-        return pd.read_csv(self.dir / "correction" / "report.csv")
+        return io.read_csv(self.dir / "correction" / "report.csv")
 
     def correction_tensors(self) -> dict[str, torch.Tensor]:
         self.require("correct", "correct")
@@ -185,13 +217,15 @@ def _timed(function: Callable) -> tuple:
 
 def calibrate(run: Run) -> CalibrationStats:
     """Stage 1a: ``C`` per distinct linear input on the calibration samples."""
+    features = run.features("calibration")  # bad data fails here, before anything is written
+    run.begin("calibrate")
     run.save_config()
-    stats, seconds = _timed(lambda: collect_statistics(run.model, run.features("calibration"), run.config.emulator.target_modules,
+    stats, seconds = _timed(lambda: collect_statistics(run.model, features, run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
-    folder = run.dir / "calibration"
-    io.write_tensors(folder / "stats.safetensors", stats.covariances)
-    io.write_json(folder / "stats.json", {"input_of": stats.input_of, "token_counts": stats.token_counts,
-                                         "n_samples": stats.n_samples})
+    with io.atomic_dir(run.dir / "calibration") as folder:
+        io.write_tensors(folder / "stats.safetensors", stats.covariances)
+        io.write_json(folder / "stats.json", {"input_of": stats.input_of, "token_counts": stats.token_counts,
+                                             "n_samples": stats.n_samples})
     run.finish("calibrate", seconds, n_samples=stats.n_samples, distinct_inputs=len(stats.covariances))
     return stats
 
@@ -199,14 +233,14 @@ def calibrate(run: Run) -> CalibrationStats:
 def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     """Stage 1b: low-rank factors, spectra and the per-layer report."""
     stats = stats or run.stats()
+    run.begin("build")
     run.save_config()
     factors, seconds = _timed(lambda: build_factors(run.model, stats, run.config.emulator, progress=run.progress))
-    folder = run.dir / "emulator"
-    io.write_tensors(folder / "factors.safetensors", {f"{n}.{k}": t for n in factors.u for k, t in
-                                                      (("u", factors.u[n]), ("v", factors.v[n]))})
-    io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in factors.spectra.items() for k, t in d.items()})
-    with io.atomic_path(folder / "report.csv") as tmp:
-        factors.report.to_csv(tmp, index=False)
+    with io.atomic_dir(run.dir / "emulator") as folder:
+        io.write_tensors(folder / "factors.safetensors", {f"{n}.{k}": t for n in factors.u for k, t in
+                                                          (("u", factors.u[n]), ("v", factors.v[n]))})
+        io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in factors.spectra.items() for k, t in d.items()})
+        factors.report.to_csv(folder / "report.csv", index=False)
     params_original = count_parameters(run.model)
     saved = int((factors.report["params_before"] - factors.report["params_after"]).sum())
     run.finish("build", seconds, method=factors.method, params_original=params_original,
@@ -219,18 +253,33 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     if which not in ("emulator", "original"):
         raise EmlocError(f"cannot train on {which!r}: use 'emulator' or 'original'")
     stage = f"train_{which}"
+    features = run.features("train")
+    if not any(label != IGNORE_INDEX for feature in features for label in feature["labels"][1:]):
+        raise EmlocError(f"no training example keeps a response token within data.max_length = "
+                         f"{run.config.data.max_length}: raise data.max_length")
     model = run.emulator() if which == "emulator" else run.fresh_model()
+    run.begin(stage)
     run.save_config()
-    result = train_lora(model, run.features("train"), run.config.lora, run.config.emulator.target_modules,
+    result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
                         run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress)
+    check_finite_losses(result.history, which)
     with io.atomic_dir(run.adapter_dir(which)) as tmp:
         result.model.save_pretrained(tmp)
+        io.write_json(tmp / PROVENANCE, {"stage": stage, "fingerprint": fingerprint(run.config, stage)})
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
                "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model)}
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
     run.finish(stage, result.seconds)
     return summary
+
+
+def check_finite_losses(history: list, which: str) -> None:
+    """A NaN or Inf training loss means the adapter is garbage: say so instead of saving it."""
+    for step, loss in history:
+        if not math.isfinite(loss):
+            raise EmlocError(f"LoRA training on the {which} diverged (loss {loss} at step {step}): "
+                             f"lower lora.learning_rate or check the data")
 
 
 def _trainable(model) -> int:
@@ -240,7 +289,9 @@ def _trainable(model) -> int:
 def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     """Stage 3: correct the emulator-trained adapter for the original model; save it as a peft folder."""
     run.require("train_emulator", "train")
+    run.check_adapter("emulator")
     factors = factors or run.factors()
+    run.begin("correct")
     run.save_config()
     start = time.perf_counter()
     peft_model = load_adapter(run.fresh_model(), run.adapter_dir("emulator"))
@@ -248,9 +299,10 @@ def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     seconds = time.perf_counter() - start
     with io.atomic_dir(run.adapter_dir("corrected")) as tmp:
         peft_model.save_pretrained(tmp)
-    io.write_tensors(run.dir / "correction" / "subspace.safetensors", tensors)
-    with io.atomic_path(run.dir / "correction" / "report.csv") as tmp:
-        report.to_csv(tmp, index=False)
+        io.write_json(tmp / PROVENANCE, {"stage": "correct", "fingerprint": fingerprint(run.config, "train_emulator")})
+    with io.atomic_dir(run.dir / "correction") as folder:
+        io.write_tensors(folder / "subspace.safetensors", tensors)
+        report.to_csv(folder / "report.csv", index=False)
     run.finish("correct", seconds, clamp=run.config.correction.clamp,
                modules_clamped=int((report["clamped_columns"] > 0).sum()), modules=len(report))
     return report
@@ -277,6 +329,10 @@ def variant_loaders(run: Run, factors: EmulatorFactors) -> dict[str, Callable]:
     }
 
 
+ADAPTER_OF = {"emulator_lora": "emulator", "transfer_uncorrected": "emulator", "transfer_corrected": "corrected",
+              "full_lora": "original"}
+
+
 def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     """Evaluate the variants on the test split; write ``results.json``."""
     run.require("build", "build")
@@ -285,6 +341,10 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     needs = {"emulator_lora": "train_emulator", "transfer_uncorrected": "train_emulator",
              "transfer_corrected": "correct", "full_lora": "train_original"}
     chosen = variants or [v for v in VARIANTS if v not in needs or run.is_done(needs[v])]
+    for variant in chosen:
+        if variant in ADAPTER_OF:
+            run.check_adapter(ADAPTER_OF[variant])
+    run.begin("evaluate")
     run.save_config()
     cfg = run.config
     start = time.perf_counter()
@@ -292,15 +352,15 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
                             cfg.data.max_length, cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, run.progress)
     seconds = time.perf_counter() - start
     build_manifest = io.read_json(run.manifest_path("build"))
-    run.finish("evaluate", seconds)
     results = {
         "variants": {v: {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]} for v, r in raw.items()},
         "predictions": {v: r["predictions"] for v, r in raw.items()},
         "parameters": {"original": build_manifest["params_original"], "emulator": build_manifest["params_emulator"]},
         "config": cfg.to_dict(),
-        "stage_seconds": run.stage_seconds(),
+        "stage_seconds": run.stage_seconds() | {"evaluate": round(seconds, 2)},
     }
-    io.write_json(run.dir / "results.json", results)
+    io.write_json(run.dir / "results.json", results)  # before the manifest: a finished manifest implies its results
+    run.finish("evaluate", seconds)
     return results
 
 
@@ -313,6 +373,8 @@ def run_pipeline(run: Run, force: bool = False, on_loss: Callable[[str, int, flo
     """All stages in order, reusing finished ones whose config still matches (unless ``force``)."""
     if force and run.dir.exists():
         shutil.rmtree(run.dir / "manifests", ignore_errors=True)
+    run.data  # bad data or settings fail here, before any compute
+    check_lora_rank(run.model, run.config.lora, run.config.emulator.target_modules)
     steps = [
         ("calibrate", lambda: calibrate(run)),
         ("build", lambda: build(run)),
