@@ -65,6 +65,11 @@ class _Accumulator:
         self.token_mask: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, str] | None = None
 
+    def begin_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Count only the tokens where ``token_mask`` is true (padding is left out) in the next forward."""
+        self.token_mask = token_mask
+        self._previous = None
+
     def hook(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0]
@@ -108,12 +113,16 @@ def collect_statistics(model: nn.Module, features: list[dict[str, list[int]]], t
     with recording_inputs(modules, device) as accumulator:
         for start in tqdm(range(0, len(features), batch_size), desc="calibration", disable=not progress):
             batch = pad_batch(features[start:start + batch_size], pad_token_id)
-            accumulator.token_mask = batch["attention_mask"].bool().to(device)
-            accumulator._previous = None
+            accumulator.begin_batch(batch["attention_mask"].bool().to(device))
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return stats_from_accumulator(accumulator, len(features))
+
+
+def stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> CalibrationStats:
+    """The accumulated ``C`` as float32 CPU tensors; non-finite statistics are an error."""
     covariances = {name: C.float().cpu() for name, C in accumulator.covariances.items()}
     for name, C in covariances.items():
         if not torch.isfinite(C).all():
             raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: the model produced non-finite "
                              f"activations; check its weights and dtype (try --dtype float32)")
-    return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), len(features))
+    return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), n_samples)

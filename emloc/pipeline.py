@@ -188,12 +188,17 @@ def calibrate(run: Run) -> CalibrationStats:
     run.save_config()
     stats, seconds = _timed(lambda: collect_statistics(run.model, run.features("calibration"), run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
+    save_stats(run, stats, seconds)
+    return stats
+
+
+def save_stats(run: Run, stats: CalibrationStats, seconds: float) -> None:
+    """Write the calibration artifacts and the 'calibrate' manifest."""
     folder = run.dir / "calibration"
     io.write_tensors(folder / "stats.safetensors", stats.covariances)
     io.write_json(folder / "stats.json", {"input_of": stats.input_of, "token_counts": stats.token_counts,
                                          "n_samples": stats.n_samples})
     run.finish("calibrate", seconds, n_samples=stats.n_samples, distinct_inputs=len(stats.covariances))
-    return stats
 
 
 def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
@@ -201,17 +206,26 @@ def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     stats = stats or run.stats()
     run.save_config()
     factors, seconds = _timed(lambda: build_factors(run.model, stats, run.config.emulator, progress=run.progress))
-    folder = run.dir / "emulator"
-    io.write_tensors(folder / "factors.safetensors", {f"{n}.{k}": t for n in factors.u for k, t in
-                                                      (("u", factors.u[n]), ("v", factors.v[n]))})
-    io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in factors.spectra.items() for k, t in d.items()})
-    with io.atomic_path(folder / "report.csv") as tmp:
-        factors.report.to_csv(tmp, index=False)
-    params_original = count_parameters(run.model)
-    saved = int((factors.report["params_before"] - factors.report["params_after"]).sum())
-    run.finish("build", seconds, method=factors.method, params_original=params_original,
-               params_emulator=params_original - saved)
+    io.write_tensors(run.dir / "emulator" / "factors.safetensors", factor_tensors(factors.u, factors.v))
+    save_emulator_summary(run, factors.spectra, factors.report, factors.method, count_parameters(run.model), seconds)
     return factors
+
+
+def factor_tensors(u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The flat ``{"<module>.u": u, "<module>.v": v}`` layout of ``emulator/factors.safetensors``."""
+    return {f"{n}.{k}": t for n in u for k, t in (("u", u[n]), ("v", v[n]))}
+
+
+def save_emulator_summary(run: Run, spectra: dict, report: pd.DataFrame, method: str, params_original: int,
+                          seconds: float) -> None:
+    """Write spectra and report beside ``factors.safetensors`` (already written), then the 'build' manifest."""
+    folder = run.dir / "emulator"
+    io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in spectra.items() for k, t in d.items()})
+    with io.atomic_path(folder / "report.csv") as tmp:
+        report.to_csv(tmp, index=False)
+    saved = int((report["params_before"] - report["params_after"]).sum())
+    run.finish("build", seconds, method=method, params_original=params_original,
+               params_emulator=params_original - saved)
 
 
 def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None) -> dict:
