@@ -117,6 +117,7 @@ def skeleton(model_path: str | Path, dtype: torch.dtype, trust_remote_code: bool
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # so shared embeddings count once, as in the loaded model
     return model.eval()
 
 
@@ -172,6 +173,7 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
     dtype, device = resolve_dtype(dtype), torch.device(device)
     reader = ShardReader(model_path)
     model = skeleton(model_path, dtype, trust_remote_code)
+    params_original = count_parameters(model)  # before releasing weights unties shared ones
     decoder, layers_prefix = _decoder_parts(model)
     linears = target_linears(model, config.target_modules)
     outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
@@ -193,7 +195,7 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
         if keep_statistics:
             _merge_stats(kept, stats)
         release(layer)
-    return StreamedBuild(pd.DataFrame(rows), spectra, time.perf_counter() - start, count_parameters(model),
+    return StreamedBuild(pd.DataFrame(rows), spectra, time.perf_counter() - start, params_original,
                          len(decoder.layers), kept if keep_statistics else None)
 
 
