@@ -232,18 +232,22 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     """Stage 2: LoRA on the emulator (``which='emulator'``) or on the original model (``'original'``)."""
     if which not in ("emulator", "original"):
         raise EmlocError(f"cannot train on {which!r}: use 'emulator' or 'original'")
-    stage = f"train_{which}"
     model = run.emulator() if which == "emulator" else run.fresh_model()
     run.save_config()
     result = train_lora(model, run.features("train"), run.config.lora, run.config.emulator.target_modules,
                         run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress)
+    return save_training(run, which, result)
+
+
+def save_training(run: Run, which: str, result, **extra) -> dict:
+    """Write the adapter folder, the training summary and the 'train_<which>' manifest."""
     with io.atomic_dir(run.adapter_dir(which)) as tmp:
         result.model.save_pretrained(tmp)
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
-               "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model)}
+               "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model), **extra}
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
-    run.finish(stage, result.seconds)
+    run.finish(f"train_{which}", result.seconds, **extra)
     return summary
 
 
