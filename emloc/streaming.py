@@ -14,6 +14,9 @@ spectra, ``report.csv``, the 'build' manifest), so the later stages run unchange
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import tempfile
 import time
 from collections import defaultdict
@@ -36,6 +39,18 @@ from emloc.emulator import count_parameters, factor_linear
 from emloc.errors import EmlocError
 from emloc.models import resolve_dtype, resolve_model_path
 from emloc.pipeline import Run, factor_tensors, save_emulator_summary, save_stats
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 class ShardReader:
@@ -85,8 +100,13 @@ def materialise(module: nn.Module, prefix: str, reader: ShardReader, dtype: torc
 
 
 def release(module: nn.Module) -> None:
-    """Drop a module's weights (back to the meta device)."""
+    """Drop a module's weights (back to the meta device) and hand the freed memory back to the system."""
     module.to("meta")
+    gc.collect()
+    if _LIBC is not None:
+        # glibc keeps freed large blocks in its heap (its mmap threshold grows after each free), so without
+        # a trim the per-layer temporaries pile up as fragmentation and the peak grows layer after layer.
+        _LIBC.malloc_trim(0)
 
 
 @dataclass
