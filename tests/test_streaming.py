@@ -100,3 +100,12 @@ def test_concat_safetensors_round_trip(tmp_path):
         assert torch.equal(joined[key], tensor)
     with pytest.raises(EmlocError, match="appears in two parts"):
         io.concat_safetensors([tmp_path / "a.safetensors", tmp_path / "a.safetensors"], tmp_path / "bad.safetensors")
+
+
+def test_cli_build_stream(sharded_model_dir, tmp_path):
+    from emloc.cli import main
+    out = tmp_path / "cli-run"
+    assert main(["build", "--stream", "--out", str(out), "--model", str(sharded_model_dir), "--preset", "quick",
+                 "--device", "cpu", "--ratio", "0.3"]) == 0
+    run = pipeline.Run(out, progress=False)
+    assert run.is_done("build") and set(run.factors().report["ratio"]) == {0.3}
