@@ -129,7 +129,8 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     sigma_plain = torch.linalg.svdvals(W)
     spectra = {"whitened": sigma.float().cpu(), "plain": sigma_plain.float().cpu()}
     row = _report_row(name, W, C, u @ v, sigma, r, rho, linear)
-    return u.to(linear.weight.dtype).cpu(), v.to(linear.weight.dtype).cpu(), spectra, row
+    # contiguous: u = U[:, :r] is otherwise a view holding all of U
+    return u.to(linear.weight.dtype).cpu().contiguous(), v.to(linear.weight.dtype).cpu(), spectra, row
 
 
 def _report_row(name, W, C, W_emulated, sigma, r, rho, linear) -> dict:
