@@ -12,6 +12,15 @@ from emloc.errors import EmlocError
 from emloc.models import load_tokenizer, tiny_llama
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def sharded_model_dir(tmp_path_factory):
     """A tiny 3-layer Llama saved as several safetensors shards with an index, plus a tokenizer."""

@@ -17,6 +17,15 @@ from emloc.models import load_tokenizer, tiny_llama
 RATIOS = {"vision": 0.7, "projector": 0.8, "language": 0.4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def vlm_tokenizer():
     return load_tokenizer("default")
