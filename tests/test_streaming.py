@@ -9,16 +9,14 @@ import torch
 from emloc import io, pipeline, streaming
 from emloc.config import RunConfig, merge_dicts
 from emloc.errors import EmlocError
-from emloc.models import load_tokenizer, tiny_llama
+from emloc.models import load_tokenizer, tiny_llama, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,16 @@ from emloc.calibration import collect_statistics
 from emloc.config import EmulatorConfig, LoraConfigSpec
 from emloc.errors import EmlocError
 from emloc.lowrank import rank_from_ratio
-from emloc.models import load_tokenizer, tiny_llama
+from emloc.models import load_tokenizer, tiny_llama, torch_threads
 
 RATIOS = {"vision": 0.7, "projector": 0.8, "language": 0.4}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    """Tiny decompositions: one thread avoids oversubscribing a busy 2-core machine."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
