@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -65,6 +65,11 @@ class _Accumulator:
         self.token_mask: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, str] | None = None
 
+    def begin_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Count only the tokens where ``token_mask`` is true (padding is left out) in the next forward."""
+        self.token_mask = token_mask
+        self._previous = None
+
     def hook(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0]
@@ -74,7 +79,8 @@ class _Accumulator:
             self._previous = (x, name)
             self.input_of[name] = name
             rows = x.reshape(-1, x.shape[-1])
-            if self.token_mask is not None and rows.shape[0] == self.token_mask.numel():
+            # The mask is per text token; inputs of another shape (e.g. a vision tower's patches) are all kept.
+            if self.token_mask is not None and tuple(x.shape[:-1]) == tuple(self.token_mask.shape):
                 rows = rows[self.token_mask.reshape(-1)]
             rows = rows.to(torch.float32)
             if name not in self.covariances:
@@ -99,21 +105,32 @@ def recording_inputs(modules: dict[str, nn.Module], device: torch.device) -> Ite
 
 @torch.no_grad()
 def collect_statistics(model: nn.Module, features: list[dict[str, list[int]]], target_modules: list[str],
-                       pad_token_id: int, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
-    """Run ``model`` on tokenised calibration samples and return ``C`` per distinct linear input."""
+                       pad_token_id: int, batch_size: int = 8, progress: bool = True,
+                       collate: Callable[[list[dict]], dict] | None = None) -> CalibrationStats:
+    """Run ``model`` on tokenised calibration samples and return ``C`` per distinct linear input.
+
+    ``collate`` turns a list of features into the model's keyword inputs (with ``attention_mask``);
+    by default the features are padded token ids. A vision-language model passes one that adds
+    ``pixel_values``.
+    """
     if not features:
         raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
     device = next(model.parameters()).device
     modules = target_linears(model, target_modules)
     with recording_inputs(modules, device) as accumulator:
         for start in tqdm(range(0, len(features), batch_size), desc="calibration", disable=not progress):
-            batch = pad_batch(features[start:start + batch_size], pad_token_id)
-            accumulator.token_mask = batch["attention_mask"].bool().to(device)
-            accumulator._previous = None
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            batch = (collate or (lambda chunk: pad_batch(chunk, pad_token_id)))(features[start:start + batch_size])
+            inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+            accumulator.begin_batch(inputs["attention_mask"].bool())
+            model(**inputs)
+    return stats_from_accumulator(accumulator, len(features))
+
+
+def stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> CalibrationStats:
+    """The accumulated ``C`` as float32 CPU tensors; non-finite statistics are an error."""
     covariances = {name: C.float().cpu() for name, C in accumulator.covariances.items()}
     for name, C in covariances.items():
         if not torch.isfinite(C).all():
             raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: the model produced non-finite "
                              f"activations; check its weights and dtype (try --dtype float32)")
-    return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), len(features))
+    return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), n_samples)

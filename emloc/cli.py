@@ -40,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--on", choices=["emulator", "original", "both"], default="emulator",
                            help="train LoRA on the emulator, the original model, or both")
+            p.add_argument("--processes", type=int, default=1,
+                           help="training processes (DDP through torchrun; gloo on CPU)")
+        if name == "build":
+            p.add_argument("--stream", action="store_true",
+                           help="calibrate and build one decoder layer at a time from the safetensors shards "
+                                "(for models too large for memory)")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage")
     return main
@@ -97,10 +103,10 @@ def execute(args: argparse.Namespace) -> int:
     elif args.command == "calibrate":
         pipeline.calibrate(run)
     elif args.command == "build":
-        pipeline.build(run)
+        _build(run, args.stream)
     elif args.command == "train":
         for which in (["emulator", "original"] if args.on == "both" else [args.on]):
-            pipeline.train(run, which)
+            _train(run, which, args.processes)
     elif args.command == "correct":
         pipeline.correct(run)
     elif args.command == "evaluate":
@@ -111,6 +117,26 @@ def execute(args: argparse.Namespace) -> int:
         print("stage seconds:", results["stage_seconds"])
     print(f"{args.command} finished in {time.perf_counter() - start:.1f} s; artifacts in {run.dir}")
     return 0
+
+
+def _build(run, stream: bool) -> None:
+    from emloc import pipeline, streaming
+
+    if stream:
+        streaming.stream_build(run)
+    else:
+        pipeline.build(run)
+
+
+def _train(run, which: str, processes: int) -> None:
+    from emloc import pipeline
+    from emloc.distributed import train_distributed
+
+    if processes > 1:
+        run.save_config()
+        train_distributed(run.dir, which, processes)
+    else:
+        pipeline.train(run, which)
 
 
 def main(argv: list[str] | None = None) -> int:

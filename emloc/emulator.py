@@ -99,7 +99,6 @@ def _S(C: torch.Tensor, cache: dict, leader: str) -> torch.Tensor:
 
 def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True) -> EmulatorFactors:
     """Compute rank-``r`` factors for every targeted linear (``r`` from ``rho``); the model is not changed."""
-    compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
     linears = target_linears(model, config.target_modules)
     missing = [name for name in linears if name not in stats.input_of]
     if missing:
@@ -111,19 +110,31 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
                              f"(and check the model's weights and dtype)")
     u_all, v_all, spectra, rows, S_cache = {}, {}, {}, [], {}
     for name, linear in tqdm(linears.items(), desc="emulator", disable=not progress):
-        W = linear.weight.detach().to(compute)
-        C = stats.C(name).to(W.device, compute)
-        out_features, in_features = W.shape
-        rho = ratio_for(name, config)
-        r = rank_from_ratio(rho, out_features, in_features)
-        u, v, sigma = _factorise(W, C, S_cache, stats.input_of[name], r, config.method)
-        sigma_plain = torch.linalg.svdvals(W)
-        u_all[name], v_all[name] = u.to(linear.weight.dtype).cpu(), v.to(linear.weight.dtype).cpu()
-        spectra[name] = {"whitened": sigma.float().cpu(), "plain": sigma_plain.float().cpu()}
-        rows.append(_report_row(name, W, C, u @ v, sigma, r, rho, linear))
+        u_all[name], v_all[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache)
+        rows.append(row)
         if len(S_cache) > 1:  # keep only the current shared input's factor
             S_cache.pop(next(iter(S_cache)))
     return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method)
+
+
+def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config: EmulatorConfig,
+                  S_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """One linear's ``(u, v, spectra, report_row)``; shared by the in-memory and the layer-streamed builds.
+
+    ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input.
+    """
+    compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
+    W = linear.weight.detach().to(compute)
+    C = stats.C(name).to(W.device, compute)
+    out_features, in_features = W.shape
+    rho = ratio_for(name, config)
+    r = rank_from_ratio(rho, out_features, in_features)
+    u, v, sigma = _factorise(W, C, {} if S_cache is None else S_cache, stats.input_of[name], r, config.method)
+    sigma_plain = torch.linalg.svdvals(W)
+    spectra = {"whitened": sigma.float().cpu(), "plain": sigma_plain.float().cpu()}
+    row = _report_row(name, W, C, u @ v, sigma, r, rho, linear)
+    # contiguous: u = U[:, :r] is otherwise a view holding all of U
+    return u.to(linear.weight.dtype).cpu().contiguous(), v.to(linear.weight.dtype).cpu(), spectra, row
 
 
 def _report_row(name, W, C, W_emulated, sigma, r, rho, linear) -> dict:

@@ -109,3 +109,47 @@ def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise EmlocError(f"{path} is corrupted or truncated ({exc}): delete it and re-run its stage") from None
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def concat_safetensors(parts: list[Path], path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> None:
+    """Join safetensors files (distinct keys) into one, copying bytes in chunks: memory stays constant.
+
+    Lets a layer-by-layer writer produce one standard file without holding every tensor at once.
+    """
+    headers = [_safetensors_header(Path(part)) for part in parts]
+    joined, offset = {}, 0
+    for header, _ in headers:
+        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if key in joined:
+                raise EmlocError(f"tensor {key} appears in two parts: each part must hold distinct tensors")
+            begin, end = entry["data_offsets"]
+            joined[key] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
+    text = json.dumps(joined, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for part, (header, data_start) in zip(parts, headers):
+            _copy_data(Path(part), out, data_start, header, chunk_bytes)
+
+
+def _copy_data(part: Path, out, data_start: int, header: dict, chunk_bytes: int) -> None:
+    with open(part, "rb") as handle:
+        for entry in sorted(header.values(), key=lambda entry: entry["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            handle.seek(data_start + begin)
+            remaining = end - begin
+            while remaining:
+                chunk = handle.read(min(chunk_bytes, remaining))
+                out.write(chunk)
+                remaining -= len(chunk)

@@ -150,8 +150,12 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, target_modules: list[str],
-               pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True) -> TrainResult:
-    """Train LoRA on ``model`` (emulator or original) for ``spec.steps`` optimizer steps."""
+               pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True,
+               collator: Callable[[list[dict]], dict] | None = None) -> TrainResult:
+    """Train LoRA on ``model`` (emulator or original) for ``spec.steps`` optimizer steps.
+
+    ``collator`` batches the features (default: padded token ids); a vision-language model adds images.
+    """
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
     device = next(model.parameters()).device
@@ -164,7 +168,7 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
             dataloader_num_workers=0, remove_unused_columns=False,
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(features),
-                          data_collator=PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
+                          data_collator=collator or PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         if progress:

@@ -1,6 +1,7 @@
 """Loading models and tokenizers: the offline default, any Hugging Face id or path, tiny test models."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -124,3 +125,17 @@ def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count.
+
+    Small decompositions on a busy machine are far faster with one thread than oversubscribed.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

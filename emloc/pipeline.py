@@ -222,12 +222,17 @@ def calibrate(run: Run) -> CalibrationStats:
     run.save_config()
     stats, seconds = _timed(lambda: collect_statistics(run.model, features, run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
+    save_stats(run, stats, seconds)
+    return stats
+
+
+def save_stats(run: Run, stats: CalibrationStats, seconds: float) -> None:
+    """Write the calibration artifacts (one atomic folder) and the 'calibrate' manifest."""
     with io.atomic_dir(run.dir / "calibration") as folder:
         io.write_tensors(folder / "stats.safetensors", stats.covariances)
         io.write_json(folder / "stats.json", {"input_of": stats.input_of, "token_counts": stats.token_counts,
                                              "n_samples": stats.n_samples})
     run.finish("calibrate", seconds, n_samples=stats.n_samples, distinct_inputs=len(stats.covariances))
-    return stats
 
 
 def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
@@ -236,16 +241,26 @@ def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     run.begin("build")
     run.save_config()
     factors, seconds = _timed(lambda: build_factors(run.model, stats, run.config.emulator, progress=run.progress))
-    with io.atomic_dir(run.dir / "emulator") as folder:
-        io.write_tensors(folder / "factors.safetensors", {f"{n}.{k}": t for n in factors.u for k, t in
-                                                          (("u", factors.u[n]), ("v", factors.v[n]))})
-        io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in factors.spectra.items() for k, t in d.items()})
-        factors.report.to_csv(folder / "report.csv", index=False)
-    params_original = count_parameters(run.model)
-    saved = int((factors.report["params_before"] - factors.report["params_after"]).sum())
-    run.finish("build", seconds, method=factors.method, params_original=params_original,
-               params_emulator=params_original - saved)
+    save_emulator(run, lambda path: io.write_tensors(path, factor_tensors(factors.u, factors.v)), factors.spectra,
+                  factors.report, factors.method, count_parameters(run.model), seconds)
     return factors
+
+
+def factor_tensors(u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The flat ``{"<module>.u": u, "<module>.v": v}`` layout of ``emulator/factors.safetensors``."""
+    return {f"{n}.{k}": t for n in u for k, t in (("u", u[n]), ("v", v[n]))}
+
+
+def save_emulator(run: Run, write_factors: Callable[[Path], None], spectra: dict, report: pd.DataFrame, method: str,
+                  params_original: int, seconds: float) -> None:
+    """Write the emulator folder whole (``write_factors(path)`` writes ``factors.safetensors``), then the manifest."""
+    with io.atomic_dir(run.dir / "emulator") as folder:
+        write_factors(folder / "factors.safetensors")
+        io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in spectra.items() for k, t in d.items()})
+        report.to_csv(folder / "report.csv", index=False)
+    saved = int((report["params_before"] - report["params_after"]).sum())
+    run.finish("build", seconds, method=method, params_original=params_original,
+               params_emulator=params_original - saved)
 
 
 def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None) -> dict:
@@ -262,15 +277,21 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     run.save_config()
     result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
                         run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress)
+    return save_training(run, which, result)
+
+
+def save_training(run: Run, which: str, result, **extra) -> dict:
+    """Write the adapter folder (with its provenance), the training summary and the 'train_<which>' manifest."""
+    stage = f"train_{which}"
     check_finite_losses(result.history, which)
     with io.atomic_dir(run.adapter_dir(which)) as tmp:
         result.model.save_pretrained(tmp)
         io.write_json(tmp / PROVENANCE, {"stage": stage, "fingerprint": fingerprint(run.config, stage)})
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
-               "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model)}
+               "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model), **extra}
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
-    run.finish(stage, result.seconds)
+    run.finish(f"train_{which}", result.seconds, **extra)
     return summary
 
 
