@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import sys
 import tempfile
@@ -73,11 +74,11 @@ class TaskSetup:
         return evaluate_model(model, self.tokenizer, self.data, 128, 8, 32)
 
 
-def evaluate_corrections(setup: TaskSetup, adapter_dir: str, key: dict, done: set, out: Path) -> None:
+def evaluate_corrections(setup: TaskSetup, adapter_dir: str, key: dict, done: set, out: Path, chosen: list[str]) -> None:
     from emloc.correction import correct_adapter
     from emloc.lora import load_adapter
     from emloc.models import load_model
-    settings = [("uncorrected", None, None), *SETTINGS]
+    settings = [("uncorrected", None, None), *(s for s in SETTINGS if s[0] in chosen)]
     for name, method, lam in settings:
         if (key["task"], key["ratio"], key["steps"], key["seed"], name) in done:
             continue
@@ -113,36 +114,30 @@ def run_sweep(args) -> None:
     out = Path(args.out) / "runs.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     setups: dict[tuple, TaskSetup] = {}
-    for seed in args.seeds:
-        for task in args.tasks:
-            for ratio in args.ratios:
-                key0 = (task, ratio)
-                if key0 not in setups:
-                    setups[key0] = TaskSetup(task, ratio, args.n_train, args.n_test, args.n_calibration)
-                setup = setups[key0]
-                done = done_keys(out)
-                if (task, ratio, 0, -1, "zero_shot") not in done:
-                    append_row(out, {"task": task, "ratio": ratio, "steps": 0, "seed": -1, "setting": "zero_shot",
-                                     **_scores(setup.evaluate(load_model("default")))})
-                for steps in args.steps:
-                    key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
-                    todo = [s for s in ["emulator_lora", "uncorrected", *(n for n, _, _ in SETTINGS)]
-                            if (task, ratio, steps, seed, s) not in done]
-                    if not todo:
-                        continue
-                    print(f"{task} ratio={ratio} steps={steps} seed={seed}", flush=True)
-                    spec = LoraConfigSpec(steps=steps, warmup_steps=max(1, steps // 10))
-                    emulator = emulate(load_model("default"), setup.factors, copy_model=False)
-                    trained = train_lora(emulator, setup.train_features, spec, setup.targets,
-                                         setup.tokenizer.pad_token_id, seed=seed, progress=False)
-                    print(f"  trained in {trained.seconds:.0f} s, final loss {trained.history[-1][1]:.3f}", flush=True)
-                    with tempfile.TemporaryDirectory(prefix="emloc-sweep-") as folder:
-                        trained.model.save_pretrained(folder)
-                        if (task, ratio, steps, seed, "emulator_lora") not in done:
-                            append_row(out, {**key, "setting": "emulator_lora", "train_seconds": trained.seconds,
-                                             **_scores(setup.evaluate(trained.model))})
-                        del trained, emulator
-                        evaluate_corrections(setup, folder, key, done, out)
+    # a whole pass per training length, seed by seed: a cut-short sweep still covers every task
+    for steps, seed, task, ratio in itertools.product(args.steps, args.seeds, args.tasks, args.ratios):
+        if (task, ratio) not in setups:
+            setups[task, ratio] = TaskSetup(task, ratio, args.n_train, args.n_test, args.n_calibration)
+        setup, done = setups[task, ratio], done_keys(out)
+        if (task, ratio, 0, -1, "zero_shot") not in done:
+            append_row(out, {"task": task, "ratio": ratio, "steps": 0, "seed": -1, "setting": "zero_shot",
+                             **_scores(setup.evaluate(load_model("default")))})
+        key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
+        if all((task, ratio, steps, seed, s) in done for s in ["emulator_lora", "uncorrected", *args.settings]):
+            continue
+        print(f"{task} ratio={ratio} steps={steps} seed={seed}", flush=True)
+        spec = LoraConfigSpec(steps=steps, warmup_steps=max(1, steps // 10))
+        emulator = emulate(load_model("default"), setup.factors, copy_model=False)
+        trained = train_lora(emulator, setup.train_features, spec, setup.targets, setup.tokenizer.pad_token_id,
+                             seed=seed, progress=False)
+        print(f"  trained in {trained.seconds:.0f} s, final loss {trained.history[-1][1]:.3f}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="emloc-sweep-") as folder:
+            trained.model.save_pretrained(folder)
+            if (task, ratio, steps, seed, "emulator_lora") not in done:
+                append_row(out, {**key, "setting": "emulator_lora", "train_seconds": trained.seconds,
+                                 **_scores(setup.evaluate(trained.model))})
+            del trained, emulator
+            evaluate_corrections(setup, folder, key, done, out, args.settings)
 
 
 def summarize(args) -> str:
@@ -183,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--n-calibration", type=int, default=64)
+    p.add_argument("--settings", nargs="+", default=[n for n, _, _ in SETTINGS], choices=[n for n, _, _ in SETTINGS],
+                   help="correction settings to evaluate besides 'uncorrected' and 'emulator_lora'")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/correction")
     p.add_argument("--summarize", action="store_true", help="only print and write the summary table")

@@ -222,3 +222,26 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_data():
     assert bootstrap_interval(np.ones(10)) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError):
         bootstrap_interval(np.array([]))
+
+
+def test_pipeline_correct_stage_uses_the_configured_method(tmp_path):
+    """calibrate -> build -> train -> correct on a tiny saved model: the activation-aware method reads the
+    stage-1 statistics, writes its method into the manifest and report, and differs from the official one."""
+    from emloc import io, pipeline
+    from emloc.config import RunConfig
+    from emloc.models import load_tokenizer, tiny_llama
+    model_dir = tmp_path / "tiny"
+    tiny_llama(seed=0).save_pretrained(model_dir)
+    load_tokenizer("default").save_pretrained(model_dir)
+    base = {"model": str(model_dir), "device": "cpu", "data": {"n_train": 16, "n_calibration": 4, "n_test": 2, "max_length": 64},
+            "lora": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "learning_rate": 5e-2},
+            "emulator": {"target_modules": ["q_proj", "down_proj"]}}
+    run = pipeline.Run(tmp_path / "run", RunConfig.from_dict(base), progress=False)
+    pipeline.calibrate(run), pipeline.build(run), pipeline.train(run, "emulator")
+    reports = {}
+    for method in ("official", "activation_aware"):
+        run.config.correction.method = method
+        reports[method] = pipeline.correct(run)
+        assert io.read_json(run.manifest_path("correct"))["method"] == method
+        assert (run.correction_report()["method"] == method).all()
+    assert not np.allclose(reports["official"]["correction_norm"], reports["activation_aware"]["correction_norm"])
