@@ -168,7 +168,7 @@ def summarize(args) -> str:
                 diff = f"{dm:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
             cos = rows["update_mismatch_cosine"].mean() if setting.startswith(("official", "aligned", "activation")) else float("nan")
             coef = rows["update_mismatch_coefficient"].mean() if not np.isnan(cos) else float("nan")
-            fmt = lambda v: "" if np.isnan(v) else f"{v:.3f}"
+            fmt = lambda v: "" if np.isnan(v) else f"{v:.1e}"
             lines.append(f"| {task} | {ratio} | {steps} | {setting} | {len(rows)} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | {fmt(cos)} | {fmt(coef)} |")
     table = "\n".join(lines)
     (Path(args.out) / "summary.md").write_text(table + "\n", encoding="utf-8")
