@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--rslora", action="store_true", default=None, help="use rsLoRA scaling")
         p.add_argument("--steps", type=int, help="training steps")
         p.add_argument("--clamp", type=float, help="correction clamp lambda (0 disables the clamp)")
+        p.add_argument("--correction-method", choices=["official", "aligned", "activation_aware"],
+                       help="LoRA correction: official (paper), aligned or activation_aware")
         p.add_argument("--seed", type=int, help="random seed")
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--dtype", help="float32, bfloat16 or float16")
@@ -73,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "data": {"path": args.data, "task": args.task},
         "emulator": {"ratio": args.ratio, "method": args.method},
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "use_rslora": args.rslora, "steps": args.steps},
-        "correction": {"clamp": None if args.clamp == 0 else args.clamp},
+        "correction": {"clamp": None if args.clamp == 0 else args.clamp, "method": args.correction_method},
     }
     explicit = _drop_none(flags)
     if args.clamp == 0:

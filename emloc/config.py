@@ -65,6 +65,10 @@ class LoraConfigSpec:
 class CorrectionConfig:
     clamp: Optional[float] = 3.0
     """lambda: per column, cap mean|D_j| / mean|B~_j| at lambda. None disables the clamp."""
+    method: str = "official"
+    """'official' (subtract the whole mismatch D on the adapter's subspace, the paper), 'aligned' (only the
+    part clip(c_j, 0, 1) D_j the adapter learned to compensate) or 'activation_aware' (mismatch measured on
+    the calibration activations, needs the stage-1 statistics). See docs/correction.md."""
 
 
 @dataclass
@@ -181,5 +185,8 @@ def validate(config: RunConfig) -> None:
             raise EmlocError(f"{name} = {value} must be a positive integer")
     if lora.alpha <= 0 or lora.learning_rate <= 0:
         raise EmlocError("lora.alpha and lora.learning_rate must be positive")
+    if config.correction.method not in ("official", "aligned", "activation_aware"):
+        raise EmlocError(f"correction.method = {config.correction.method!r} is unknown: "
+                         f"use 'official', 'aligned' or 'activation_aware'")
     if config.correction.clamp is not None and config.correction.clamp <= 0:
         raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive (or null for no clamp)")

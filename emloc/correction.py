@@ -95,11 +95,19 @@ def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
 
 @torch.no_grad()
 def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float | None = 3.0,
-                    adapter_name: str = "default", compute_dtype: torch.dtype = torch.float64):
+                    adapter_name: str = "default", compute_dtype: torch.dtype = torch.float64,
+                    method: str = "official", stats=None):
     """Correct, in place, the adapter loaded on the *original* model; returns (report, subspace tensors).
 
-    Modules the emulator did not factor have ``W' = W`` and so ``D = 0``.
+    Modules the emulator did not factor have ``W' = W`` and so ``D = 0``. ``method`` is one of
+    :data:`CORRECTION_METHODS`; ``'activation_aware'`` needs ``stats`` (a ``CalibrationStats``). The report
+    has one row per module with :func:`clamp_summary` and :func:`pair_diagnostics` columns; the tensors hold
+    ``Q``, ``B_tilde``, ``D``, ``D_target`` and the per-column ``coefficient`` and ``cosine`` of each module.
     """
+    if method not in CORRECTION_METHODS:
+        raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
+    if method == "activation_aware" and stats is None:
+        raise EmlocError("the activation_aware correction needs the calibration statistics: run `emloc calibrate` first")
     rows, tensors = [], {}
     layers = lora_layers(peft_model)
     unknown = [name for name in factors.u if name not in layers]
@@ -110,21 +118,147 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
         W = layer.get_base_layer().weight.to(compute_dtype)
         W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
         s = float(layer.scaling[adapter_name])
-        pair = correct_lora_pair(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam)
+        C = stats.C(name).to(W.device) if method == "activation_aware" and name in factors.u else None
+        pair = correct_lora_pair_with(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
         lora_A.copy_(pair.A.to(lora_A.dtype))
         lora_B.copy_(pair.B.to(lora_B.dtype))
         rows.append({"module": name, "layer": layer_index(name), "type": module_type(name), "scaling": s,
-                     **pair_report(pair, W_emulated, s)})
-        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(), f"{name}.D": pair.D.float()})
+                     "method": method, **variant_report(pair, W_emulated, s)})
+        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(), f"{name}.D": pair.D.float(),
+                        f"{name}.D_target": pair.D_target.float(),
+                        f"{name}.coefficient": column_coefficients(pair.B_tilde, pair.D).float(),
+                        f"{name}.cosine": column_cosines(pair.B_tilde, pair.D).float()})
     return pd.DataFrame(rows), tensors
 
 
 def reclamp_report(tensors: dict[str, torch.Tensor], report: pd.DataFrame, lam: float | None) -> pd.DataFrame:
-    """The per-module report for another ``lambda``, from the saved ``B~`` and ``D`` (no model needed)."""
+    """The per-module report for another ``lambda``, from the saved ``B~`` and ``D`` (no model needed).
+
+    When the tensors hold a method's ``D_target`` (any :func:`correct_adapter` run), that target is clamped.
+    """
     rows = []
     for row in report.itertuples(index=False):
         D, B_tilde = tensors[f"{row.module}.D"].double(), tensors[f"{row.module}.B_tilde"].double()
-        D_clamped, clamped = clamp_columns(D, B_tilde, lam)
+        target = tensors.get(f"{row.module}.D_target", tensors[f"{row.module}.D"]).double()
+        D_clamped, clamped = clamp_columns(target, B_tilde, lam)
         summary = clamp_summary(D, B_tilde, D_clamped, clamped, row.scaling, row.reference_norm)
         rows.append({"module": row.module, "layer": row.layer, "type": row.type, "scaling": row.scaling, **summary})
     return pd.DataFrame(rows)
+
+
+# ---- diagnostics and correction variants (issue 7) -------------------------------------------
+#
+# With ``U = s B~`` (the learned update on ``Q``) and ``M = (W - W') Q = s D`` (the emulator's error on
+# ``Q``): the adapter compensates the emulator's error when ``U`` points along ``M`` (``U ~ c M`` with
+# ``c ~ 1``). On the original model that compensation is no longer needed, so it should be removed.
+
+CORRECTION_METHODS = ("official", "aligned", "activation_aware")
+
+
+def _tiny(t: torch.Tensor) -> float:
+    return torch.finfo(t.dtype).tiny
+
+
+def column_coefficients(B_tilde: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Per column ``j`` the least-squares coefficient of the update on the mismatch,
+    ``c_j = <s B~_j, M_j> / ||M_j||^2 = <B~_j, D_j> / ||D_j||^2`` (``s`` cancels); 0 where ``D_j = 0``. Shape ``(r,)``."""
+    norms = (D * D).sum(0)
+    return torch.where(norms > 0, (B_tilde * D).sum(0) / norms.clamp_min(_tiny(D)), torch.zeros_like(norms))
+
+
+def column_cosines(B_tilde: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Per column cosine between ``B~_j`` and ``D_j`` (1: the update points along the emulator's error); 0 if either is 0."""
+    denom = B_tilde.norm(dim=0) * D.norm(dim=0)
+    return torch.where(denom > 0, (B_tilde * D).sum(0) / denom.clamp_min(_tiny(D)), torch.zeros_like(denom))
+
+
+def aligned_mismatch(D: torch.Tensor, B_tilde: torch.Tensor) -> torch.Tensor:
+    """The *aligned* target: ``clip(c_j, 0, 1) D_j`` per column, the part of the mismatch the adapter learned.
+
+    The adapter's column is ``s B~_j = c_j M_j + (a part orthogonal to M_j)``; ``c_j M_j`` compensates the
+    emulator's error, which the original model does not have, so only that part is removed (never more than
+    the whole mismatch, never a negative multiple). A column with ``B~_j`` orthogonal to ``D_j`` is not moved.
+    """
+    return D * column_coefficients(B_tilde, D).clamp(0.0, 1.0)
+
+
+def activation_aware_mismatch(W: torch.Tensor, W_emulated: torch.Tensor, Q: torch.Tensor, C: torch.Tensor,
+                              s: float, rtol: float = 1e-10) -> torch.Tensor:
+    """The *activation-aware* target ``D_C = (W - W') C Q (Q^T C Q)^+ / s`` (``out x r``).
+
+    With ``A' = Q^T`` fixed and ``B^ = B~ - D_C``, it minimises the output difference between the original
+    model with the corrected adapter and the fine-tuned emulator on the calibration activations ``X``
+    (``C = X X^T``, ``in x in``): ``||((W + s B^ Q^T) - (W' + s B A)) X||_F``. The normal equations
+    ``s D_C (Q^T C Q) = (W - W') C Q`` give the closed form; with ``C = I`` it is the official ``D``.
+    """
+    C = C.to(W.dtype)
+    CQ = C @ Q
+    gram = Q.T @ CQ
+    return ((W - W_emulated) @ CQ) @ torch.linalg.pinv(gram, hermitian=True, rtol=rtol) / s
+
+
+def correction_target(method: str, W: torch.Tensor, W_emulated: torch.Tensor, Q: torch.Tensor, B_tilde: torch.Tensor,
+                      s: float, C: torch.Tensor | None = None) -> torch.Tensor:
+    """What a correction method subtracts from ``B~`` before the clamp (``out x r``)."""
+    D = subspace_mismatch(W, W_emulated, Q, s)
+    if method == "official":
+        return D
+    if method == "aligned":
+        return aligned_mismatch(D, B_tilde)
+    if method == "activation_aware":
+        if C is None:
+            raise EmlocError("the activation_aware correction needs the calibration statistics C: run `emloc calibrate` first")
+        return activation_aware_mismatch(W, W_emulated, Q, C, s)
+    raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
+
+
+@dataclass
+class VariantPair(CorrectedPair):
+    D_target: torch.Tensor | None = None
+    """What the method subtracts before the clamp (``D`` itself for the official correction)."""
+
+
+def correct_lora_pair_with(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor, s: float,
+                           lam: float | None = 3.0, method: str = "official", C: torch.Tensor | None = None) -> VariantPair:
+    """Any correction method of one LoRA pair: ``B^ = B~ - clamp(target)``, ``A' = Q^T``.
+
+    ``method='official'`` gives exactly :func:`correct_lora_pair`.
+    """
+    Q = orthonormal_row_basis(A)
+    B_tilde = B @ (A @ Q)
+    D = subspace_mismatch(W, W_emulated, Q, s)
+    target = correction_target(method, W, W_emulated, Q, B_tilde, s, C)
+    applied, clamped = clamp_columns(target, B_tilde, lam)
+    return VariantPair(Q.T.contiguous(), B_tilde - applied, Q, B_tilde, D, clamped, target)
+
+
+def pair_diagnostics(B_tilde: torch.Tensor, D: torch.Tensor, D_target: torch.Tensor, D_applied: torch.Tensor,
+                     s: float) -> dict:
+    """How the learned update ``U = s B~`` relates to the mismatch ``M = s D`` on ``Q``, and what the clamp did.
+
+    - ``mismatch_norm`` ``||M||_F``; ``update_mismatch_cosine`` ``<U, M>_F / (||U|| ||M||)``;
+    - ``update_mismatch_coefficient`` ``<U, M>_F / ||M||^2``: ``U ~ c M`` in least squares, the share of the
+      emulator's error the adapter learned to compensate (1: all of it; 0: none);
+    - ``column_coefficient_mean`` / ``column_cosine_mean``: the same per column, averaged;
+    - ``clamp_shift_mean`` / ``clamp_shift_max``: per column ``||target_j - applied_j|| / ||target_j||``.
+    """
+    U, M = s * B_tilde, s * D
+    inner, m2, u_norm, m_norm = float((U * M).sum()), float((M * M).sum()), float(U.norm()), float(M.norm())
+    shift = (D_target - D_applied).norm(dim=0) / D_target.norm(dim=0).clamp_min(_tiny(D))
+    shift = torch.where(D_target.norm(dim=0) > 0, shift, torch.zeros_like(shift))
+    return {
+        "mismatch_norm": m_norm,
+        "update_mismatch_cosine": inner / (u_norm * m_norm) if u_norm * m_norm > 0 else 0.0,
+        "update_mismatch_coefficient": inner / m2 if m2 > 0 else 0.0,
+        "column_coefficient_mean": float(column_coefficients(B_tilde, D).mean()),
+        "column_cosine_mean": float(column_cosines(B_tilde, D).mean()),
+        "clamp_shift_mean": float(shift.mean()),
+        "clamp_shift_max": float(shift.max()) if shift.numel() else 0.0,
+    }
+
+
+def variant_report(pair: VariantPair, W_emulated: torch.Tensor, s: float) -> dict:
+    """:func:`pair_report` plus :func:`pair_diagnostics` and the ``target_norm`` of the method."""
+    applied = pair.B_tilde - pair.B
+    return {**pair_report(pair, W_emulated, s), "target_norm": float(s * pair.D_target.norm()),
+            **pair_diagnostics(pair.B_tilde, pair.D, pair.D_target, applied, s)}

@@ -81,12 +81,73 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0].strip().rstrip(".").lower() if text.strip() else ""
 
 
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december"]
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"), ("open", "closed"),
+             ("light", "dark"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("old", "new"), ("wet", "dry"),
+             ("rich", "poor"), ("tall", "short"), ("strong", "weak"), ("loud", "quiet"), ("thick", "thin"),
+             ("clean", "dirty"), ("cheap", "expensive"), ("win", "lose"), ("push", "pull"), ("day", "night"),
+             ("inside", "outside"), ("first", "last"), ("true", "false"), ("buy", "sell"), ("give", "take"),
+             ("above", "below"), ("friend", "enemy"), ("begin", "end")]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+
+
+def _shift(words: list[str], word: str, offset: int) -> str:
+    return words[(words.index(word) + offset) % len(words)]
+
+
+def _wordfacts_example(rng: random.Random) -> Example:
+    """One-word answers: calendar offsets, opposites, next letters, small sums written as words."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        day, n = rng.choice(DAYS), rng.randint(1, 3)
+        after = rng.random() < 0.5
+        text = rng.choice(["What day comes {n} day{p} {rel} {d}?", "Which day of the week is {n} day{p} {rel} {d}?",
+                           "If today is {D}, what day was it {n} day{p} {ago}?"])
+        rel, ago = ("after", "from now") if after else ("before", "ago")
+        prompt = text.format(n=NUMBER_WORDS[n], p="s" if n > 1 else "", rel=rel, d=day.capitalize(), D=day.capitalize(),
+                             ago="later" if after else "ago").replace("what day was it", "what day is it" if after else "what day was it")
+        return Example(prompt, _shift(DAYS, day, n if after else -n))
+    if kind == 1:
+        month, after = rng.choice(MONTHS), rng.random() < 0.5
+        text = rng.choice(["Which month comes {rel} {m}?", "What month is just {rel} {m}?", "Name the month {rel} {m}."])
+        return Example(text.format(rel="after" if after else "before", m=month.capitalize()),
+                       _shift(MONTHS, month, 1 if after else -1))
+    if kind == 2:
+        pair = rng.choice(OPPOSITES)
+        word, answer = pair if rng.random() < 0.5 else pair[::-1]
+        text = rng.choice(["What is the opposite of '{w}'?", "Give the antonym of '{w}'.", "Which word means the opposite of '{w}'?"])
+        return Example(text.format(w=word), answer)
+    if kind == 3:
+        index, after = rng.randrange(1, 25), rng.random() < 0.5
+        letter = "abcdefghijklmnopqrstuvwxyz"[index]
+        text = rng.choice(["Which letter comes {rel} '{l}' in the alphabet?", "What letter is just {rel} '{l}'?"])
+        return Example(text.format(rel="after" if after else "before", l=letter),
+                       "abcdefghijklmnopqrstuvwxyz"[index + (1 if after else -1)])
+    a, b = rng.randint(0, 6), rng.randint(0, 6)
+    text = rng.choice(["What is {a} plus {b}? Answer in words.", "Write {a} plus {b} as a word.", "How much is {a} and {b}, in words?"])
+    return Example(text.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]), NUMBER_WORDS[a + b])
+
+
+def _first_word(text: str) -> str:
+    """The first word of the first line, lowercased, without punctuation ("Wednesday." -> "wednesday")."""
+    match = re.search(r"[a-z]+", _first_line(text))
+    return match.group(0) if match else ""
+
+
 TASKS: dict[str, Task] = {
     "arithmetic": Task(
         name="arithmetic",
         system_prompt="Solve the word problem. Reply with the number only.",
         generate=_arithmetic_example,
         normalize=_first_integer,
+    ),
+    "wordfacts": Task(
+        name="wordfacts",
+        system_prompt="Answer with a single lowercase word only.",
+        generate=_wordfacts_example,
+        normalize=_first_word,
     ),
 }
 

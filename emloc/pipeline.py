@@ -316,7 +316,9 @@ def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     run.save_config()
     start = time.perf_counter()
     peft_model = load_adapter(run.fresh_model(), run.adapter_dir("emulator"))
-    report, tensors = correct_adapter(peft_model, factors, run.config.correction.clamp)
+    method = run.config.correction.method
+    stats = run.stats() if method == "activation_aware" else None
+    report, tensors = correct_adapter(peft_model, factors, run.config.correction.clamp, method=method, stats=stats)
     seconds = time.perf_counter() - start
     with io.atomic_dir(run.adapter_dir("corrected")) as tmp:
         peft_model.save_pretrained(tmp)
@@ -324,7 +326,7 @@ def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     with io.atomic_dir(run.dir / "correction") as folder:
         io.write_tensors(folder / "subspace.safetensors", tensors)
         report.to_csv(folder / "report.csv", index=False)
-    run.finish("correct", seconds, clamp=run.config.correction.clamp,
+    run.finish("correct", seconds, clamp=run.config.correction.clamp, method=method,
                modules_clamped=int((report["clamped_columns"] > 0).sum()), modules=len(report))
     return report
 

@@ -1,0 +1,205 @@
+"""When does the LoRA correction help? Train once per (task, ratio, steps, seed), then evaluate the same
+trained adapter without correction and with every correction setting (correction is cheap, training is the cost).
+
+    PYTHONPATH=. python benchmarks/correction_sweep.py --tasks arithmetic wordfacts --ratios 0.5 \
+        --steps 50 150 --seeds 0 1 2 --n-test 100 --out benchmarks/results/correction
+    PYTHONPATH=. python benchmarks/correction_sweep.py --summarize --out benchmarks/results/correction
+
+Seeds vary the LoRA initialisation and the training-data order; per task the data splits, the test items,
+the calibration statistics and the emulator are fixed (seed 0), so settings are compared on the same items.
+Results are appended to ``runs.csv`` (one row per (task, ratio, steps, seed, setting) with the per-item
+correctness as a 0/1 string), so an interrupted sweep resumes where it stopped. ``--summarize`` prints and
+writes ``summary.md``: mean accuracy and a 95% bootstrap interval over seeds and test items, plus the paired
+difference to ``uncorrected``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SETTINGS = [  # (name, method, lambda); 'uncorrected' and 'emulator_lora' need no correction
+    ("official_l3", "official", 3.0), ("official_l1", "official", 1.0), ("official_l10", "official", 10.0),
+    ("official_none", "official", None), ("aligned", "aligned", None),
+    ("activation_aware_l3", "activation_aware", 3.0), ("activation_aware_none", "activation_aware", None),
+]
+FIELDS = ["task", "ratio", "steps", "seed", "setting", "accuracy", "loss", "n", "train_seconds", "modules_clamped",
+          "update_mismatch_cosine", "update_mismatch_coefficient", "misalignment_after", "correct"]
+
+
+def done_keys(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    with path.open() as f:
+        return {(r["task"], float(r["ratio"]), int(r["steps"]), int(r["seed"]), r["setting"]) for r in csv.DictReader(f)}
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in FIELDS})
+
+
+class TaskSetup:
+    """Per (task, ratio): data, tokenizer, calibration statistics and emulator factors (built once)."""
+
+    def __init__(self, task: str, ratio: float, n_train: int, n_test: int, n_calibration: int, max_new_tokens: int = 8):
+        from emloc.calibration import collect_statistics
+        from emloc.config import EmulatorConfig
+        from emloc.data import encode_examples, make_task_data
+        from emloc.emulator import build_factors
+        from emloc.models import load_model, load_tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer = load_tokenizer("default")
+        self.data = make_task_data(task, n_train, n_calibration, n_test, seed=0)
+        self.emulator_config = EmulatorConfig(ratio=ratio)
+        self.targets = self.emulator_config.target_modules
+        self.train_features = encode_examples(self.tokenizer, self.data.task, self.data.train, 128)
+        model = load_model("default")
+        calibration = encode_examples(self.tokenizer, self.data.task, self.data.calibration, 128)
+        self.stats = collect_statistics(model, calibration, self.targets, self.tokenizer.pad_token_id, progress=False)
+        self.factors = build_factors(model, self.stats, self.emulator_config, progress=False)
+
+    def evaluate(self, model) -> dict:
+        """Exact-match accuracy by greedy generation (the response loss is skipped: compute is scarce)."""
+        from emloc.evaluation import generate_answers
+        model.eval()
+        predictions = generate_answers(model, self.tokenizer, self.data, self.data.test, self.max_new_tokens, 32)
+        correct = [self.data.is_correct(p, e) for p, e in zip(predictions, self.data.test)]
+        return {"accuracy": sum(correct) / len(correct), "loss": float("nan"), "n": len(correct), "correct": correct}
+
+
+def evaluate_corrections(setup: TaskSetup, adapter_dir: str, key: dict, done: set, out: Path, chosen: list[str]) -> None:
+    from emloc.correction import correct_adapter
+    from emloc.lora import load_adapter
+    from emloc.models import load_model
+    by_name = {s[0]: s for s in SETTINGS}
+    settings = [("uncorrected", None, None), *(by_name[name] for name in chosen)]
+    for name, method, lam in settings:
+        if (key["task"], key["ratio"], key["steps"], key["seed"], name) in done:
+            continue
+        peft_model = load_adapter(load_model("default"), adapter_dir)
+        extra = {}
+        if method is not None:
+            report, _ = correct_adapter(peft_model, setup.factors, lam, method=method, stats=setup.stats)
+            extra = {"modules_clamped": int((report["clamped_columns"] > 0).sum()),
+                     "update_mismatch_cosine": _weighted(report, "update_mismatch_cosine"),
+                     "update_mismatch_coefficient": _weighted(report, "update_mismatch_coefficient"),
+                     "misalignment_after": float(report["misalignment_after"].mean())}
+        result = setup.evaluate(peft_model.merge_and_unload())
+        append_row(out, {**key, "setting": name, **_scores(result), **extra})
+        print(f"  {name:24s} acc={result['accuracy']:.2f}", flush=True)
+
+
+def _weighted(report, column: str) -> float:
+    """Mean over modules the emulator changed (a module with no mismatch has no coefficient)."""
+    changed = report[report["mismatch_norm"] > 0]
+    return float(changed[column].mean()) if len(changed) else 0.0
+
+
+def _scores(result: dict) -> dict:
+    return {"accuracy": result["accuracy"], "loss": result["loss"], "n": result["n"],
+            "correct": "".join("1" if c else "0" for c in result["correct"])}
+
+
+def run_sweep(args) -> None:
+    from emloc.config import LoraConfigSpec
+    from emloc.emulator import emulate
+    from emloc.lora import train_lora
+    from emloc.models import load_model
+    out = Path(args.out) / "runs.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setups: dict[tuple, TaskSetup] = {}
+    # a whole pass per training length and task: a cut-short sweep still has every seed of the first ones
+    for steps, task, ratio, seed in itertools.product(args.steps, args.tasks, args.ratios, args.seeds):
+        if (task, ratio) not in setups:
+            setups[task, ratio] = TaskSetup(task, ratio, args.n_train, args.n_test, args.n_calibration, args.max_new_tokens)
+        setup, done = setups[task, ratio], done_keys(out)
+        if (task, ratio, 0, -1, "zero_shot") not in done:
+            append_row(out, {"task": task, "ratio": ratio, "steps": 0, "seed": -1, "setting": "zero_shot",
+                             **_scores(setup.evaluate(load_model("default")))})
+        key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
+        if all((task, ratio, steps, seed, s) in done for s in ["emulator_lora", "uncorrected", *args.settings]):
+            continue
+        print(f"{task} ratio={ratio} steps={steps} seed={seed}", flush=True)
+        spec = LoraConfigSpec(steps=steps, warmup_steps=max(1, steps // 10))
+        emulator = emulate(load_model("default"), setup.factors, copy_model=False)
+        trained = train_lora(emulator, setup.train_features, spec, setup.targets, setup.tokenizer.pad_token_id,
+                             seed=seed, progress=False)
+        print(f"  trained in {trained.seconds:.0f} s, final loss {trained.history[-1][1]:.3f}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="emloc-sweep-") as folder:
+            trained.model.save_pretrained(folder)
+            if (task, ratio, steps, seed, "emulator_lora") not in done:
+                append_row(out, {**key, "setting": "emulator_lora", "train_seconds": trained.seconds,
+                                 **_scores(setup.evaluate(trained.model))})
+            del trained, emulator
+            evaluate_corrections(setup, folder, key, done, out, args.settings)
+
+
+def summarize(args) -> str:
+    import numpy as np
+    import pandas as pd
+    from emloc.stats import bootstrap_interval
+    runs = pd.read_csv(Path(args.out) / "runs.csv", dtype={"correct": str})
+    runs["items"] = runs["correct"].map(lambda s: np.array([c == "1" for c in s], dtype=float))
+    lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) | update/mismatch cos | coef |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = ["zero_shot", "emulator_lora", "uncorrected", *(n for n, _, _ in SETTINGS)]
+    for (task, ratio, steps), group in runs.groupby(["task", "ratio", "steps"], sort=True):
+        base = group[group.setting == "uncorrected"].set_index("seed")
+        for setting in [s for s in order if s in set(group.setting)]:
+            rows = group[group.setting == setting].set_index("seed").sort_index()
+            m, lo, hi = bootstrap_interval(np.stack(rows["items"].tolist()))
+            diff = ""
+            common = [s for s in rows.index if s in base.index]
+            if setting not in ("uncorrected", "zero_shot") and common:
+                d = np.stack([rows.loc[s, "items"] - base.loc[s, "items"] for s in common])
+                dm, dlo, dhi = bootstrap_interval(d)
+                diff = f"{dm:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+            cos = rows["update_mismatch_cosine"].mean() if setting.startswith(("official", "aligned", "activation")) else float("nan")
+            coef = rows["update_mismatch_coefficient"].mean() if not np.isnan(cos) else float("nan")
+            fmt = lambda v: "" if np.isnan(v) else f"{v:.1e}"
+            lines.append(f"| {task} | {ratio} | {steps} | {setting} | {len(rows)} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | {fmt(cos)} | {fmt(coef)} |")
+    table = "\n".join(lines)
+    (Path(args.out) / "summary.md").write_text(table + "\n", encoding="utf-8")
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["arithmetic", "wordfacts"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    p.add_argument("--steps", nargs="+", type=int, default=[50, 150])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--n-calibration", type=int, default=64)
+    p.add_argument("--settings", nargs="+", default=[n for n, _, _ in SETTINGS], choices=[n for n, _, _ in SETTINGS],
+                   help="correction settings to evaluate besides 'uncorrected' and 'emulator_lora'")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/correction")
+    p.add_argument("--summarize", action="store_true", help="only print and write the summary table")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    if not args.summarize:
+        start = time.perf_counter()
+        run_sweep(args)
+        print(f"sweep finished in {time.perf_counter() - start:.0f} s", flush=True)
+    print(summarize(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
