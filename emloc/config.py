@@ -17,8 +17,9 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"
-    """Built-in task generator (see ``emloc.data.TASKS``); ignored when ``path`` is given."""
+    task: str = "addition"
+    """Built-in task generator (see ``emloc.data.TASKS``: addition, arithmetic (harder: five operations),
+    wordfacts); ignored when ``path`` is given."""
     path: Optional[str] = None
     """A JSONL or CSV file with ``prompt`` and ``response`` fields (your own data)."""
     n_train: int = 1000

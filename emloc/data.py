@@ -54,6 +54,22 @@ NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", 
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards", "stamps", "cookies"]
 
 
+ADDITION_TEMPLATES = [
+    "{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+    "{name} collected {a} {item} on Monday and {b} on Tuesday. How many {item} in total?",
+    "A shelf holds {a} {item} and a box holds {b} {item}. How many {item} are there altogether?",
+    "{name} found {a} {item}, then a friend gave {name} {b} more. How many {item} does {name} have?",
+    "There are {a} red {item} and {b} blue {item}. How many {item} are there?",
+]
+
+
+def _addition_example(rng: random.Random) -> Example:
+    """Two-digit addition in several phrasings: learnable by a 135M model in ~100 LoRA steps (DESIGN §5)."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example(rng.choice(ADDITION_TEMPLATES).format(name=name, item=item, a=a, b=b), str(a + b))
+
+
 def _arithmetic_example(rng: random.Random) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(10, 99), rng.randint(10, 99)
@@ -137,6 +153,12 @@ def _first_word(text: str) -> str:
 
 
 TASKS: dict[str, Task] = {
+    "addition": Task(
+        name="addition",
+        system_prompt="Solve the word problem. Reply with the number only.",
+        generate=_addition_example,
+        normalize=_first_integer,
+    ),
     "arithmetic": Task(
         name="arithmetic",
         system_prompt="Solve the word problem. Reply with the number only.",
@@ -152,7 +174,7 @@ TASKS: dict[str, Task] = {
 }
 
 
-def make_task_data(task: str = "arithmetic", n_train: int = 1000, n_calibration: int = 64, n_test: int = 100,
+def make_task_data(task: str = "addition", n_train: int = 1000, n_calibration: int = 64, n_test: int = 100,
                    seed: int = 0) -> TaskData:
     """Seeded, disjoint train / test splits of a built-in task; calibration is a subset of train."""
     if task not in TASKS:
