@@ -6,7 +6,7 @@ import sys
 import time
 
 from emloc import io
-from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.config import EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 
 STAGES = ["run", "calibrate", "build", "train", "correct", "evaluate"]
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="your JSONL or CSV file with prompt and response fields")
         p.add_argument("--task", help="a built-in task (instead of --data)")
         p.add_argument("--ratio", type=float, help="parameter-retention ratio rho in (0, 1)")
-        p.add_argument("--method", choices=["activation_aware", "plain"], help="emulator construction")
+        p.add_argument("--method", choices=list(EMULATOR_METHODS), help="emulator construction (or a baseline)")
         p.add_argument("--lora-r", type=int, help="LoRA rank")
         p.add_argument("--lora-alpha", type=float, help="lora_alpha")
         p.add_argument("--rslora", action="store_true", default=None, help="use rsLoRA scaling")

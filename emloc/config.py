@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from emloc.errors import EmlocError
 
+EMULATOR_METHODS = ("activation_aware", "plain", "layer_drop", "prune")
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -39,7 +40,9 @@ class EmulatorConfig:
     target_modules: list = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Linear layers to compress, by name suffix (or regex when it contains regex characters)."""
     method: str = "activation_aware"
-    """'activation_aware' (whitened truncated SVD, EMLoC) or 'plain' (truncated SVD of W)."""
+    """'activation_aware' (whitened truncated SVD, EMLoC), 'plain' (truncated SVD of W), or the baselines
+    'layer_drop' (Offsite-Tuning: drop a uniform subset of middle layers) and 'prune' (LORAM-style structured
+    pruning of MLP channels and query heads); all keep about ``ratio`` of the targeted weights."""
     compute_dtype: str = "float64"
     """dtype for the decompositions; the factors are stored in the model's dtype."""
 
@@ -157,8 +160,8 @@ def validate(config: RunConfig) -> None:
     for name, ratio in [("emulator.ratio", emu.ratio), *[(f"ratio_patterns['{k}']", v) for k, v in emu.ratio_patterns.items()]]:
         if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise EmlocError(f"{name} = {ratio!r} is outside (0, 1): choose a parameter-retention ratio such as 0.5")
-    if emu.method not in ("activation_aware", "plain"):
-        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use 'activation_aware' or 'plain'")
+    if emu.method not in EMULATOR_METHODS:
+        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use one of {', '.join(EMULATOR_METHODS)}")
     if emu.compute_dtype not in ("float32", "float64"):
         raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
     if not emu.target_modules:

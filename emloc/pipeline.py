@@ -18,7 +18,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from emloc import io
+from emloc import baselines, io
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
@@ -31,7 +31,9 @@ from emloc.models import load_model, load_tokenizer, resolve_device
 
 FORMAT_VERSION = 1
 VARIANTS = ["zero_shot", "emulator_lora", "transfer_uncorrected", "transfer_corrected", "full_lora"]
-ADAPTERS = {"emulator": "emulator_lora", "original": "full_lora", "corrected": "corrected"}
+ADAPTERS = {"emulator": "emulator_lora", "original": "full_lora", "corrected": "corrected", "recovered": "recovered_lora"}
+"""``recovered``: a baseline emulator's adapter in the original shapes (layer drop / prune only)."""
+CORRECTION_SKIPPED = "correction skipped: it applies to SVD emulators only (layer_drop/prune have no W')"
 
 
 def _fingerprint_parts(config: RunConfig) -> dict[str, dict]:
@@ -140,9 +142,16 @@ class Run:
         covariances = io.read_tensors(self.dir / "calibration" / "stats.safetensors")
         return CalibrationStats(covariances, meta["input_of"], meta["token_counts"], meta["n_samples"])
 
-    def factors(self) -> EmulatorFactors:
+    @property
+    def structured(self) -> bool:
+        """True for the layer-drop and pruning baselines (no low-rank factors, no correction)."""
+        return baselines.is_structured(self.config.emulator.method)
+
+    def factors(self) -> EmulatorFactors | baselines.StructuredEmulator:
         self.require("build", "build")
         folder = self.dir / "emulator"
+        if self.structured:
+            return baselines.load_structured(folder)
         tensors = io.read_tensors(folder / "factors.safetensors")
         spectra_flat = io.read_tensors(folder / "spectra.safetensors")
         report = pd.read_csv(folder / "report.csv")
@@ -172,7 +181,10 @@ class Run:
 
     def emulator(self, factors: EmulatorFactors | None = None):
         """A fresh emulator model (original architecture with low-rank layers)."""
-        return emulate(self.fresh_model(), factors or self.factors(), copy_model=False)
+        factors = factors or self.factors()
+        if isinstance(factors, baselines.StructuredEmulator):
+            return baselines.apply_structured(self.fresh_model(), factors)
+        return emulate(self.fresh_model(), factors, copy_model=False)
 
 
 def _timed(function: Callable) -> tuple:
@@ -200,6 +212,8 @@ def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     """Stage 1b: low-rank factors, spectra and the per-layer report."""
     stats = stats or run.stats()
     run.save_config()
+    if run.structured:
+        return _build_structured(run, stats)
     factors, seconds = _timed(lambda: build_factors(run.model, stats, run.config.emulator, progress=run.progress))
     folder = run.dir / "emulator"
     io.write_tensors(folder / "factors.safetensors", {f"{n}.{k}": t for n in factors.u for k, t in
@@ -212,6 +226,15 @@ def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     run.finish("build", seconds, method=factors.method, params_original=params_original,
                params_emulator=params_original - saved)
     return factors
+
+
+def _build_structured(run: Run, stats: CalibrationStats) -> baselines.StructuredEmulator:
+    emulator, seconds = _timed(lambda: baselines.build_structured(run.model, stats, run.config.emulator))
+    baselines.save_structured(emulator, run.dir / "emulator")
+    params_emulator = count_parameters(baselines.apply_structured(run.fresh_model(), emulator))
+    run.finish("build", seconds, method=emulator.method, params_original=count_parameters(run.model),
+               params_emulator=params_emulator)
+    return emulator
 
 
 def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None) -> dict:
@@ -228,9 +251,20 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
                "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model)}
+    if which == "emulator" and run.structured:
+        _save_recovered(run, result.model)
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
     run.finish(stage, result.seconds)
     return summary
+
+
+def _save_recovered(run: Run, trained) -> None:
+    """The baseline's adapter zero filled / completed to the original model's shapes and keys."""
+    cfg = run.config
+    recovered = baselines.recover_adapter(trained, run.fresh_model(), cfg.lora, cfg.emulator.target_modules,
+                                          cfg.seed, run.factors())
+    with io.atomic_dir(run.adapter_dir("recovered")) as tmp:
+        recovered.save_pretrained(tmp)
 
 
 def _trainable(model) -> int:
@@ -240,8 +274,11 @@ def _trainable(model) -> int:
 def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     """Stage 3: correct the emulator-trained adapter for the original model; save it as a peft folder."""
     run.require("train_emulator", "train")
-    factors = factors or run.factors()
     run.save_config()
+    if run.structured:
+        run.finish("correct", 0.0, skipped=CORRECTION_SKIPPED)
+        return pd.DataFrame()
+    factors = factors or run.factors()
     start = time.perf_counter()
     peft_model = load_adapter(run.fresh_model(), run.adapter_dir("emulator"))
     report, tensors = correct_adapter(peft_model, factors, run.config.correction.clamp)
@@ -271,7 +308,7 @@ def variant_loaders(run: Run, factors: EmulatorFactors) -> dict[str, Callable]:
     return {
         "zero_shot": lambda: run.model,
         "emulator_lora": lambda: load_adapter(run.emulator(factors), run.adapter_dir("emulator")),
-        "transfer_uncorrected": original("emulator"),
+        "transfer_uncorrected": original("recovered" if run.structured else "emulator"),
         "transfer_corrected": original("corrected"),
         "full_lora": original("original"),
     }
@@ -285,6 +322,8 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     needs = {"emulator_lora": "train_emulator", "transfer_uncorrected": "train_emulator",
              "transfer_corrected": "correct", "full_lora": "train_original"}
     chosen = variants or [v for v in VARIANTS if v not in needs or run.is_done(needs[v])]
+    if run.structured:
+        chosen = [v for v in chosen if v != "transfer_corrected"]
     run.save_config()
     cfg = run.config
     start = time.perf_counter()
@@ -299,6 +338,7 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
         "parameters": {"original": build_manifest["params_original"], "emulator": build_manifest["params_emulator"]},
         "config": cfg.to_dict(),
         "stage_seconds": run.stage_seconds(),
+        "notes": [CORRECTION_SKIPPED] if run.structured else [],
     }
     io.write_json(run.dir / "results.json", results)
     return results
