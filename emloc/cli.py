@@ -42,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
                            help="train LoRA on the emulator, the original model, or both")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage")
+    sweep = sub.add_parser("sweep", help="a grid of runs with bootstrap tables (see emloc.sweeps)")
+    sweep.add_argument("--grid", required=True, help="YAML file with base, grid and optional variants")
+    sweep.add_argument("--out", required=True, help="sweep directory: one run directory per point (resumable)")
+    sweep.add_argument("--tables", help="where to write the CSV/Markdown tables and figure (default OUT/tables)")
+    sweep.add_argument("--tables-only", action="store_true", help="only recompute the tables from finished points")
     return main
 
 
@@ -85,6 +90,8 @@ def _drop_none(tree: dict) -> dict:
 def execute(args: argparse.Namespace) -> int:
     from emloc import pipeline  # heavy imports only after the arguments parse
 
+    if args.command == "sweep":
+        return execute_sweep(args)
     run = pipeline.Run(args.out, config_from_args(args))
     start = time.perf_counter()
     if args.command == "run":
@@ -105,6 +112,19 @@ def execute(args: argparse.Namespace) -> int:
         print(pipeline.results_table(results).to_string(float_format=lambda x: f"{x:.3f}"))
         print("stage seconds:", results["stage_seconds"])
     print(f"{args.command} finished in {time.perf_counter() - start:.1f} s; artifacts in {run.dir}")
+    return 0
+
+
+def execute_sweep(args: argparse.Namespace) -> int:
+    from emloc import sweeps
+    spec = sweeps.load_spec(args.grid)
+    start = time.perf_counter()
+    if not args.tables_only:
+        sweeps.run_sweep(spec, args.out, on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True))
+    tables = sweeps.write_tables(args.out, args.tables)
+    print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"sweep finished in {time.perf_counter() - start:.1f} s; runs in {args.out}")
     return 0
 
 
