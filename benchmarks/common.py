@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from emloc import pipeline
+from emloc import pipeline, sweeps
 from emloc.config import RunConfig
 
 OUT = Path(os.environ.get("EMLOC_BENCH_OUT", "benchmarks/out"))
@@ -20,6 +20,8 @@ def prepared_run(stages=("calibrate", "build"), ratio: float = 0.5) -> pipeline.
     """The benchmark run directory with the given stages finished (reused when already done)."""
     config = RunConfig.from_dict({**BENCH_CONFIG, "emulator": {"ratio": ratio}})
     run = pipeline.Run(OUT / f"bench_run_ratio{ratio}", config, progress=False)
+    sweep_points = sorted((OUT / "sweep_reduced" / "points").glob("*"))  # same stats when the sweep ran first
+    sweeps.adopt_finished_stages(run, [pipeline.Run(p, progress=False) for p in sweep_points])
     for stage in stages:
         if not run.is_done(stage):
             getattr(pipeline, stage)(run)

@@ -123,3 +123,49 @@ def ledgers(names: list[str], settings_by_name: dict[str, LedgerSettings]) -> pd
     frames = [ledger(model_config(n), settings_by_name[n]).reset_index().assign(model=n) for n in names]
     table = pd.concat(frames, ignore_index=True)
     return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
+def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote_code: bool = False):
+    """The emulator built without ever holding the original model's targeted weights in memory.
+
+    The architecture is made on the meta device, each factored linear becomes a ``LowRankLinear``
+    from ``factors``, and only the remaining tensors are read from the safetensors files. This is how
+    LoRA on the emulator stays within the inference memory budget (the usual ``emulate(load_model())``
+    holds the original first).
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from emloc.emulator import LowRankLinear
+    from emloc.errors import EmlocError
+    from emloc.models import resolve_dtype, resolve_model_path
+    path = Path(resolve_model_path(model))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EmlocError(f"{model} has no safetensors files: the lean emulator loader reads safetensors only")
+    torch_dtype = resolve_dtype(dtype)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    emulator = meta_model(config)
+    for name in factors.u:
+        parent_name, _, child = name.rpartition(".")
+        parent = emulator.get_submodule(parent_name)
+        has_bias = getattr(parent, child).bias is not None
+        bias = torch.empty(factors.u[name].shape[0], dtype=torch_dtype) if has_bias else None  # filled from the file
+        setattr(parent, child, LowRankLinear(factors.u[name].to(torch_dtype), factors.v[name].to(torch_dtype), bias))
+    skip = {f"{name}.weight" for name in factors.u}
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            state.update({key: handle.get_tensor(key).to(torch_dtype) for key in handle.keys() if key not in skip})
+    state = {(k[: -len(".bias")] + ".up.bias" if k[: -len(".bias")] in factors.u else k): t for k, t in state.items()}
+    emulator.load_state_dict(state, strict=False, assign=True)
+    emulator.tie_weights()
+    for module_name, module in list(emulator.named_modules()):  # non-persistent buffers (rotary) were made on meta
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child, type(module)(config=config))
+    left = [n for n, t in [*emulator.named_parameters(), *emulator.named_buffers()] if t.is_meta]
+    if left:
+        raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: use Run.emulator() for this model")
+    return emulator.eval()
