@@ -20,7 +20,7 @@ def prepared_run(stages=("calibrate", "build"), ratio: float = 0.5) -> pipeline.
     """The benchmark run directory with the given stages finished (reused when already done)."""
     config = RunConfig.from_dict({**BENCH_CONFIG, "emulator": {"ratio": ratio}})
     run = pipeline.Run(OUT / f"bench_run_ratio{ratio}", config, progress=False)
-    sweep_points = sorted((OUT / "sweep_reduced" / "points").glob("*"))  # same stats when the sweep ran first
+    sweep_points = sorted(OUT.glob("*/points/*"))  # any sweep point with the same fingerprints donates its stages
     sweeps.adopt_finished_stages(run, [pipeline.Run(p, progress=False) for p in sweep_points])
     for stage in stages:
         if not run.is_done(stage):
