@@ -54,7 +54,6 @@ def child(stage: str, steps: int) -> dict:
     torch.set_num_threads(1)
     run = prepared_run(())  # artifacts were prepared by the parent; nothing is computed here
     cfg = run.config
-    factors = run.factors() if stage in ("lora_emulator", "correction") else None
     baseline = rss_mb()
     if stage == "inference_original":
         from emloc.data import TaskData
@@ -68,11 +67,11 @@ def child(stage: str, steps: int) -> dict:
         from emloc.emulator import build_factors
         build_factors(run.fresh_model(), run.stats(), cfg.emulator, progress=False)
     elif stage == "lora_emulator":
-        lora_steps(load_emulator_lean(cfg.model, factors, cfg.dtype), run, steps)
+        lora_steps(load_emulator_lean(cfg.model, run.factors(), cfg.dtype), run, steps)
     elif stage == "correction":
         from emloc.correction import correct_adapter
         from emloc.lora import load_adapter
-        correct_adapter(load_adapter(run.fresh_model(), run.adapter_dir("emulator")), factors, cfg.correction.clamp)
+        correct_adapter(load_adapter(run.fresh_model(), run.adapter_dir("emulator")), run.factors(), cfg.correction.clamp)
     result = {"stage": stage, "peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline}
     result["above_import_mb"] = result["peak_rss_mb"] - baseline
     if torch.cuda.is_available():
@@ -84,18 +83,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="re-measure these stages, keep the others from memory.json")
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(child(args.stage, args.steps)))
         return
     from common import RESULTS, prepared_run
     prepared_run(("calibrate", "build", "train_emulator"))
-    rows = []
-    for stage in STAGES:
+    stored = RESULTS / "memory.json"
+    kept = json.loads(stored.read_text())["stages"] if args.only and stored.exists() else []
+    rows = [r for r in kept if r["stage"] not in (args.only or STAGES)]
+    for stage in args.only or STAGES:
         output = subprocess.run([sys.executable, __file__, "--stage", stage, "--steps", str(args.steps)], check=True,
                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{stage}: peak {rows[-1]['peak_rss_mb']:.0f} MB ({rows[-1]['above_import_mb']:.0f} MB above import)", flush=True)
+    rows.sort(key=lambda r: STAGES.index(r["stage"]))
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
     summary = {"stages": rows, "lora_emulator_over_inference_original": peaks["lora_emulator"] / peaks["inference_original"],
                "lora_emulator_over_lora_original": peaks["lora_emulator"] / peaks["lora_original"]}

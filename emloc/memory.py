@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from emloc.calibration import target_linears
@@ -151,8 +152,12 @@ def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote
         parent_name, _, child = name.rpartition(".")
         parent = emulator.get_submodule(parent_name)
         has_bias = getattr(parent, child).bias is not None
-        bias = torch.empty(factors.u[name].shape[0], dtype=torch_dtype) if has_bias else None  # filled from the file
-        setattr(parent, child, LowRankLinear(factors.u[name].to(torch_dtype), factors.v[name].to(torch_dtype), bias))
+        u, v = factors.u[name].to(torch_dtype), factors.v[name].to(torch_dtype)
+        shaped = lambda t: torch.empty(t.shape, dtype=torch_dtype, device="meta")
+        low_rank = LowRankLinear(shaped(u), shaped(v), shaped(u[:, 0]) if has_bias else None)
+        # use the factor tensors themselves: a copy would hold the emulator twice at the peak
+        low_rank.up.weight, low_rank.down.weight = nn.Parameter(u), nn.Parameter(v)
+        setattr(parent, child, low_rank)
     skip = {f"{name}.weight" for name in factors.u}
     state = {}
     for file in files:
