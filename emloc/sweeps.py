@@ -253,6 +253,31 @@ def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confiden
     return pd.DataFrame(rows)
 
 
+def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
+    """Mean response-token loss per (axes, variant) over seeds, and the share of the zero-shot -> LoRA
+    loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
+    only the mean loss per variant is stored)."""
+    out = Path(out)
+    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
+    rows = []
+    for point in expand_grid(spec.grid):
+        path = out / "points" / point_name(point) / "point.json"
+        if path.exists():
+            rows += [{**point, "variant": v, "loss": rec["loss"]} for v, rec in io.read_json(path)["variants"].items()]
+    if not rows:
+        return pd.DataFrame(columns=[*axes, "variant", "loss", "seeds", "loss_gap_closed"])
+    frame = pd.DataFrame(rows)
+    keys = [*axes, "variant"]
+    table = frame.groupby(keys, sort=False).agg(loss=("loss", "mean"), seeds=("seed", "nunique")).reset_index()
+    reference = table.set_index(keys)["loss"]
+    def closed(row):
+        base = tuple(row[a] for a in axes)
+        zero, full = reference.get((*base, "zero_shot")), reference.get((*base, "full_lora"))
+        return (zero - row["loss"]) / (zero - full) if zero is not None and full is not None and zero != full else float("nan")
+    table["loss_gap_closed"] = table.apply(closed, axis=1)
+    return table
+
+
 def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accuracy (95% bootstrap interval)"):
     """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
     import plotly.graph_objects as go
@@ -273,7 +298,7 @@ def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[
     target = Path(tables_dir) if tables_dir else out / "tables"
     items = items_table(out)
     tables = {"items": items, "summary": summary_table(items, spec.axes, spec.n_boot, spec.confidence),
-              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence)}
+              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence), "loss": loss_table(out, spec.axes)}
     for name, table in tables.items():
         with io.atomic_path(target / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False)

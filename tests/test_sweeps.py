@@ -67,6 +67,8 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     assert zero.nunique() == 1  # the same zero-shot items for both methods
     assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
+    loss = sweeps.pd.read_csv(tables / "loss.csv").set_index(["emulator.method", "variant"])
+    assert loss.loc[("plain", "zero_shot"), "loss_gap_closed"] == 0 and loss.loc[("plain", "full_lora"), "loss_gap_closed"] == 1
     # a second sweep resumes: no stage is redone
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("manifests/*.json")}
     assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables)]) == 0
