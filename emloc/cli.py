@@ -6,7 +6,7 @@ import sys
 import time
 
 from emloc import io
-from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.config import EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 
 STAGES = ["run", "calibrate", "build", "train", "correct", "evaluate"]
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="your JSONL or CSV file with prompt and response fields")
         p.add_argument("--task", help="a built-in task (instead of --data)")
         p.add_argument("--ratio", type=float, help="parameter-retention ratio rho in (0, 1)")
-        p.add_argument("--method", choices=["activation_aware", "plain"], help="emulator construction")
+        p.add_argument("--method", choices=list(EMULATOR_METHODS), help="emulator construction (or a baseline)")
         p.add_argument("--lora-r", type=int, help="LoRA rank")
         p.add_argument("--lora-alpha", type=float, help="lora_alpha")
         p.add_argument("--rslora", action="store_true", default=None, help="use rsLoRA scaling")
@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
                                 "(for models too large for memory)")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage")
+    sweep = sub.add_parser("sweep", help="a grid of runs with bootstrap tables (see emloc.sweeps)")
+    sweep.add_argument("--grid", required=True, help="YAML file with base, grid and optional variants")
+    sweep.add_argument("--out", required=True, help="sweep directory: one run directory per point (resumable)")
+    sweep.add_argument("--tables", help="where to write the CSV/Markdown tables and figure (default OUT/tables)")
+    sweep.add_argument("--tables-only", action="store_true", help="only recompute the tables from finished points")
     return main
 
 
@@ -98,6 +103,8 @@ def _drop_none(tree: dict) -> dict:
 def execute(args: argparse.Namespace) -> int:
     from emloc import pipeline  # heavy imports only after the arguments parse
 
+    if args.command == "sweep":
+        return execute_sweep(args)
     run = pipeline.Run(args.out, config_from_args(args))
     start = time.perf_counter()
     if args.command == "run":
@@ -139,6 +146,20 @@ def _train(run, which: str, processes: int) -> None:
         train_distributed(run.dir, which, processes)
     else:
         pipeline.train(run, which)
+
+
+def execute_sweep(args: argparse.Namespace) -> int:
+    from emloc import sweeps
+    spec = sweeps.load_spec(args.grid)
+    start = time.perf_counter()
+    if not args.tables_only:
+        sweeps.run_sweep(spec, args.out, on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True))
+    tables = sweeps.write_tables(args.out, args.tables)
+    print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(tables["loss"].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"sweep finished in {time.perf_counter() - start:.1f} s; runs in {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

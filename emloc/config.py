@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from emloc.errors import EmlocError
 
+EMULATOR_METHODS = ("activation_aware", "plain", "layer_drop", "prune")
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -41,7 +42,9 @@ class EmulatorConfig:
     target_modules: list = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Linear layers to compress, by name suffix (or regex when it contains regex characters)."""
     method: str = "activation_aware"
-    """'activation_aware' (whitened truncated SVD, EMLoC) or 'plain' (truncated SVD of W)."""
+    """'activation_aware' (whitened truncated SVD, EMLoC), 'plain' (truncated SVD of W), or the baselines
+    'layer_drop' (Offsite-Tuning: drop a uniform subset of middle layers) and 'prune' (LORAM-style structured
+    pruning of MLP channels and query heads); all keep about ``ratio`` of the targeted weights."""
     compute_dtype: str = "float64"
     """dtype for the decompositions; the factors are stored in the model's dtype."""
 
@@ -168,8 +171,8 @@ def validate(config: RunConfig) -> None:
             re.compile(pattern)
         except (re.error, TypeError):
             raise EmlocError(f"module pattern {pattern!r} is not a valid regex: fix it or use a plain name like q_proj") from None
-    if emu.method not in ("activation_aware", "plain"):
-        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use 'activation_aware' or 'plain'")
+    if emu.method not in EMULATOR_METHODS:
+        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use one of {', '.join(EMULATOR_METHODS)}")
     if emu.compute_dtype not in ("float32", "float64"):
         raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
     if not emu.target_modules:

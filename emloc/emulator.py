@@ -16,7 +16,8 @@ from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig
 from emloc.errors import EmlocError
 from emloc.lowrank import (break_even_rank, calibration_error, plain_truncation, rank_from_ratio,
-                           relative_error_curve, whitened_basis, whitened_basis_from_gram, whitening_factor,
+                           relative_error_curve, whitened_basis, whitened_basis_from_gram,
+                           whitened_basis_from_right_gram, whitening_factor,
                            project_onto_basis)
 
 
@@ -83,10 +84,11 @@ def _factorise(W: torch.Tensor, C: torch.Tensor, S_cache: dict, leader: str, r: 
         u, v, _ = plain_truncation(W, r)
         sigma = (whitened_basis_from_gram(W, C) if W.shape[0] < W.shape[1] else whitened_basis(W, _S(C, S_cache, leader)))[1]
         return u, v, sigma
-    if W.shape[0] < W.shape[1]:
+    # eigh on the smaller side of W S: (out x out) from C directly, or (in x in) through the shared S
+    if W.shape[0] <= W.shape[1]:
         U, sigma = whitened_basis_from_gram(W, C)
     else:
-        U, sigma = whitened_basis(W, _S(C, S_cache, leader))
+        U, sigma = whitened_basis_from_right_gram(W, _S(C, S_cache, leader), r)
     u, v = project_onto_basis(W, U, r)
     return u, v, sigma
 

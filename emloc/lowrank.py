@@ -43,6 +43,22 @@ def whitened_basis_from_gram(W: torch.Tensor, C: torch.Tensor) -> tuple[torch.Te
     return eigenvectors[:, order], eigenvalues[order].clamp_min(0).sqrt()
 
 
+def whitened_basis_from_right_gram(W: torch.Tensor, S: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` left singular vectors ``U_r`` (``out x r``) and all singular values of ``W S`` via
+    ``eigh(G)``, ``G = (W S)^T (W S)`` (``in x in``): ``U_r = W S V_r / sigma_r``. Cheaper than the SVD
+    when ``out > in``; falls back to the SVD when ``sigma_r`` is too small for the division to be accurate.
+    """
+    WS = W @ S
+    G = WS.T @ WS
+    eigenvalues, V = torch.linalg.eigh((G + G.T) / 2)
+    order = torch.argsort(eigenvalues, descending=True)
+    sigma = eigenvalues[order].clamp_min(0).sqrt()
+    if r > len(sigma) or sigma[r - 1] <= 100 * torch.finfo(W.dtype).eps ** 0.5 * sigma[0]:
+        U, sigma = whitened_basis(W, S)
+        return U[:, :r], sigma
+    return WS @ V[:, order[:r]] / sigma[:r], sigma
+
+
 def project_onto_basis(W: torch.Tensor, U: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to the top-``r`` columns of ``U``: ``u = U_r`` (``out x r``), ``v = U_r^T W`` (``r x in``).
 

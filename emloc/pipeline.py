@@ -19,7 +19,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from emloc import io
+from emloc import baselines, io
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
@@ -32,7 +32,9 @@ from emloc.models import load_model, load_tokenizer, resolve_device
 
 FORMAT_VERSION = 1
 VARIANTS = ["zero_shot", "emulator_lora", "transfer_uncorrected", "transfer_corrected", "full_lora"]
-ADAPTERS = {"emulator": "emulator_lora", "original": "full_lora", "corrected": "corrected"}
+ADAPTERS = {"emulator": "emulator_lora", "original": "full_lora", "corrected": "corrected", "recovered": "recovered_lora"}
+"""``recovered``: a baseline emulator's adapter in the original shapes (layer drop / prune only)."""
+CORRECTION_SKIPPED = "correction skipped: it applies to SVD emulators only (layer_drop/prune have no W')"
 PROVENANCE = "emloc_provenance.json"
 ADAPTER_STAGES = {"train_emulator": "emulator", "train_original": "original", "correct": "corrected"}
 
@@ -139,7 +141,7 @@ class Run:
 
     def adapter_matches(self, which: str) -> bool:
         """Whether the adapter folder is the one this run's ``train`` stage wrote (not copied from another run)."""
-        stage = "train_emulator" if which in ("emulator", "corrected") else "train_original"
+        stage = "train_original" if which == "original" else "train_emulator"
         path = self.adapter_dir(which) / PROVENANCE
         try:
             recorded = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
@@ -169,9 +171,16 @@ class Run:
         covariances = io.read_tensors(self.dir / "calibration" / "stats.safetensors")
         return CalibrationStats(covariances, meta["input_of"], meta["token_counts"], meta["n_samples"])
 
-    def factors(self) -> EmulatorFactors:
+    @property
+    def structured(self) -> bool:
+        """True for the layer-drop and pruning baselines (no low-rank factors, no correction)."""
+        return baselines.is_structured(self.config.emulator.method)
+
+    def factors(self) -> EmulatorFactors | baselines.StructuredEmulator:
         self.require("build", "build")
         folder = self.dir / "emulator"
+        if self.structured:
+            return baselines.load_structured(folder)
         tensors = io.read_tensors(folder / "factors.safetensors")
         spectra_flat = io.read_tensors(folder / "spectra.safetensors")
         report = io.read_csv(folder / "report.csv")
@@ -204,7 +213,10 @@ class Run:
 
     def emulator(self, factors: EmulatorFactors | None = None):
         """A fresh emulator model (original architecture with low-rank layers)."""
-        return emulate(self.fresh_model(), factors or self.factors(), copy_model=False)
+        factors = factors or self.factors()
+        if isinstance(factors, baselines.StructuredEmulator):
+            return baselines.apply_structured(self.fresh_model(), factors)
+        return emulate(self.fresh_model(), factors, copy_model=False)
 
 
 def _timed(function: Callable) -> tuple:
@@ -240,6 +252,8 @@ def build(run: Run, stats: CalibrationStats | None = None) -> EmulatorFactors:
     stats = stats or run.stats()
     run.begin("build")
     run.save_config()
+    if run.structured:
+        return _build_structured(run, stats)
     factors, seconds = _timed(lambda: build_factors(run.model, stats, run.config.emulator, progress=run.progress))
     save_emulator(run, lambda path: io.write_tensors(path, factor_tensors(factors.u, factors.v)), factors.spectra,
                   factors.report, factors.method, count_parameters(run.model), seconds)
@@ -261,6 +275,15 @@ def save_emulator(run: Run, write_factors: Callable[[Path], None], spectra: dict
     saved = int((report["params_before"] - report["params_after"]).sum())
     run.finish("build", seconds, method=method, params_original=params_original,
                params_emulator=params_original - saved)
+
+
+def _build_structured(run: Run, stats: CalibrationStats) -> baselines.StructuredEmulator:
+    emulator, seconds = _timed(lambda: baselines.build_structured(run.model, stats, run.config.emulator))
+    baselines.save_structured(emulator, run.dir / "emulator")
+    params_emulator = count_parameters(baselines.apply_structured(run.fresh_model(), emulator))
+    run.finish("build", seconds, method=emulator.method, params_original=count_parameters(run.model),
+               params_emulator=params_emulator)
+    return emulator
 
 
 def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None) -> dict:
@@ -290,6 +313,8 @@ def save_training(run: Run, which: str, result, **extra) -> dict:
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
                "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model), **extra}
+    if which == "emulator" and run.structured:
+        _save_recovered(run, result.model)
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
     run.finish(f"train_{which}", result.seconds, **extra)
     return summary
@@ -303,6 +328,16 @@ def check_finite_losses(history: list, which: str) -> None:
                              f"lower lora.learning_rate or check the data")
 
 
+def _save_recovered(run: Run, trained) -> None:
+    """The baseline's adapter zero filled / completed to the original model's shapes and keys."""
+    cfg = run.config
+    recovered = baselines.recover_adapter(trained, run.fresh_model(), cfg.lora, cfg.emulator.target_modules,
+                                          cfg.seed, run.factors())
+    with io.atomic_dir(run.adapter_dir("recovered")) as tmp:
+        recovered.save_pretrained(tmp)
+        io.write_json(tmp / PROVENANCE, {"stage": "train_emulator", "fingerprint": fingerprint(cfg, "train_emulator")})
+
+
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -311,9 +346,12 @@ def correct(run: Run, factors: EmulatorFactors | None = None) -> pd.DataFrame:
     """Stage 3: correct the emulator-trained adapter for the original model; save it as a peft folder."""
     run.require("train_emulator", "train")
     run.check_adapter("emulator")
-    factors = factors or run.factors()
     run.begin("correct")
     run.save_config()
+    if run.structured:
+        run.finish("correct", 0.0, skipped=CORRECTION_SKIPPED)
+        return pd.DataFrame()
+    factors = factors or run.factors()
     start = time.perf_counter()
     peft_model = load_adapter(run.fresh_model(), run.adapter_dir("emulator"))
     method = run.config.correction.method
@@ -346,7 +384,7 @@ def variant_loaders(run: Run, factors: EmulatorFactors) -> dict[str, Callable]:
     return {
         "zero_shot": lambda: run.model,
         "emulator_lora": lambda: load_adapter(run.emulator(factors), run.adapter_dir("emulator")),
-        "transfer_uncorrected": original("emulator"),
+        "transfer_uncorrected": original("recovered" if run.structured else "emulator"),
         "transfer_corrected": original("corrected"),
         "full_lora": original("original"),
     }
@@ -364,6 +402,8 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     needs = {"emulator_lora": "train_emulator", "transfer_uncorrected": "train_emulator",
              "transfer_corrected": "correct", "full_lora": "train_original"}
     chosen = variants or [v for v in VARIANTS if v not in needs or run.is_done(needs[v])]
+    if run.structured:
+        chosen = [v for v in chosen if v != "transfer_corrected"]
     for variant in chosen:
         if variant in ADAPTER_OF:
             run.check_adapter(ADAPTER_OF[variant])
@@ -381,6 +421,7 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
         "parameters": {"original": build_manifest["params_original"], "emulator": build_manifest["params_emulator"]},
         "config": cfg.to_dict(),
         "stage_seconds": run.stage_seconds() | {"evaluate": round(seconds, 2)},
+        "notes": [CORRECTION_SKIPPED] if run.structured else [],
     }
     io.write_json(run.dir / "results.json", results)  # before the manifest: a finished manifest implies its results
     run.finish("evaluate", seconds)

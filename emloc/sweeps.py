@@ -1,0 +1,310 @@
+"""Sweeps: a grid of run configs -> one run directory per point -> tables with bootstrap intervals.
+
+A grid file (YAML)::
+
+    base: {preset: quick, data: {n_test: 60}}      # RunConfig overrides shared by every point
+    grid:                                           # dotted RunConfig keys -> values (all combinations)
+      emulator.method: [activation_aware, plain, layer_drop, prune]
+      emulator.ratio: [0.5]
+      seed: [0, 1, 2]
+    variants: [zero_shot, emulator_lora, transfer_uncorrected, transfer_corrected, full_lora]
+
+Points that share a stage's inputs share its work: a finished stage with the same fingerprint in
+another point is hard-linked, not recomputed (e.g. ``train_original`` once per seed), and a variant
+already evaluated with the same inputs is reused. Each point keeps ``point.json`` with per-item
+correctness, so tables can bootstrap over test items and seeds.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from emloc import io
+from emloc.bootstrap import bootstrap_ci, gap_closed
+from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.errors import EmlocError
+
+STAGE_PATHS = {
+    "calibrate": ["calibration"],
+    "build": ["emulator"],
+    "train_emulator": ["adapters/emulator_lora", "adapters/recovered_lora", "training/emulator_lora.json"],
+    "train_original": ["adapters/full_lora", "training/full_lora.json"],
+    "correct": ["adapters/corrected", "correction"],
+}
+VARIANT_STAGE = {"zero_shot": "calibrate", "emulator_lora": "train_emulator", "transfer_uncorrected": "train_emulator",
+                 "transfer_corrected": "correct", "full_lora": "train_original"}
+"""The stage whose fingerprint fixes a variant's result (with the evaluation settings)."""
+GAP_VARIANTS = ["emulator_lora", "transfer_uncorrected", "transfer_corrected"]
+
+
+@dataclass
+class SweepSpec:
+    base: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    variants: list = field(default_factory=lambda: list(VARIANT_STAGE))
+    n_boot: int = 2000
+    confidence: float = 0.95
+
+    @property
+    def axes(self) -> list[str]:
+        """Grid keys other than the seed: the columns a table groups by."""
+        return [k for k in self.grid if k != "seed"]
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    raw = io.read_yaml(path)
+    return spec_from_dict(raw, str(path))
+
+
+def spec_from_dict(raw: dict, where: str = "grid") -> SweepSpec:
+    if not isinstance(raw, dict) or not isinstance(raw.get("grid", {}), dict):
+        raise EmlocError(f"{where} must be a mapping with 'base', 'grid' and optional 'variants': see emloc.sweeps")
+    unknown = sorted(set(raw) - {"base", "grid", "variants", "n_boot", "confidence"})
+    if unknown:
+        raise EmlocError(f"unknown key {unknown[0]!r} in {where}: use base, grid, variants, n_boot, confidence")
+    spec = SweepSpec(**raw)
+    bad = [v for v in spec.variants if v not in VARIANT_STAGE]
+    if bad:
+        raise EmlocError(f"unknown variant {bad[0]!r} in {where}: choose from {', '.join(VARIANT_STAGE)}")
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise EmlocError(f"grid key {key!r} in {where} needs a non-empty list of values")
+    for point in expand_grid(spec.grid):
+        point_config(spec, point)  # validates every point before any work starts
+    return spec
+
+
+def expand_grid(grid: dict) -> list[dict]:
+    """All combinations, seeds outermost so that whole seeds finish first."""
+    keys = sorted(grid, key=lambda k: k != "seed")
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _nested(dotted: str, value) -> dict:
+    head, _, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def point_config(spec: SweepSpec, point: dict) -> RunConfig:
+    base = dict(spec.base)
+    preset = base.pop("preset", None)
+    raw = merge_dicts(PRESETS[preset], base) if preset else base
+    for key, value in point.items():
+        raw = merge_dicts(raw, _nested(key, value))
+    return RunConfig.from_dict(raw)
+
+
+def point_name(point: dict) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()).replace("/", "_")
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+def _link(source: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=os.link)
+    else:
+        os.link(source, target)
+
+
+def adopt_finished_stages(run, donors: list) -> list[str]:
+    """Hard-link stages that another run finished with the same fingerprint; returns the adopted stages."""
+    from emloc.pipeline import fingerprint
+    adopted = []
+    for stage, paths in STAGE_PATHS.items():
+        if run.is_done(stage):
+            continue
+        wanted = fingerprint(run.config, stage)
+        donor = next((d for d in donors if d.dir != run.dir and d.manifest_path(stage).exists()
+                      and io.read_json(d.manifest_path(stage)).get("fingerprint") == wanted), None)
+        if donor is None:
+            continue
+        for relative in paths:
+            if (donor.dir / relative).exists():
+                _link(donor.dir / relative, run.dir / relative)
+        _link(donor.manifest_path(stage), run.manifest_path(stage))
+        adopted.append(stage)
+    return adopted
+
+
+def variant_key(config: RunConfig, variant: str) -> str:
+    from emloc.pipeline import fingerprint
+    return f"{fingerprint(config, VARIANT_STAGE[variant])}:{sorted(config.evaluation.__dict__.items())}"
+
+
+def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
+    """All stages a point needs (adopting shared ones), then the variants not evaluated before."""
+    from emloc import pipeline
+    adopt_finished_stages(run, donors)
+    steps = [("calibrate", pipeline.calibrate), ("build", pipeline.build),
+             ("train_emulator", lambda r: pipeline.train(r, "emulator"))]
+    if "full_lora" in spec.variants:
+        steps.append(("train_original", lambda r: pipeline.train(r, "original")))
+    if "transfer_corrected" in spec.variants:
+        steps.append(("correct", pipeline.correct))
+    for stage, step in steps:
+        if not run.is_done(stage):
+            step(run)
+    wanted = [v for v in spec.variants if not (v == "transfer_corrected" and run.structured)]
+    record = _read_point(run) or {"variants": {}}
+    keys = {v: variant_key(run.config, v) for v in wanted}
+    for v in wanted:
+        if record["variants"].get(v, {}).get("key") != keys[v] and keys[v] in cache:
+            record["variants"][v] = cache[keys[v]]
+    missing = [v for v in wanted if record["variants"].get(v, {}).get("key") != keys[v]]
+    if missing:
+        results = pipeline.evaluate(run, missing)
+        for v in missing:
+            correct = [run.data.is_correct(p, e) for p, e in zip(results["predictions"][v], run.data.test)]
+            record["variants"][v] = {"key": keys[v], **{k: results["variants"][v][k] for k in ("accuracy", "loss", "n")},
+                                     "correct": [int(c) for c in correct]}
+    record["notes"] = [pipeline.CORRECTION_SKIPPED] if run.structured else []
+    io.write_json(run.dir / "point.json", record)
+    for v in wanted:
+        cache[keys[v]] = record["variants"][v]
+    return record
+
+
+def _read_point(run) -> dict | None:
+    path = run.dir / "point.json"
+    return io.read_json(path) if path.exists() else None
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
+              on_point: Callable[[int, int, dict], None] | None = None) -> pd.DataFrame:
+    """Run (or resume) every point of ``spec`` under ``out``; returns the per-item table."""
+    from emloc import pipeline
+    out = Path(out)
+    io.write_yaml(out / "grid.yaml", spec.__dict__)
+    points = expand_grid(spec.grid)
+    runs = [pipeline.Run(out / "points" / point_name(p), point_config(spec, p), progress=progress) for p in points]
+    cache = {}
+    for run in runs:  # variants finished by an earlier (interrupted) sweep
+        for v, rec in ((_read_point(run) or {}).get("variants", {})).items():
+            cache.setdefault(rec["key"], rec)
+    for i, (point, run) in enumerate(zip(points, runs)):
+        if on_point:
+            on_point(i, len(points), point)
+        run_point(run, spec, runs, cache)
+    return items_table(out)
+
+
+# ---- tables and figures ---------------------------------------------------------------------------
+
+def items_table(out: str | Path) -> pd.DataFrame:
+    """Long table: one row per (point, variant, test item) with the grid values and ``correct``."""
+    out = Path(out)
+    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
+    frames = []
+    for point in expand_grid(spec.grid):
+        path = out / "points" / point_name(point) / "point.json"
+        if not path.exists():
+            continue
+        for variant, rec in io.read_json(path)["variants"].items():
+            frames.append(pd.DataFrame({**point, "variant": variant, "item": range(len(rec["correct"])),
+                                        "correct": rec["correct"]}))
+    if not frames:
+        return pd.DataFrame(columns=[*spec.grid, "variant", "item", "correct"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _groups(items: pd.DataFrame, variants: list[str]) -> list[np.ndarray]:
+    """Per seed, a ``(len(variants), n_items)`` array; seeds lacking a variant are left out."""
+    groups = []
+    for _, seed_items in items.groupby("seed"):
+        wide = seed_items.pivot_table(index="variant", columns="item", values="correct")
+        if set(variants) <= set(wide.index):
+            groups.append(wide.loc[variants].to_numpy())
+    return groups
+
+
+def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+    """Accuracy per (axes, variant): mean over items and seeds, bootstrap interval, counts."""
+    rows = []
+    for key, group in items.groupby([*axes, "variant"], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        mean, low, high = bootstrap_ci(_groups(group, [key[-1]]), n_boot=n_boot, confidence=confidence)
+        rows.append({**dict(zip([*axes, "variant"], key)), "accuracy": mean, "ci_low": low, "ci_high": high,
+                     "seeds": group["seed"].nunique(), "items": len(group)})
+    return pd.DataFrame(rows)
+
+
+def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+    """Share of the zero-shot -> LoRA-on-original accuracy gap closed, paired per seed and item."""
+    rows = []
+    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
+        key = key if isinstance(key, tuple) else (key,)
+        for variant in GAP_VARIANTS:
+            groups = _groups(group, [variant, "zero_shot", "full_lora"])
+            if groups:
+                share, low, high = bootstrap_ci(groups, gap_closed, n_boot, confidence)
+                rows.append({**dict(zip(axes, key)), "variant": variant, "gap_closed": share,
+                             "ci_low": low, "ci_high": high, "seeds": len(groups)})
+    return pd.DataFrame(rows)
+
+
+def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
+    """Mean response-token loss per (axes, variant) over seeds, and the share of the zero-shot -> LoRA
+    loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
+    only the mean loss per variant is stored)."""
+    out = Path(out)
+    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
+    rows = []
+    for point in expand_grid(spec.grid):
+        path = out / "points" / point_name(point) / "point.json"
+        if path.exists():
+            rows += [{**point, "variant": v, "loss": rec["loss"]} for v, rec in io.read_json(path)["variants"].items()]
+    if not rows:
+        return pd.DataFrame(columns=[*axes, "variant", "loss", "seeds", "loss_gap_closed"])
+    frame = pd.DataFrame(rows)
+    keys = [*axes, "variant"]
+    table = frame.groupby(keys, sort=False).agg(loss=("loss", "mean"), seeds=("seed", "nunique")).reset_index()
+    reference = table.set_index(keys)["loss"]
+    def closed(row):
+        base = tuple(row[a] for a in axes)
+        zero, full = reference.get((*base, "zero_shot")), reference.get((*base, "full_lora"))
+        return (zero - row["loss"]) / (zero - full) if zero is not None and full is not None and zero != full else float("nan")
+    table["loss_gap_closed"] = table.apply(closed, axis=1)
+    return table
+
+
+def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accuracy (95% bootstrap interval)"):
+    """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
+    import plotly.graph_objects as go
+    label = summary[axes].astype(str).agg(", ".join, axis=1) if axes else pd.Series("all", index=summary.index)
+    figure = go.Figure()
+    for variant, rows in summary.assign(label=label).groupby("variant", sort=False):
+        figure.add_bar(name=variant, x=rows["label"], y=rows["accuracy"],
+                       error_y={"type": "data", "symmetric": False, "array": rows["ci_high"] - rows["accuracy"],
+                                "arrayminus": rows["accuracy"] - rows["ci_low"]})
+    figure.update_layout(barmode="group", title=title, yaxis_title="exact-match accuracy", xaxis_title=", ".join(axes))
+    return figure
+
+
+def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Compute items/summary/gap tables of a sweep; write CSV, Markdown and the figure (JSON)."""
+    out = Path(out)
+    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
+    target = Path(tables_dir) if tables_dir else out / "tables"
+    items = items_table(out)
+    tables = {"items": items, "summary": summary_table(items, spec.axes, spec.n_boot, spec.confidence),
+              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence), "loss": loss_table(out, spec.axes)}
+    for name, table in tables.items():
+        with io.atomic_path(target / f"{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        if name != "items":
+            with io.atomic_path(target / f"{name}.md") as tmp:
+                tmp.write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n", encoding="utf-8")
+    with io.atomic_path(target / "summary_figure.json") as tmp:
+        summary_figure(tables["summary"], spec.axes).write_json(str(tmp))
+    return tables

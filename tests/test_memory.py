@@ -1,0 +1,42 @@
+"""The analytic memory ledger (meta device) and the lean emulator loader."""
+import pytest
+import torch
+
+from emloc.calibration import CalibrationStats, target_linears
+from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig
+from emloc.emulator import build_factors, emulate
+from emloc.memory import LedgerSettings, ledger, load_emulator_lean, meta_model, model_config, parameter_counts
+from emloc.models import tiny_llama
+
+
+def test_paper_like_configs_have_the_expected_size_and_need_no_memory():
+    model = meta_model(model_config("llama3-8b"))
+    counts = parameter_counts(model, LedgerSettings())
+    assert counts["original"] == pytest.approx(8.03e9, rel=0.01)
+    assert 0.5 < counts["emulator"] / counts["original"] < 0.6  # embeddings are not compressed
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_ledger_orders_the_stages_and_sums_its_columns():
+    table = ledger(model_config("llama3-8b"), LedgerSettings(batch_size=1, seq_len=256))
+    assert table.loc["LoRA (emulator)", "weights"] < table.loc["LoRA (original)", "weights"]
+    assert table.loc["LoRA (original)", "total"] > table.loc["inference (original)", "total"]
+    parts = table.drop(columns="total").sum(axis=1)
+    assert torch.allclose(torch.tensor(parts.values), torch.tensor(table["total"].values))
+    longer = ledger(model_config("llama3-8b"), LedgerSettings(batch_size=1, seq_len=512))
+    assert longer.loc["LoRA (emulator)", "activations"] == pytest.approx(2 * table.loc["LoRA (emulator)", "activations"])
+
+
+def test_lean_emulator_equals_the_swapped_emulator(tmp_path):
+    model = tiny_llama(seed=0)
+    model.save_pretrained(tmp_path)
+    linears = target_linears(model, LLAMA_PROJECTIONS)
+    g = torch.Generator().manual_seed(0)
+    covariances = {n: (lambda X: X.T @ X)(torch.randn(80, l.in_features, generator=g)) for n, l in linears.items()}
+    stats = CalibrationStats(covariances, {n: n for n in linears}, {n: 80 for n in linears}, 1)
+    factors = build_factors(model, stats, EmulatorConfig(ratio=0.4), progress=False)
+    tokens = torch.tensor([[1, 4, 6, 8, 9]])
+    expected = emulate(model, factors)(input_ids=tokens).logits
+    lean = load_emulator_lean(str(tmp_path), factors)
+    assert torch.equal(lean(input_ids=tokens).logits, expected)
+    assert not any(p.is_meta for p in lean.parameters())

@@ -1,0 +1,76 @@
+"""Sweeps on a tiny model (stage sharing, resume, tables) and the bootstrap intervals."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_run_config
+from emloc import cli, sweeps
+from emloc.bootstrap import bootstrap_ci, bootstrap_means, gap_closed
+from emloc.errors import EmlocError
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_items():
+    rng = np.random.default_rng(0)
+    small = [rng.binomial(1, 0.6, (1, 30)) for _ in range(3)]
+    large = [rng.binomial(1, 0.6, (1, 600)) for _ in range(3)]
+    mean, low, high = bootstrap_ci(small, n_boot=500)
+    assert low <= mean <= high and 0 < low and high < 1
+    _, low_l, high_l = bootstrap_ci(large, n_boot=500)
+    assert high_l - low_l < (high - low) / 2
+    assert bootstrap_ci(small, n_boot=500) == (mean, low, high)  # seeded: reproducible
+
+
+def test_bootstrap_degenerate_and_seed_level_spread():
+    assert bootstrap_ci([np.ones((1, 20))], n_boot=200) == (1.0, 1.0, 1.0)
+    # two seeds that disagree completely: resampling seeds must widen the interval to both ends
+    _, low, high = bootstrap_ci([np.zeros((1, 50)), np.ones((1, 50))], n_boot=400)
+    assert low == 0.0 and high == 1.0
+    assert bootstrap_means([np.ones((2, 5))], n_boot=7).shape == (7, 2)
+
+
+def test_gap_closed_is_paired_and_matches_hand_computation():
+    accuracy, zero, full = np.array([1, 1, 0, 1]), np.zeros(4), np.ones(4)
+    share, low, high = bootstrap_ci([np.stack([accuracy, zero, full])], gap_closed, n_boot=300)
+    assert share == pytest.approx(0.75) and low <= 0.75 <= high
+    assert np.isnan(gap_closed(np.array([0.5, 0.2, 0.2])))
+
+
+def test_grid_expansion_and_bad_specs():
+    points = sweeps.expand_grid({"emulator.ratio": [0.25, 0.5], "seed": [0, 1]})
+    assert points[0] == {"seed": 0, "emulator.ratio": 0.25} and len(points) == 4
+    with pytest.raises(EmlocError, match="emulator.ratio"):
+        sweeps.spec_from_dict({"grid": {"emulator.ratio": [1.5]}})
+    with pytest.raises(EmlocError, match="variant"):
+        sweeps.spec_from_dict({"grid": {"seed": [0]}, "variants": ["best"]})
+    with pytest.raises(EmlocError, match="unknown key"):
+        sweeps.spec_from_dict({"grids": {}})
+
+
+def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path, capsys):
+    base = tiny_run_config(tiny_model_dir).to_dict()
+    grid = tmp_path / "grid.yaml"
+    sweeps.io.write_yaml(grid, {"base": base, "grid": {"emulator.method": ["activation_aware", "plain"], "seed": [0, 1]},
+                                "n_boot": 200})
+    out, tables = tmp_path / "sweep", tmp_path / "tables"
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables)]) == 0
+    points = sorted((out / "points").iterdir())
+    assert len(points) == 4
+    # LoRA on the original model is trained once per seed and hard-linked into the other method's point
+    same_seed = [p for p in points if "seed=0" in p.name]
+    inodes = {os.stat(p / "adapters" / "full_lora" / "adapter_model.safetensors").st_ino for p in same_seed}
+    assert len(inodes) == 1
+    summary = sweeps.pd.read_csv(tables / "summary.csv")
+    assert len(summary) == 2 * 5 and (summary["seeds"] == 2).all() and (summary["items"] == 12).all()
+    assert ((summary["ci_low"] <= summary["accuracy"] + 1e-12) & (summary["accuracy"] <= summary["ci_high"] + 1e-12)).all()
+    zero = summary[summary["variant"] == "zero_shot"]["accuracy"]
+    assert zero.nunique() == 1  # the same zero-shot items for both methods
+    assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
+    assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
+    loss = sweeps.pd.read_csv(tables / "loss.csv").set_index(["emulator.method", "variant"])
+    assert loss.loc[("plain", "zero_shot"), "loss_gap_closed"] == 0 and loss.loc[("plain", "full_lora"), "loss_gap_closed"] == 1
+    # a second sweep resumes: no stage is redone
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("manifests/*.json")}
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables)]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("manifests/*.json")}
+    assert "sweep finished" in capsys.readouterr().out
