@@ -103,6 +103,16 @@ def misalignment_by_layer(report: pd.DataFrame, module_type: str | None = None) 
     return table
 
 
+def compensation_by_layer(report: pd.DataFrame, module_type: str | None = None) -> pd.DataFrame:
+    """Per layer, the mean of the saved diagnostics: ``update_mismatch_coefficient`` (``c`` in
+    ``s B~ ~ c (W - W') Q``: the share of the emulator's error the adapter learned to compensate; 1 = all)
+    and ``update_mismatch_cosine``."""
+    rows = report if module_type is None else report[report["type"] == module_type]
+    if rows.empty:
+        raise ValueError(f"no module of type {module_type!r} in the correction report")
+    return rows.groupby("layer")[["update_mismatch_coefficient", "update_mismatch_cosine"]].mean()
+
+
 # ---- results ---------------------------------------------------------------------------------
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

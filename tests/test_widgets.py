@@ -127,6 +127,13 @@ def test_correction_inspector_lambda_slider(tiny_run):
     before, after = ydata(view.trace("before")), ydata(view.trace("after"))
     np.testing.assert_allclose(after, report.groupby("layer")["misalignment_after"].mean().to_numpy(), atol=1e-12)
 
+    learned = report.groupby("layer")["update_mismatch_coefficient"].mean().to_numpy()
+    np.testing.assert_allclose(ydata(view.trace("coefficient")), learned, atol=1e-12)
+    view.type_dropdown.value = "down_proj"          # the diagnostics follow the module-type menu
+    np.testing.assert_allclose(ydata(view.trace("coefficient")),
+                               report[report["type"] == "down_proj"]["update_mismatch_coefficient"].to_numpy(), atol=1e-12)
+    view.type_dropdown.value = "all modules"
+
     view.no_clamp.value = True                       # no clamp: the correction removes all misalignment
     assert np.allclose(ydata(view.trace("after")), 0, atol=1e-9)
     assert np.allclose(ydata(view.trace("clamped")), 0)

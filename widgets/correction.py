@@ -8,7 +8,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from emloc.correction import reclamp_report
-from emloc.reports import misalignment_by_layer
+from emloc.reports import compensation_by_layer, misalignment_by_layer
 from widgets._base import COLOURS, TEMPLATE, FigureView, stat_line
 
 ALL = "all modules"
@@ -20,7 +20,9 @@ class CorrectionInspector(FigureView):
     misalignment ``s ||D - D_applied|| / ||W' Q + s B~||`` before (``D_applied = 0``) and after, and the
     share of LoRA columns the clamp scaled down.
 
-    Traces: ``before``, ``after`` (top), ``clamped`` (bottom, % of columns).
+    Traces: ``before``, ``after`` (top), ``clamped`` (middle, % of columns), and the diagnostics of the
+    saved report (bottom, independent of ``lambda``): ``coefficient`` (the share ``c`` of the emulator's
+    error ``(W - W') Q`` the learned update ``s B~`` compensates; 1 = all of it) and ``cosine``.
     """
 
     def __init__(self, report: pd.DataFrame, tensors: dict[str, torch.Tensor], clamp: float | None = 3.0):
@@ -44,9 +46,10 @@ class CorrectionInspector(FigureView):
 
 
     def _empty_figure(self, report: pd.DataFrame) -> go.Figure:
-        figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
+        figure = make_subplots(rows=3, cols=1, shared_xaxes=True, row_heights=[0.45, 0.25, 0.3], vertical_spacing=0.07,
                                subplot_titles=("misalignment of original + adapter vs fine-tuned emulator, on span(A)",
-                                               "LoRA columns scaled down by the clamp"))
+                                               "LoRA columns scaled down by the clamp",
+                                               "how much of the emulator's error the adapter learned (1 = all)"))
         for name, label in (("before", "before correction (B A as trained)"), ("after", "after correction (A', B^)")):
             figure.add_trace(go.Scatter(name=label, meta=name, mode="lines+markers", line_color=COLOURS[name],
                                         hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.4f}}<extra></extra>"),
@@ -54,12 +57,19 @@ class CorrectionInspector(FigureView):
         figure.add_trace(go.Bar(name="clamped columns", meta="clamped", marker_color=COLOURS["clamped"], showlegend=False,
                                 hovertemplate="layer %{x}: %{y:.1f}% of columns clamped<br>%{text}<extra></extra>"),
                          row=2, col=1)
+        for name, label, colour in (("coefficient", "c: s B~ ≈ c (W − W')Q", COLOURS["emulator"]),
+                                    ("cosine", "cos(s B~, (W − W')Q)", COLOURS["plain"])):
+            figure.add_trace(go.Scatter(name=label, meta=name, mode="lines+markers", line_color=colour,
+                                        hovertemplate=f"{label}<br>layer %{{x}}: %{{y:.3g}}<extra></extra>"),
+                             row=3, col=1)
+        figure.add_hline(y=1.0, line_dash="dot", line_color="#aaaaaa", row=3, col=1)
         figure.update_yaxes(title_text="s‖D − D_applied‖ / ‖W'Q + sB~‖", row=1, col=1, rangemode="tozero")
         figure.update_yaxes(title_text="% clamped", range=[0, 100], row=2, col=1)
-        figure.update_xaxes(title_text="layer", row=2, col=1)
+        figure.update_yaxes(title_text="c, cosine", row=3, col=1)
+        figure.update_xaxes(title_text="layer", row=3, col=1)
         if report["layer"].nunique() <= 12:
             figure.update_xaxes(dtick=1)
-        figure.update_layout(template=TEMPLATE, height=560, margin=dict(l=70, r=20, t=80, b=50),
+        figure.update_layout(template=TEMPLATE, height=720, margin=dict(l=70, r=20, t=80, b=50),
                              legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
         return figure
 
@@ -78,6 +88,10 @@ class CorrectionInspector(FigureView):
             self.trace("before").update(x=x, y=layers["misalignment_before"].to_numpy())
             self.trace("after").update(x=x, y=layers["misalignment_after"].to_numpy())
             self.trace("clamped").update(x=x, y=100 * layers["clamped_share"].to_numpy(), text=text)
+            if "update_mismatch_coefficient" in self.saved_report:
+                learned = compensation_by_layer(self.saved_report, module_type)
+                self.trace("coefficient").update(x=list(learned.index), y=learned["update_mismatch_coefficient"].to_numpy())
+                self.trace("cosine").update(x=list(learned.index), y=learned["update_mismatch_cosine"].to_numpy())
             lam = "no clamp" if self.lam is None else f"λ = {self.lam:.3g}"
             self.figure.layout.title.text = f"LoRA correction ({lam}): misalignment per layer"
         touched = int((report["clamped_columns"] > 0).sum())
