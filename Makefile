@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/emloc run --out runs/demo --preset standard
 
 test: setup
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=25
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
