@@ -1,9 +1,14 @@
-"""When does the LoRA correction help? Train once per (task, ratio, steps, seed), then evaluate the same
-trained adapter without correction and with every correction setting (correction is cheap, training is the cost).
+"""When does the LoRA correction help? Train once per (task, ratio, seed), snapshot the adapter at several
+step counts, then evaluate every snapshot without correction and with every correction setting (correction
+is cheap, training is the cost).
 
-    PYTHONPATH=. python benchmarks/correction_sweep.py --tasks arithmetic wordfacts --ratios 0.5 \
-        --steps 50 150 --seeds 0 1 2 --n-test 100 --out benchmarks/results/correction
+    PYTHONPATH=. python benchmarks/correction_sweep.py --tasks addition wordfacts --ratios 0.5 \
+        --steps 50 100 300 --seeds 0 1 2 --n-test 100 --out benchmarks/results/correction
     PYTHONPATH=. python benchmarks/correction_sweep.py --summarize --out benchmarks/results/correction
+
+Training length: the snapshots are taken along one run of ``max(steps)`` steps whose cosine schedule spans
+the whole run, so "50 steps" means the first 50 steps of a 300-step run (higher learning rate than a run
+that stops at 50), not a separate 50-step run.
 
 Seeds vary the LoRA initialisation and the training-data order; per task the data splits, the test items,
 the calibration statistics and the emulator are fixed (seed 0), so settings are compared on the same items.
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 SETTINGS = [  # (name, method, lambda); 'uncorrected' and 'emulator_lora' need no correction
     ("official_l3", "official", 3.0), ("official_l1", "official", 1.0), ("official_l10", "official", 10.0),
@@ -112,44 +118,68 @@ def _scores(result: dict) -> dict:
             "correct": "".join("1" if c else "0" for c in result["correct"])}
 
 
+class AdapterSnapshots(TrainerCallback):
+    """Saves the adapter (a standard peft folder) after each of the given optimizer steps."""
+
+    def __init__(self, steps: list[int], folder: Path):
+        self.steps, self.folder, self.seconds, self.start = set(steps), folder, {}, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.seconds[state.global_step] = time.perf_counter() - self.start
+            model.save_pretrained(self.folder / f"step{state.global_step}")
+
+
 def run_sweep(args) -> None:
     from emloc.config import LoraConfigSpec
     from emloc.emulator import emulate
-    from emloc.lora import train_lora
+    from emloc.lora import load_adapter, train_lora
     from emloc.models import load_model
     out = Path(args.out) / "runs.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     setups: dict[tuple, TaskSetup] = {}
-    # a whole pass per training length and task: a cut-short sweep still has every seed of the first ones
-    for steps, task, ratio, seed in itertools.product(args.steps, args.tasks, args.ratios, args.seeds):
+    total = max(args.steps)
+    # one training run per (task, ratio, seed), evaluated at every snapshot step; tasks outermost so a
+    # cut-short sweep still has every seed of the first task
+    for task, ratio, seed in itertools.product(args.tasks, args.ratios, args.seeds):
         if (task, ratio) not in setups:
             setups[task, ratio] = TaskSetup(task, ratio, args.n_train, args.n_test, args.n_calibration, args.max_new_tokens)
         setup, done = setups[task, ratio], done_keys(out)
         if (task, ratio, 0, -1, "zero_shot") not in done:
             append_row(out, {"task": task, "ratio": ratio, "steps": 0, "seed": -1, "setting": "zero_shot",
                              **_scores(setup.evaluate(load_model("default")))})
-        key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
-        if all((task, ratio, steps, seed, s) in done for s in ["emulator_lora", "uncorrected", *args.settings]):
+        wanted = ["emulator_lora", "uncorrected", *args.settings]
+        if all((task, ratio, steps, seed, s) in done for steps in args.steps for s in wanted):
             continue
-        print(f"{task} ratio={ratio} steps={steps} seed={seed}", flush=True)
-        spec = LoraConfigSpec(steps=steps, warmup_steps=max(1, steps // 10))
+        print(f"{task} ratio={ratio} seed={seed}: {total} steps, snapshots at {args.steps}", flush=True)
+        spec = LoraConfigSpec(steps=total, warmup_steps=max(1, total // 10))
         emulator = emulate(load_model("default"), setup.factors, copy_model=False)
-        trained = train_lora(emulator, setup.train_features, spec, setup.targets, setup.tokenizer.pad_token_id,
-                             seed=seed, progress=False)
-        print(f"  trained in {trained.seconds:.0f} s, final loss {trained.history[-1][1]:.3f}", flush=True)
         with tempfile.TemporaryDirectory(prefix="emloc-sweep-") as folder:
-            trained.model.save_pretrained(folder)
-            if (task, ratio, steps, seed, "emulator_lora") not in done:
-                append_row(out, {**key, "setting": "emulator_lora", "train_seconds": trained.seconds,
-                                 **_scores(setup.evaluate(trained.model))})
+            folder = Path(folder)
+            snapshots = AdapterSnapshots(args.steps, folder)
+            trained = train_lora(emulator, setup.train_features, spec, setup.targets, setup.tokenizer.pad_token_id,
+                                 seed=seed, progress=False, callbacks=[snapshots])
+            print(f"  trained in {trained.seconds:.0f} s, final loss {trained.history[-1][1]:.3f}", flush=True)
             del trained, emulator
-            evaluate_corrections(setup, folder, key, done, out, args.settings)
+            for steps in args.steps:
+                key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
+                snapshot = str(folder / f"step{steps}")
+                if (task, ratio, steps, seed, "emulator_lora") not in done:
+                    on_emulator = load_adapter(emulate(load_model("default"), setup.factors, copy_model=False), snapshot)
+                    append_row(out, {**key, "setting": "emulator_lora", "train_seconds": round(snapshots.seconds[steps], 1),
+                                     **_scores(setup.evaluate(on_emulator))})
+                    del on_emulator
+                print(f" step {steps}", flush=True)
+                evaluate_corrections(setup, snapshot, key, done, out, args.settings)
 
 
 def summarize(args) -> str:
     import numpy as np
     import pandas as pd
-    from emloc.stats import bootstrap_interval
+    from emloc.bootstrap import bootstrap_ci
     runs = pd.read_csv(Path(args.out) / "runs.csv", dtype={"correct": str})
     runs["items"] = runs["correct"].map(lambda s: np.array([c == "1" for c in s], dtype=float))
     lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) | update/mismatch cos | coef |",
@@ -159,12 +189,13 @@ def summarize(args) -> str:
         base = group[group.setting == "uncorrected"].set_index("seed")
         for setting in [s for s in order if s in set(group.setting)]:
             rows = group[group.setting == setting].set_index("seed").sort_index()
-            m, lo, hi = bootstrap_interval(np.stack(rows["items"].tolist()))
+            # every seed is scored on the same test items of the task: the crossed design
+            m, lo, hi = bootstrap_ci([items[None] for items in rows["items"]], shared_items=True)
             diff = ""
             common = [s for s in rows.index if s in base.index]
             if setting not in ("uncorrected", "zero_shot") and common:
-                d = np.stack([rows.loc[s, "items"] - base.loc[s, "items"] for s in common])
-                dm, dlo, dhi = bootstrap_interval(d)
+                pairs = [np.stack([rows.loc[s, "items"], base.loc[s, "items"]]) for s in common]
+                dm, dlo, dhi = bootstrap_ci(pairs, lambda means: means[0] - means[1], shared_items=True)
                 diff = f"{dm:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
             cos = rows["update_mismatch_cosine"].mean() if setting.startswith(("official", "aligned", "activation")) else float("nan")
             coef = rows["update_mismatch_coefficient"].mean() if not np.isnan(cos) else float("nan")
@@ -177,9 +208,10 @@ def summarize(args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=["arithmetic", "wordfacts"])
+    p.add_argument("--tasks", nargs="+", default=["addition", "wordfacts"])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5])
-    p.add_argument("--steps", nargs="+", type=int, default=[50, 150])
+    p.add_argument("--steps", nargs="+", type=int, default=[50, 100, 300],
+                   help="snapshot steps along one run of max(steps) steps (cosine schedule over the whole run)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-test", type=int, default=100)

@@ -1,8 +1,13 @@
-"""Confidence intervals by a two-level bootstrap: resample seeds, then test items within each seed.
+"""Confidence intervals by a two-level bootstrap: resample seeds, then test items.
 
-Pure numpy functions. A *group* is one seed's results: an array ``(k, n_items)`` of per-item scores
-(e.g. 0/1 correctness) for ``k`` quantities measured on the same items (variants of one run), so
-paired statistics such as the share of the accuracy gap closed keep their pairing.
+Pure numpy functions, the one bootstrap of the project (sweep tables, seed tables, the correction sweep).
+A *group* is one seed's results: an array ``(k, n_items)`` of per-item scores (e.g. 0/1 correctness) for
+``k`` quantities measured on the same items (variants of one run), so paired statistics such as the share
+of the accuracy gap closed or the difference of two corrections keep their pairing.
+
+Two designs: each seed has its own test items (``shared_items=False``, nested: items are redrawn within
+each seed), or every seed is scored on the same test items (``shared_items=True``, crossed: one item draw
+per replicate serves all seeds, so the between-item spread is not averaged away over seeds).
 """
 from __future__ import annotations
 
@@ -11,15 +16,24 @@ from typing import Callable, Sequence
 import numpy as np
 
 
-def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0,
+                    shared_items: bool = False) -> np.ndarray:
     """``(n_boot, k)`` item-weighted means over resampled seeds and items.
 
-    Each replicate draws ``len(groups)`` seeds with replacement and, per seed, ``n_items`` items with
-    replacement (a seed drawn twice reuses its item draw: a cheap, slightly conservative shortcut).
+    Each replicate draws ``len(groups)`` seeds with replacement and ``n_items`` items with replacement:
+    per seed (a seed drawn twice reuses its item draw: a cheap, slightly conservative shortcut), or once
+    for all seeds when ``shared_items`` (then every group must have the same items, in the same order).
     """
     rng = np.random.default_rng(seed)
     n_groups = len(groups)
-    sums = np.stack([g[:, rng.integers(0, g.shape[1], (n_boot, g.shape[1]))].sum(-1).T for g in groups])  # (S, B, k)
+    if shared_items:
+        sizes = {g.shape[1] for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"shared_items needs the same number of items in every group, got {sorted(sizes)}")
+        draw = rng.integers(0, sizes.pop(), (n_boot, groups[0].shape[1]))
+        sums = np.stack([g[:, draw].sum(-1).T for g in groups])  # (S, B, k)
+    else:
+        sums = np.stack([g[:, rng.integers(0, g.shape[1], (n_boot, g.shape[1]))].sum(-1).T for g in groups])
     sizes = np.array([g.shape[1] for g in groups], dtype=float)
     counts = np.stack([np.bincount(row, minlength=n_groups) for row in rng.integers(0, n_groups, (n_boot, n_groups))])
     if n_groups == 1:
@@ -29,15 +43,17 @@ def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int 
 
 
 def bootstrap_ci(groups: Sequence[np.ndarray], statistic: Callable[[np.ndarray], float] = lambda m: m[0],
-                 n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+                 n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                shared_items: bool = False) -> tuple[float, float, float]:
     """``(estimate, low, high)``: ``statistic`` of the pooled means and its percentile interval.
 
-    ``statistic`` maps the ``k`` means to one number (default: the first mean).
+    ``statistic`` maps the ``k`` means to one number (default: the first mean); see ``bootstrap_means``
+    for ``shared_items``.
     """
     groups = [np.asarray(g, dtype=float).reshape(-1, np.shape(g)[-1]) for g in groups]
     pooled = np.concatenate(groups, axis=1).mean(1)
     estimate = float(statistic(pooled))
-    replicates = np.array([statistic(m) for m in bootstrap_means(groups, n_boot, seed)], dtype=float)
+    replicates = np.array([statistic(m) for m in bootstrap_means(groups, n_boot, seed, shared_items)], dtype=float)
     replicates = replicates[np.isfinite(replicates)]
     if replicates.size == 0:
         return estimate, float("nan"), float("nan")

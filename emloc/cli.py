@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="sweep directory: one run directory per point (resumable)")
     sweep.add_argument("--tables", help="where to write the CSV/Markdown tables and figure (default OUT/tables)")
     sweep.add_argument("--tables-only", action="store_true", help="only recompute the tables from finished points")
+    sweep.add_argument("--reuse", nargs="+", default=[], metavar="RUN",
+                       help="finished run directories whose stages are reused where their fingerprints match")
     return main
 
 
@@ -153,7 +155,8 @@ def execute_sweep(args: argparse.Namespace) -> int:
     spec = sweeps.load_spec(args.grid)
     start = time.perf_counter()
     if not args.tables_only:
-        sweeps.run_sweep(spec, args.out, on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True))
+        sweeps.run_sweep(spec, args.out, on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True),
+                         reuse=args.reuse)
     tables = sweeps.write_tables(args.out, args.tables)
     print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))

@@ -151,10 +151,12 @@ class _ListDataset(torch.utils.data.Dataset):
 
 def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, target_modules: list[str],
                pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True,
-               collator: Callable[[list[dict]], dict] | None = None) -> TrainResult:
+               collator: Callable[[list[dict]], dict] | None = None,
+               callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train LoRA on ``model`` (emulator or original) for ``spec.steps`` optimizer steps.
 
     ``collator`` batches the features (default: padded token ids); a vision-language model adds images.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. adapter snapshots at given steps).
     """
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
@@ -171,6 +173,8 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
                           data_collator=collator or PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
         if progress:
             trainer.add_callback(TrainingProgress())
         output = trainer.train()

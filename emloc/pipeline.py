@@ -42,11 +42,13 @@ ADAPTER_STAGES = {"train_emulator": "emulator", "train_original": "original", "c
 def _fingerprint_parts(config: RunConfig) -> dict[str, dict]:
     c = config.to_dict()
     base = {k: c[k] for k in ("model", "dtype", "seed")} | {"data": c["data"], "targets": c["emulator"]["target_modules"]}
+    # LoRA on the original never sees the calibration subset (train and test splits do not depend on it)
+    uncalibrated = base | {"data": {k: v for k, v in c["data"].items() if k != "n_calibration"}}
     return {
         "calibrate": base,
         "build": base | {"emulator": c["emulator"]},
         "train_emulator": base | {"emulator": c["emulator"], "lora": c["lora"]},
-        "train_original": base | {"lora": c["lora"]},
+        "train_original": uncalibrated | {"lora": c["lora"]},
         "correct": base | {"emulator": c["emulator"], "lora": c["lora"], "correction": c["correction"]},
         "evaluate": c,
     }

@@ -9,6 +9,10 @@ A grid file (YAML)::
       seed: [0, 1, 2]
     variants: [zero_shot, emulator_lora, transfer_uncorrected, transfer_corrected, full_lora]
 
+``grid`` may also be a list of such mappings: the sweep is then the union of their products, in order
+(e.g. the methods at ratio 0.5, then the ratios for EMLoC only). A point that does not set an axis of
+another sub-grid takes its value from ``base``, so every point has a value on every axis.
+
 Points that share a stage's inputs share its work: a finished stage with the same fingerprint in
 another point is hard-linked, not recomputed (e.g. ``train_original`` once per seed), and a variant
 already evaluated with the same inputs is reused. Each point keeps ``point.json`` with per-item
@@ -47,15 +51,31 @@ GAP_VARIANTS = ["emulator_lora", "transfer_uncorrected", "transfer_corrected"]
 @dataclass
 class SweepSpec:
     base: dict = field(default_factory=dict)
-    grid: dict = field(default_factory=dict)
+    grid: dict | list = field(default_factory=dict)
     variants: list = field(default_factory=lambda: list(VARIANT_STAGE))
     n_boot: int = 2000
     confidence: float = 0.95
 
     @property
+    def subgrids(self) -> list[dict]:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
+    @property
     def axes(self) -> list[str]:
-        """Grid keys other than the seed: the columns a table groups by."""
-        return [k for k in self.grid if k != "seed"]
+        """Grid keys other than the seed (over all sub-grids, first-seen order): the columns a table groups by."""
+        return list(dict.fromkeys(k for g in self.subgrids for k in g if k != "seed"))
+
+    def points(self) -> list[dict]:
+        """Every point with a value on each axis and the seed, without repeats, in sub-grid order."""
+        seen, points = set(), []
+        for subgrid in self.subgrids:
+            for partial in expand_grid(subgrid):
+                point = {"seed": partial.get("seed", self.base.get("seed", 0)),
+                         **{a: partial[a] if a in partial else _lookup(point_config(self, partial), a) for a in self.axes}}
+                if point_name(point) not in seen:
+                    seen.add(point_name(point))
+                    points.append(point)
+        return points
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -64,8 +84,10 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def spec_from_dict(raw: dict, where: str = "grid") -> SweepSpec:
-    if not isinstance(raw, dict) or not isinstance(raw.get("grid", {}), dict):
-        raise EmlocError(f"{where} must be a mapping with 'base', 'grid' and optional 'variants': see emloc.sweeps")
+    grid = raw.get("grid", {}) if isinstance(raw, dict) else None
+    if not isinstance(grid, (dict, list)) or (isinstance(grid, list) and not all(isinstance(g, dict) for g in grid)):
+        raise EmlocError(f"{where} must be a mapping with 'base', 'grid' (a mapping or a list of mappings) "
+                         "and optional 'variants': see emloc.sweeps")
     unknown = sorted(set(raw) - {"base", "grid", "variants", "n_boot", "confidence"})
     if unknown:
         raise EmlocError(f"unknown key {unknown[0]!r} in {where}: use base, grid, variants, n_boot, confidence")
@@ -73,10 +95,10 @@ def spec_from_dict(raw: dict, where: str = "grid") -> SweepSpec:
     bad = [v for v in spec.variants if v not in VARIANT_STAGE]
     if bad:
         raise EmlocError(f"unknown variant {bad[0]!r} in {where}: choose from {', '.join(VARIANT_STAGE)}")
-    for key, values in spec.grid.items():
+    for key, values in (item for g in spec.subgrids for item in g.items()):
         if not isinstance(values, list) or not values:
             raise EmlocError(f"grid key {key!r} in {where} needs a non-empty list of values")
-    for point in expand_grid(spec.grid):
+    for point in spec.points():
         point_config(spec, point)  # validates every point before any work starts
     return spec
 
@@ -90,6 +112,13 @@ def expand_grid(grid: dict) -> list[dict]:
 def _nested(dotted: str, value) -> dict:
     head, _, rest = dotted.partition(".")
     return {head: _nested(rest, value) if rest else value}
+
+
+def _lookup(config: RunConfig, dotted: str):
+    value = config.to_dict()
+    for part in dotted.split("."):
+        value = value[part]
+    return value
 
 
 def point_config(spec: SweepSpec, point: dict) -> RunConfig:
@@ -181,13 +210,21 @@ def _read_point(run) -> dict | None:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
-              on_point: Callable[[int, int, dict], None] | None = None) -> pd.DataFrame:
-    """Run (or resume) every point of ``spec`` under ``out``; returns the per-item table."""
+              on_point: Callable[[int, int, dict], None] | None = None, reuse: list | None = None) -> pd.DataFrame:
+    """Run (or resume) every point of ``spec`` under ``out``; returns the per-item table.
+
+    ``reuse``: finished run directories (e.g. of ``emloc run``) whose stages are hard-linked into any
+    point with the same stage fingerprint instead of being recomputed.
+    """
     from emloc import pipeline
     out = Path(out)
     io.write_yaml(out / "grid.yaml", spec.__dict__)
-    points = expand_grid(spec.grid)
+    points = spec.points()
     runs = [pipeline.Run(out / "points" / point_name(p), point_config(spec, p), progress=progress) for p in points]
+    missing = [d for d in reuse or [] if not (Path(d) / "config.yaml").is_file()]
+    if missing:
+        raise EmlocError(f"--reuse {missing[0]} is not a run directory (no config.yaml): give a finished run's folder")
+    donors = runs + [pipeline.Run(d, progress=False) for d in reuse or []]
     cache = {}
     for run in runs:  # variants finished by an earlier (interrupted) sweep
         for v, rec in ((_read_point(run) or {}).get("variants", {})).items():
@@ -195,7 +232,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
     for i, (point, run) in enumerate(zip(points, runs)):
         if on_point:
             on_point(i, len(points), point)
-        run_point(run, spec, runs, cache)
+        run_point(run, spec, donors, cache)
     return items_table(out)
 
 
@@ -206,7 +243,7 @@ def items_table(out: str | Path) -> pd.DataFrame:
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
     frames = []
-    for point in expand_grid(spec.grid):
+    for point in spec.points():
         path = out / "points" / point_name(point) / "point.json"
         if not path.exists():
             continue
@@ -260,7 +297,7 @@ def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
     rows = []
-    for point in expand_grid(spec.grid):
+    for point in spec.points():
         path = out / "points" / point_name(point) / "point.json"
         if path.exists():
             rows += [{**point, "variant": v, "loss": rec["loss"]} for v, rec in io.read_json(path)["variants"].items()]

@@ -9,7 +9,6 @@ from emloc.correction import (aligned_mismatch, activation_aware_mismatch, colum
                               pair_diagnostics, reclamp_report)
 from emloc.errors import EmlocError
 from emloc.lora import lora_scaling
-from emloc.stats import bootstrap_interval
 
 F64 = torch.float64
 
@@ -209,19 +208,6 @@ def test_wordfacts_task_is_seeded_disjoint_and_checks_the_first_word():
     example = a.test[0]
     assert a.is_correct(example.response.capitalize() + ".\nBecause...", example)
     assert not a.is_correct("The answer is " + example.response, example)
-
-
-def test_bootstrap_interval_covers_the_mean_and_shrinks_with_data():
-    rng = np.random.default_rng(0)
-    small = (rng.random((3, 40)) < 0.5).astype(float)
-    large = (rng.random((3, 400)) < 0.5).astype(float)
-    m, lo, hi = bootstrap_interval(small)
-    assert lo <= m <= hi and 0 <= lo < hi <= 1
-    _, lo2, hi2 = bootstrap_interval(large)
-    assert hi2 - lo2 < hi - lo
-    assert bootstrap_interval(np.ones(10)) == (1.0, 1.0, 1.0)
-    with pytest.raises(ValueError):
-        bootstrap_interval(np.array([]))
 
 
 def test_pipeline_correct_stage_uses_the_configured_method(tmp_path):

@@ -29,6 +29,17 @@ def test_bootstrap_degenerate_and_seed_level_spread():
     assert bootstrap_means([np.ones((2, 5))], n_boot=7).shape == (7, 2)
 
 
+def test_shared_items_keep_the_item_spread_that_the_nested_design_averages_away():
+    row = (np.random.default_rng(1).random((1, 100)) < 0.5).astype(float)
+    same_items = [row.copy() for _ in range(3)]  # three seeds that agree on every shared test item
+    alone = bootstrap_ci([row], n_boot=500)
+    assert bootstrap_ci(same_items, n_boot=500, shared_items=True) == alone
+    _, low, high = bootstrap_ci(same_items, n_boot=500)
+    assert high - low < (alone[2] - alone[1]) * 0.8
+    with pytest.raises(ValueError, match="same number of items"):
+        bootstrap_ci([np.ones((1, 5)), np.ones((1, 6))], shared_items=True)
+
+
 def test_gap_closed_is_paired_and_matches_hand_computation():
     accuracy, zero, full = np.array([1, 1, 0, 1]), np.zeros(4), np.ones(4)
     share, low, high = bootstrap_ci([np.stack([accuracy, zero, full])], gap_closed, n_boot=300)
@@ -74,3 +85,41 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables)]) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("manifests/*.json")}
     assert "sweep finished" in capsys.readouterr().out
+
+
+def test_sub_grids_fill_missing_axes_from_base_and_drop_repeats():
+    spec = sweeps.spec_from_dict({"base": {"emulator": {"ratio": 0.5}},
+                                  "grid": [{"seed": [0], "emulator.method": ["activation_aware", "plain"]},
+                                           {"seed": [0], "emulator.ratio": [0.5, 0.25]}]})
+    assert spec.axes == ["emulator.method", "emulator.ratio"]
+    names = [sweeps.point_name(p) for p in spec.points()]
+    # the second sub-grid's ratio-0.5 point is the first sub-grid's activation_aware point
+    assert names == ["seed=0,method=activation_aware,ratio=0.5", "seed=0,method=plain,ratio=0.5",
+                     "seed=0,method=activation_aware,ratio=0.25"]
+    with pytest.raises(EmlocError, match="list of mappings"):
+        sweeps.spec_from_dict({"grid": [["seed"]]})
+
+
+def test_calibration_size_points_share_the_original_lora_and_reuse_adopts_a_finished_run(tiny_model_dir, tmp_path):
+    base = tiny_run_config(tiny_model_dir).to_dict()
+    finished = tmp_path / "finished"
+    assert cli.main(["run", "--config", str(_write_config(tmp_path, base)), "--out", str(finished)]) == 0
+    grid = tmp_path / "grid.yaml"
+    sweeps.io.write_yaml(grid, {"base": base, "grid": [{"seed": [0], "data.n_calibration": [8, 4]}], "n_boot": 100,
+                                "variants": ["zero_shot", "transfer_corrected", "full_lora"]})
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--reuse", str(finished)]) == 0
+    same, other = out / "points" / "seed=0,n_calibration=8", out / "points" / "seed=0,n_calibration=4"
+    inode = lambda run, rel: os.stat(run / rel).st_ino
+    # the point equal to the finished run adopts all its stages; the other calibration size only LoRA on the original
+    for rel in ["emulator/factors.safetensors", "adapters/emulator_lora/adapter_model.safetensors"]:
+        assert inode(same, rel) == inode(finished, rel) != inode(other, rel)
+    full = "adapters/full_lora/adapter_model.safetensors"
+    assert inode(same, full) == inode(other, full) == inode(finished, full)
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--reuse", str(tmp_path / "nowhere")]) == 2
+
+
+def _write_config(tmp_path, config: dict):
+    path = tmp_path / "config.yaml"
+    sweeps.io.write_yaml(path, config)
+    return path
