@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Regenerate every table and figure of benchmarks/README.md (one command; about an hour on 2 busy CPU cores).
-#   bash benchmarks/run_all.sh            # everything (the sweep resumes from finished points)
-#   SKIP_SWEEP=1 bash benchmarks/run_all.sh   # benchmarks only, sweep tables from finished points
+# Regenerate every table and figure of benchmarks/README.md (one command). The sweeps resume from finished
+# points; from nothing they take several hours on 2 CPU cores (see benchmarks/README.md for measured times).
+#   bash benchmarks/run_all.sh                # everything
+#   SKIP_SWEEP=1 bash benchmarks/run_all.sh   # benchmarks only; sweep tables from the finished points
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TQDM_DISABLE=1
+ONLY_TABLES=${SKIP_SWEEP:+--tables-only}
+$PY -m emloc sweep --grid benchmarks/grids/addition.yaml --out benchmarks/out/sweep_addition \
+  --tables benchmarks/results/sweep_addition $ONLY_TABLES
+$PY -m emloc sweep --grid benchmarks/grids/reduced.yaml --out benchmarks/out/sweep_reduced \
+  --tables benchmarks/results/sweep_reduced $ONLY_TABLES
+CORRECTION="--tasks addition wordfacts --ratios 0.5 --steps 50 100 300 --seeds 0 1 2 --n-test 100
+  --settings official_l3 official_l1 official_l10 official_none aligned activation_aware_l3"
 if [ -z "${SKIP_SWEEP:-}" ]; then
-  $PY -m emloc sweep --grid benchmarks/grids/reduced.yaml --out benchmarks/out/sweep_reduced --tables benchmarks/results/sweep_reduced
+  $PY benchmarks/correction_sweep.py $CORRECTION --out benchmarks/results/correction
 else
-  $PY -m emloc sweep --grid benchmarks/grids/reduced.yaml --out benchmarks/out/sweep_reduced --tables benchmarks/results/sweep_reduced --tables-only
+  $PY benchmarks/correction_sweep.py --summarize --out benchmarks/results/correction
 fi
 $PY benchmarks/bench_construction.py
 $PY benchmarks/bench_training_step.py --ratio 0.5

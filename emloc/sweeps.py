@@ -290,6 +290,19 @@ def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confiden
     return pd.DataFrame(rows)
 
 
+def correction_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+    """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed and item."""
+    rows = []
+    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
+        key = key if isinstance(key, tuple) else (key,)
+        groups = _groups(group, ["transfer_corrected", "transfer_uncorrected"])
+        if groups:
+            effect, low, high = bootstrap_ci(groups, lambda means: means[0] - means[1], n_boot, confidence)
+            rows.append({**dict(zip(axes, key)), "corrected_minus_uncorrected": effect, "ci_low": low, "ci_high": high,
+                         "seeds": len(groups), "within_noise": bool(low <= 0 <= high)})
+    return pd.DataFrame(rows)
+
+
 def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
     """Mean response-token loss per (axes, variant) over seeds, and the share of the zero-shot -> LoRA
     loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
@@ -329,13 +342,15 @@ def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accurac
 
 
 def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Compute items/summary/gap tables of a sweep; write CSV, Markdown and the figure (JSON)."""
+    """Compute the items/summary/gap/correction/loss tables of a sweep; write CSV, Markdown and the figure (JSON)."""
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
     target = Path(tables_dir) if tables_dir else out / "tables"
     items = items_table(out)
     tables = {"items": items, "summary": summary_table(items, spec.axes, spec.n_boot, spec.confidence),
-              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence), "loss": loss_table(out, spec.axes)}
+              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence),
+              "correction": correction_table(items, spec.axes, spec.n_boot, spec.confidence),
+              "loss": loss_table(out, spec.axes)}
     for name, table in tables.items():
         with io.atomic_path(target / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False)

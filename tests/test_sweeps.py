@@ -78,6 +78,12 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     assert zero.nunique() == 1  # the same zero-shot items for both methods
     assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
+    effect = sweeps.pd.read_csv(tables / "correction.csv").set_index("emulator.method")
+    by_method = summary.set_index(["emulator.method", "variant"])["accuracy"]
+    for method in ["activation_aware", "plain"]:
+        expected = by_method[(method, "transfer_corrected")] - by_method[(method, "transfer_uncorrected")]
+        assert effect.loc[method, "corrected_minus_uncorrected"] == pytest.approx(expected)
+        assert effect.loc[method, "ci_low"] <= expected + 1e-12 <= effect.loc[method, "ci_high"] + 2e-12
     loss = sweeps.pd.read_csv(tables / "loss.csv").set_index(["emulator.method", "variant"])
     assert loss.loc[("plain", "zero_shot"), "loss_gap_closed"] == 0 and loss.loc[("plain", "full_lora"), "loss_gap_closed"] == 1
     # a second sweep resumes: no stage is redone
