@@ -176,31 +176,43 @@ def run_sweep(args) -> None:
                 evaluate_corrections(setup, snapshot, key, done, out, args.settings)
 
 
+def _paired_difference(rows, reference) -> str:
+    """Mean and 95% interval of ``rows - reference`` accuracy, paired per seed and (shared) test item."""
+    import numpy as np
+    from emloc.bootstrap import bootstrap_ci
+    common = [s for s in rows.index if s in reference.index]
+    if not common:
+        return ""
+    pairs = [np.stack([rows.loc[s, "items"], reference.loc[s, "items"]]) for s in common]
+    mean, low, high = bootstrap_ci(pairs, lambda means: means[0] - means[1], shared_items=True)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def summarize(args) -> str:
+    """Markdown table: accuracy per (task, ratio, steps, setting) and paired differences to no correction
+    and to the default correction (official, lambda 3)."""
     import numpy as np
     import pandas as pd
     from emloc.bootstrap import bootstrap_ci
     runs = pd.read_csv(Path(args.out) / "runs.csv", dtype={"correct": str})
     runs["items"] = runs["correct"].map(lambda s: np.array([c == "1" for c in s], dtype=float))
-    lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) | update/mismatch cos | coef |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) "
+             "| minus official_l3 (95% CI) | update/mismatch cos | coef |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = ["zero_shot", "emulator_lora", "uncorrected", *(n for n, _, _ in SETTINGS)]
+    fmt = lambda v: "" if np.isnan(v) else f"{v:.1e}"
     for (task, ratio, steps), group in runs.groupby(["task", "ratio", "steps"], sort=True):
-        base = group[group.setting == "uncorrected"].set_index("seed")
-        for setting in [s for s in order if s in set(group.setting)]:
-            rows = group[group.setting == setting].set_index("seed").sort_index()
+        by_setting = {name: rows.set_index("seed").sort_index() for name, rows in group.groupby("setting")}
+        for setting in [s for s in order if s in by_setting]:
+            rows = by_setting[setting]
             # every seed is scored on the same test items of the task: the crossed design
             m, lo, hi = bootstrap_ci([items[None] for items in rows["items"]], shared_items=True)
-            diff = ""
-            common = [s for s in rows.index if s in base.index]
-            if setting not in ("uncorrected", "zero_shot") and common:
-                pairs = [np.stack([rows.loc[s, "items"], base.loc[s, "items"]]) for s in common]
-                dm, dlo, dhi = bootstrap_ci(pairs, lambda means: means[0] - means[1], shared_items=True)
-                diff = f"{dm:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
-            cos = rows["update_mismatch_cosine"].mean() if setting.startswith(("official", "aligned", "activation")) else float("nan")
-            coef = rows["update_mismatch_coefficient"].mean() if not np.isnan(cos) else float("nan")
-            fmt = lambda v: "" if np.isnan(v) else f"{v:.1e}"
-            lines.append(f"| {task} | {ratio} | {steps} | {setting} | {len(rows)} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | {fmt(cos)} | {fmt(coef)} |")
+            versus = [_paired_difference(rows, by_setting[ref]) if ref in by_setting and setting not in (ref, "zero_shot")
+                      else "" for ref in ("uncorrected", "official_l3")]
+            corrected = setting.startswith(("official", "aligned", "activation"))
+            cos = rows["update_mismatch_cosine"].mean() if corrected else float("nan")
+            coef = rows["update_mismatch_coefficient"].mean() if corrected else float("nan")
+            lines.append(f"| {task} | {ratio} | {steps} | {setting} | {len(rows)} | {m:.3f} [{lo:.3f}, {hi:.3f}] "
+                         f"| {versus[0]} | {versus[1]} | {fmt(cos)} | {fmt(coef)} |")
     table = "\n".join(lines)
     (Path(args.out) / "summary.md").write_text(table + "\n", encoding="utf-8")
     return table
