@@ -160,7 +160,7 @@ def execute_sweep(args: argparse.Namespace) -> int:
     tables = sweeps.write_tables(args.out, args.tables)
     print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))
-    print(tables["correction"].to_string(float_format=lambda x: f"{x:+.3f}"))
+    print(tables["correction"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["loss"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"sweep finished in {time.perf_counter() - start:.1f} s; runs in {args.out}")
     return 0

@@ -328,6 +328,17 @@ def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
     return table
 
 
+def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per point, one column per variant: ``"accuracy [low, high]"`` (for reading, not computing)."""
+    if summary.empty:
+        return pd.DataFrame(columns=[*axes, *VARIANT_STAGE])
+    cells = summary.assign(cell=[f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                                 zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])])
+    wide = cells.pivot(index=axes, columns="variant", values="cell") if axes else cells.set_index("variant")[["cell"]].T
+    ordered = [v for v in VARIANT_STAGE if v in wide.columns]
+    return wide[ordered].fillna("").reset_index()
+
+
 def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accuracy (95% bootstrap interval)"):
     """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
     import plotly.graph_objects as go
@@ -354,6 +365,8 @@ def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[
     for name, table in tables.items():
         with io.atomic_path(target / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False)
+    tables["wide"] = wide_table(tables["summary"], spec.axes)
+    for name, table in tables.items():
         if name != "items":
             with io.atomic_path(target / f"{name}.md") as tmp:
                 tmp.write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n", encoding="utf-8")

@@ -78,6 +78,8 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     assert zero.nunique() == 1  # the same zero-shot items for both methods
     assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
+    wide = (tables / "wide.md").read_text()
+    assert wide.count("\n") == 2 + 2 and "transfer_corrected" in wide  # header, rule, one row per method
     effect = sweeps.pd.read_csv(tables / "correction.csv").set_index("emulator.method")
     by_method = summary.set_index(["emulator.method", "variant"])["accuracy"]
     for method in ["activation_aware", "plain"]:
