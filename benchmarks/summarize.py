@@ -11,6 +11,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
 
+from emloc.baselines import is_structured  # noqa: E402
+
 
 def _json(name: str) -> dict | None:
     path = RESULTS / name
@@ -30,7 +32,7 @@ def _at_base_point(table: pd.DataFrame) -> pd.DataFrame:
 
 def _transfer_variant(method: str) -> str:
     """Corrected transfer for SVD emulators; the structured baselines have no ``W'`` to correct."""
-    return "transfer_corrected" if method in ("activation_aware", "plain") else "transfer_uncorrected"
+    return "transfer_uncorrected" if is_structured(method) else "transfer_corrected"
 
 
 def _transfer_claims(path: Path, column: str, what: str, detail) -> list[dict]:

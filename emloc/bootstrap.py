@@ -26,15 +26,15 @@ def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int 
     """
     rng = np.random.default_rng(seed)
     n_groups = len(groups)
-    if shared_items:
-        sizes = {g.shape[1] for g in groups}
-        if len(sizes) != 1:
-            raise ValueError(f"shared_items needs the same number of items in every group, got {sorted(sizes)}")
-        draw = rng.integers(0, sizes.pop(), (n_boot, groups[0].shape[1]))
-        sums = np.stack([g[:, draw].sum(-1).T for g in groups])  # (S, B, k)
-    else:
-        sums = np.stack([g[:, rng.integers(0, g.shape[1], (n_boot, g.shape[1]))].sum(-1).T for g in groups])
     sizes = np.array([g.shape[1] for g in groups], dtype=float)
+    if shared_items:
+        if len(set(sizes)) != 1:
+            raise ValueError(f"shared_items needs the same number of items in every group, got {sorted(set(sizes))}")
+        shared = rng.integers(0, groups[0].shape[1], (n_boot, groups[0].shape[1]))
+        draws = [shared] * n_groups
+    else:
+        draws = [rng.integers(0, g.shape[1], (n_boot, g.shape[1])) for g in groups]
+    sums = np.stack([g[:, draw].sum(-1).T for g, draw in zip(groups, draws)])  # (S, B, k)
     counts = np.stack([np.bincount(row, minlength=n_groups) for row in rng.integers(0, n_groups, (n_boot, n_groups))])
     if n_groups == 1:
         counts = np.ones((n_boot, 1))
