@@ -240,19 +240,20 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
 
 def items_table(out: str | Path) -> pd.DataFrame:
     """Long table: one row per (point, variant, test item) with the grid values and ``correct``."""
+    spec, finished = _finished_points(out)
+    frames = [pd.DataFrame({**point, "variant": variant, "item": range(len(rec["correct"])), "correct": rec["correct"]})
+              for point, variants in finished for variant, rec in variants.items()]
+    if not frames:
+        return pd.DataFrame(columns=["seed", *spec.axes, "variant", "item", "correct"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _finished_points(out: str | Path) -> tuple[SweepSpec, list[tuple[dict, dict]]]:
+    """The sweep's spec and ``(point, variant records)`` of every point with a ``point.json``."""
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
-    frames = []
-    for point in spec.points():
-        path = out / "points" / point_name(point) / "point.json"
-        if not path.exists():
-            continue
-        for variant, rec in io.read_json(path)["variants"].items():
-            frames.append(pd.DataFrame({**point, "variant": variant, "item": range(len(rec["correct"])),
-                                        "correct": rec["correct"]}))
-    if not frames:
-        return pd.DataFrame(columns=[*spec.grid, "variant", "item", "correct"])
-    return pd.concat(frames, ignore_index=True)
+    paths = [(point, out / "points" / point_name(point) / "point.json") for point in spec.points()]
+    return spec, [(point, io.read_json(path)["variants"]) for point, path in paths if path.exists()]
 
 
 def _groups(items: pd.DataFrame, variants: list[str]) -> list[np.ndarray]:
@@ -263,6 +264,12 @@ def _groups(items: pd.DataFrame, variants: list[str]) -> list[np.ndarray]:
         if set(variants) <= set(wide.index):
             groups.append(wide.loc[variants].to_numpy())
     return groups
+
+
+def _by_point(items: pd.DataFrame, axes: list[str]):
+    """``(axis values, rows)`` per point of the per-item table (the whole table when there are no axes)."""
+    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
+        yield dict(zip(axes, key if isinstance(key, tuple) else (key,))), group
 
 
 def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
@@ -279,13 +286,12 @@ def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, conf
 def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
     """Share of the zero-shot -> LoRA-on-original accuracy gap closed, paired per seed and item."""
     rows = []
-    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for point, group in _by_point(items, axes):
         for variant in GAP_VARIANTS:
             groups = _groups(group, [variant, "zero_shot", "full_lora"])
             if groups:
                 share, low, high = bootstrap_ci(groups, gap_closed, n_boot, confidence)
-                rows.append({**dict(zip(axes, key)), "variant": variant, "gap_closed": share,
+                rows.append({**point, "variant": variant, "gap_closed": share,
                              "ci_low": low, "ci_high": high, "seeds": len(groups)})
     return pd.DataFrame(rows)
 
@@ -293,12 +299,11 @@ def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confiden
 def correction_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
     """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed and item."""
     rows = []
-    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for point, group in _by_point(items, axes):
         groups = _groups(group, ["transfer_corrected", "transfer_uncorrected"])
         if groups:
             effect, low, high = bootstrap_ci(groups, lambda means: means[0] - means[1], n_boot, confidence)
-            rows.append({**dict(zip(axes, key)), "corrected_minus_uncorrected": effect, "ci_low": low, "ci_high": high,
+            rows.append({**point, "corrected_minus_uncorrected": effect, "ci_low": low, "ci_high": high,
                          "seeds": len(groups), "within_noise": bool(low <= 0 <= high)})
     return pd.DataFrame(rows)
 
@@ -307,13 +312,8 @@ def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
     """Mean response-token loss per (axes, variant) over seeds, and the share of the zero-shot -> LoRA
     loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
     only the mean loss per variant is stored)."""
-    out = Path(out)
-    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
-    rows = []
-    for point in spec.points():
-        path = out / "points" / point_name(point) / "point.json"
-        if path.exists():
-            rows += [{**point, "variant": v, "loss": rec["loss"]} for v, rec in io.read_json(path)["variants"].items()]
+    _, finished = _finished_points(out)
+    rows = [{**point, "variant": v, "loss": rec["loss"]} for point, variants in finished for v, rec in variants.items()]
     if not rows:
         return pd.DataFrame(columns=[*axes, "variant", "loss", "seeds", "loss_gap_closed"])
     frame = pd.DataFrame(rows)

@@ -108,6 +108,13 @@ def test_sub_grids_fill_missing_axes_from_base_and_drop_repeats():
         sweeps.spec_from_dict({"grid": [["seed"]]})
 
 
+def test_items_table_of_a_sweep_with_sub_grids_and_no_finished_point(tmp_path):
+    sweeps.io.write_yaml(tmp_path / "grid.yaml", {"grid": [{"seed": [0], "emulator.ratio": [0.5]},
+                                                           {"seed": [0], "emulator.method": ["plain"]}]})
+    assert list(sweeps.items_table(tmp_path).columns) == ["seed", "emulator.ratio", "emulator.method",
+                                                          "variant", "item", "correct"]
+
+
 def test_calibration_size_points_share_the_original_lora_and_reuse_adopts_a_finished_run(tiny_model_dir, tmp_path):
     base = tiny_run_config(tiny_model_dir).to_dict()
     finished = tmp_path / "finished"
