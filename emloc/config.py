@@ -13,6 +13,8 @@ from typing import Any, Optional
 from emloc.errors import EmlocError
 
 EMULATOR_METHODS = ("activation_aware", "plain", "layer_drop", "prune")
+CORRECTION_METHODS = ("official", "aligned", "activation_aware")
+"""The LoRA correction methods (``correction.method``); ``emloc.correction.CORRECTION_TARGETS`` implements each."""
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -189,8 +191,8 @@ def validate(config: RunConfig) -> None:
             raise EmlocError(f"{name} = {value} must be a positive integer")
     if lora.alpha <= 0 or lora.learning_rate <= 0:
         raise EmlocError("lora.alpha and lora.learning_rate must be positive")
-    if config.correction.method not in ("official", "aligned", "activation_aware"):
+    if config.correction.method not in CORRECTION_METHODS:
         raise EmlocError(f"correction.method = {config.correction.method!r} is unknown: "
-                         f"use 'official', 'aligned' or 'activation_aware'")
+                         f"use one of {', '.join(CORRECTION_METHODS)}")
     if config.correction.clamp is not None and config.correction.clamp <= 0:
         raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive (or null for no clamp)")

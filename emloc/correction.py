@@ -2,17 +2,24 @@
 
 peft's update is ``dW = s B A`` with ``A: (r, in)``, ``B: (out, r)``. With ``Q`` an orthonormal basis
 (``in x r``) of the row space of ``A``: ``B A = B~ Q^T`` with ``B~ = B A Q``. The mismatch inside that
-subspace is ``D = (W - W') Q / s``; the corrected pair is ``A' = Q^T``, ``B^ = B~ - clamp(D)``.
+subspace is ``D = (W - W') Q / s``; the corrected pair is ``A' = Q^T``, ``B^ = B~ - clamp(target)``.
+
+The *method* chooses the target (:data:`CORRECTION_TARGETS`, one entry per name of
+:data:`emloc.config.CORRECTION_METHODS`): ``official`` subtracts ``D`` itself (the paper), ``aligned`` only the
+part of ``D`` the adapter learned to compensate, ``activation_aware`` the mismatch measured on the calibration
+activations. One function (:func:`correct_lora_pair`) and one report (:func:`pair_report`) serve them all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from emloc.config import CORRECTION_METHODS
 from emloc.emulator import EmulatorFactors, layer_index, module_type
 from emloc.errors import EmlocError
 
@@ -41,119 +48,11 @@ def clamp_columns(D: torch.Tensor, B_tilde: torch.Tensor, lam: float | None) -> 
     return D * scale, clamped
 
 
-@dataclass
-class CorrectedPair:
-    A: torch.Tensor
-    """``A' = Q^T`` (``r x in``)."""
-    B: torch.Tensor
-    """``B^ = B~ - clamp(D)`` (``out x r``)."""
-    Q: torch.Tensor
-    B_tilde: torch.Tensor
-    D: torch.Tensor
-    clamped: torch.Tensor
-
-
-def correct_lora_pair(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor, s: float,
-                      lam: float | None = 3.0) -> CorrectedPair:
-    """The EMLoC correction of one LoRA pair, for any scaling ``s``.
-
-    Unclamped, ``(W + s B^ A') x = (W' + s B A) x`` for every ``x`` in the row space of ``A``.
-    """
-    Q = orthonormal_row_basis(A)
-    B_tilde = B @ (A @ Q)
-    D = subspace_mismatch(W, W_emulated, Q, s)
-    D_clamped, clamped = clamp_columns(D, B_tilde, lam)
-    return CorrectedPair(Q.T.contiguous(), B_tilde - D_clamped, Q, B_tilde, D, clamped)
-
-
-def clamp_summary(D: torch.Tensor, B_tilde: torch.Tensor, D_applied: torch.Tensor, clamped: torch.Tensor,
-                  s: float, reference_norm: float) -> dict:
-    """Per-module numbers: clamped columns, correction norm, and the misalignment on ``Q`` of the
-    original+adapter vs the fine-tuned emulator, ``s ||D - D_applied||_F / ||W' Q + s B~||_F``,
-    before (nothing applied) and after the correction."""
-    tiny = torch.finfo(torch.float64).tiny
-    return {
-        "clamped_columns": int(clamped.sum()),
-        "columns": int(clamped.numel()),
-        "correction_norm": float(s * D_applied.norm()),
-        "update_norm": float(s * B_tilde.norm()),
-        "reference_norm": reference_norm,
-        "misalignment_before": float(s * D.norm()) / max(reference_norm, tiny),
-        "misalignment_after": float(s * (D - D_applied).norm()) / max(reference_norm, tiny),
-    }
-
-
-def pair_report(pair: CorrectedPair, W_emulated: torch.Tensor, s: float) -> dict:
-    reference_norm = float((W_emulated @ pair.Q + s * pair.B_tilde).norm())
-    return clamp_summary(pair.D, pair.B_tilde, pair.B_tilde - pair.B, pair.clamped, s, reference_norm)
-
-
-def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
-    """LoRA-wrapped modules by their name in the base model (``model.layers.0.self_attn.q_proj``)."""
-    return {name: module for name, module in peft_model.get_base_model().named_modules() if isinstance(module, LoraLayer)}
-
-
-@torch.no_grad()
-def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float | None = 3.0,
-                    adapter_name: str = "default", compute_dtype: torch.dtype = torch.float64,
-                    method: str = "official", stats=None):
-    """Correct, in place, the adapter loaded on the *original* model; returns (report, subspace tensors).
-
-    Modules the emulator did not factor have ``W' = W`` and so ``D = 0``. ``method`` is one of
-    :data:`CORRECTION_METHODS`; ``'activation_aware'`` needs ``stats`` (a ``CalibrationStats``). The report
-    has one row per module with :func:`clamp_summary` and :func:`pair_diagnostics` columns; the tensors hold
-    ``Q``, ``B_tilde``, ``D``, ``D_target`` and the per-column ``coefficient`` and ``cosine`` of each module.
-    """
-    if method not in CORRECTION_METHODS:
-        raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
-    if method == "activation_aware" and stats is None:
-        raise EmlocError("the activation_aware correction needs the calibration statistics: run `emloc calibrate` first")
-    rows, tensors = [], {}
-    layers = lora_layers(peft_model)
-    unknown = [name for name in factors.u if name not in layers]
-    if len(unknown) == len(factors.u):
-        raise EmlocError("the adapter wraps none of the emulator's layers: it belongs to another model or emulator")
-    for name, layer in layers.items():
-        lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        W = layer.get_base_layer().weight.to(compute_dtype)
-        W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
-        s = float(layer.scaling[adapter_name])
-        C = stats.C(name).to(W.device) if method == "activation_aware" and name in factors.u else None
-        pair = correct_lora_pair_with(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
-        lora_A.copy_(pair.A.to(lora_A.dtype))
-        lora_B.copy_(pair.B.to(lora_B.dtype))
-        rows.append({"module": name, "layer": layer_index(name), "type": module_type(name), "scaling": s,
-                     "method": method, **variant_report(pair, W_emulated, s)})
-        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(), f"{name}.D": pair.D.float(),
-                        f"{name}.D_target": pair.D_target.float(),
-                        f"{name}.coefficient": column_coefficients(pair.B_tilde, pair.D).float(),
-                        f"{name}.cosine": column_cosines(pair.B_tilde, pair.D).float()})
-    return pd.DataFrame(rows), tensors
-
-
-def reclamp_report(tensors: dict[str, torch.Tensor], report: pd.DataFrame, lam: float | None) -> pd.DataFrame:
-    """The per-module report for another ``lambda``, from the saved ``B~`` and ``D`` (no model needed).
-
-    When the tensors hold a method's ``D_target`` (any :func:`correct_adapter` run), that target is clamped.
-    """
-    rows = []
-    for row in report.itertuples(index=False):
-        D, B_tilde = tensors[f"{row.module}.D"].double(), tensors[f"{row.module}.B_tilde"].double()
-        target = tensors.get(f"{row.module}.D_target", tensors[f"{row.module}.D"]).double()
-        D_clamped, clamped = clamp_columns(target, B_tilde, lam)
-        summary = clamp_summary(D, B_tilde, D_clamped, clamped, row.scaling, row.reference_norm)
-        rows.append({"module": row.module, "layer": row.layer, "type": row.type, "scaling": row.scaling, **summary})
-    return pd.DataFrame(rows)
-
-
-# ---- diagnostics and correction variants (issue 7) -------------------------------------------
+# ---- what each method subtracts ---------------------------------------------------------------
 #
 # With ``U = s B~`` (the learned update on ``Q``) and ``M = (W - W') Q = s D`` (the emulator's error on
 # ``Q``): the adapter compensates the emulator's error when ``U`` points along ``M`` (``U ~ c M`` with
 # ``c ~ 1``). On the original model that compensation is no longer needed, so it should be removed.
-
-CORRECTION_METHODS = ("official", "aligned", "activation_aware")
-
 
 def _tiny(t: torch.Tensor) -> float:
     return torch.finfo(t.dtype).tiny
@@ -197,39 +96,86 @@ def activation_aware_mismatch(W: torch.Tensor, W_emulated: torch.Tensor, Q: torc
     return ((W - W_emulated) @ CQ) @ torch.linalg.pinv(gram, hermitian=True, rtol=rtol) / s
 
 
-def correction_target(method: str, W: torch.Tensor, W_emulated: torch.Tensor, Q: torch.Tensor, B_tilde: torch.Tensor,
-                      s: float, C: torch.Tensor | None = None) -> torch.Tensor:
-    """What a correction method subtracts from ``B~`` before the clamp (``out x r``)."""
-    D = subspace_mismatch(W, W_emulated, Q, s)
-    if method == "official":
-        return D
-    if method == "aligned":
-        return aligned_mismatch(D, B_tilde)
-    if method == "activation_aware":
-        if C is None:
-            raise EmlocError("the activation_aware correction needs the calibration statistics C: run `emloc calibrate` first")
-        return activation_aware_mismatch(W, W_emulated, Q, C, s)
-    raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
+def _activation_aware_target(D, B_tilde, W, W_emulated, Q, s, C):
+    if C is None:
+        raise EmlocError("the activation_aware correction needs the calibration statistics C: run `emloc calibrate` first")
+    return activation_aware_mismatch(W, W_emulated, Q, C, s)
 
+
+TargetFunction = Callable[..., torch.Tensor]
+"""``(D, B_tilde, W, W_emulated, Q, s, C) -> target`` (``out x r``): what a method subtracts from ``B~``."""
+
+CORRECTION_TARGETS: dict[str, TargetFunction] = {
+    "official": lambda D, B_tilde, W, W_emulated, Q, s, C: D,
+    "aligned": lambda D, B_tilde, W, W_emulated, Q, s, C: aligned_mismatch(D, B_tilde),
+    "activation_aware": _activation_aware_target,
+}
+"""Method name -> target function; its keys are :data:`emloc.config.CORRECTION_METHODS`, in that order."""
+assert tuple(CORRECTION_TARGETS) == CORRECTION_METHODS, "emloc.config.CORRECTION_METHODS and CORRECTION_TARGETS disagree"
+
+
+def check_method(method: str) -> None:
+    """A one-line error for a correction method that is not one of :data:`CORRECTION_METHODS`."""
+    if method not in CORRECTION_TARGETS:
+        raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
+
+
+def correction_target(method: str, D: torch.Tensor, B_tilde: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor,
+                      Q: torch.Tensor, s: float, C: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``method`` subtracts from ``B~`` before the clamp (``out x r``); ``D`` for the official correction."""
+    check_method(method)
+    return CORRECTION_TARGETS[method](D, B_tilde, W, W_emulated, Q, s, C)
+
+
+# ---- one LoRA pair ---------------------------------------------------------------------------
 
 @dataclass
-class VariantPair(CorrectedPair):
-    D_target: torch.Tensor | None = None
+class CorrectedPair:
+    A: torch.Tensor
+    """``A' = Q^T`` (``r x in``)."""
+    B: torch.Tensor
+    """``B^ = B~ - clamp(D_target)`` (``out x r``)."""
+    Q: torch.Tensor
+    B_tilde: torch.Tensor
+    D: torch.Tensor
+    """The whole mismatch ``(W - W') Q / s`` (``out x r``), whatever the method."""
+    clamped: torch.Tensor
+    D_target: torch.Tensor
     """What the method subtracts before the clamp (``D`` itself for the official correction)."""
 
 
-def correct_lora_pair_with(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor, s: float,
-                           lam: float | None = 3.0, method: str = "official", C: torch.Tensor | None = None) -> VariantPair:
-    """Any correction method of one LoRA pair: ``B^ = B~ - clamp(target)``, ``A' = Q^T``.
+def correct_lora_pair(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor, s: float,
+                      lam: float | None = 3.0, method: str = "official", C: torch.Tensor | None = None) -> CorrectedPair:
+    """The correction of one LoRA pair by ``method``, for any scaling ``s``: ``B^ = B~ - clamp(target)``, ``A' = Q^T``.
 
-    ``method='official'`` gives exactly :func:`correct_lora_pair`.
+    ``A``: ``(r, in)``, ``B``: ``(out, r)``, ``W``, ``W_emulated``: ``(out, in)``; ``C`` (``in x in``) only for
+    ``'activation_aware'``. Official and unclamped, ``(W + s B^ A') x = (W' + s B A) x`` for every ``x`` in the
+    row space of ``A``.
     """
+    check_method(method)
     Q = orthonormal_row_basis(A)
     B_tilde = B @ (A @ Q)
     D = subspace_mismatch(W, W_emulated, Q, s)
-    target = correction_target(method, W, W_emulated, Q, B_tilde, s, C)
+    target = correction_target(method, D, B_tilde, W, W_emulated, Q, s, C)
     applied, clamped = clamp_columns(target, B_tilde, lam)
-    return VariantPair(Q.T.contiguous(), B_tilde - applied, Q, B_tilde, D, clamped, target)
+    return CorrectedPair(Q.T.contiguous(), B_tilde - applied, Q, B_tilde, D, clamped, target)
+
+
+def clamp_summary(D: torch.Tensor, B_tilde: torch.Tensor, D_applied: torch.Tensor, clamped: torch.Tensor,
+                  s: float, reference_norm: float) -> dict:
+    """Per-module numbers: clamped columns, correction norm, and the misalignment on ``Q`` of the
+    original+adapter vs the fine-tuned emulator, ``s ||D - D_applied||_F / ||W' Q + s B~||_F``,
+    before (nothing applied) and after the correction."""
+    tiny = torch.finfo(torch.float64).tiny
+    return {
+        "clamped_columns": int(clamped.sum()),
+        "columns": int(clamped.numel()),
+        "correction_norm": float(s * D_applied.norm()),
+        "update_norm": float(s * B_tilde.norm()),
+        "reference_norm": reference_norm,
+        "misalignment_before": float(s * D.norm()) / max(reference_norm, tiny),
+        "misalignment_after": float(s * (D - D_applied).norm()) / max(reference_norm, tiny),
+    }
 
 
 def pair_diagnostics(B_tilde: torch.Tensor, D: torch.Tensor, D_target: torch.Tensor, D_applied: torch.Tensor,
@@ -257,8 +203,69 @@ def pair_diagnostics(B_tilde: torch.Tensor, D: torch.Tensor, D_target: torch.Ten
     }
 
 
-def variant_report(pair: VariantPair, W_emulated: torch.Tensor, s: float) -> dict:
-    """:func:`pair_report` plus :func:`pair_diagnostics` and the ``target_norm`` of the method."""
+def pair_report(pair: CorrectedPair, W_emulated: torch.Tensor, s: float) -> dict:
+    """One module's report row: :func:`clamp_summary`, the method's ``target_norm`` and :func:`pair_diagnostics`."""
     applied = pair.B_tilde - pair.B
-    return {**pair_report(pair, W_emulated, s), "target_norm": float(s * pair.D_target.norm()),
+    reference_norm = float((W_emulated @ pair.Q + s * pair.B_tilde).norm())
+    return {**clamp_summary(pair.D, pair.B_tilde, applied, pair.clamped, s, reference_norm),
+            "target_norm": float(s * pair.D_target.norm()),
             **pair_diagnostics(pair.B_tilde, pair.D, pair.D_target, applied, s)}
+
+
+# ---- the adapter on a peft model --------------------------------------------------------------
+
+def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    """LoRA-wrapped modules by their name in the base model (``model.layers.0.self_attn.q_proj``)."""
+    return {name: module for name, module in peft_model.get_base_model().named_modules() if isinstance(module, LoraLayer)}
+
+
+@torch.no_grad()
+def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float | None = 3.0,
+                    adapter_name: str = "default", compute_dtype: torch.dtype = torch.float64,
+                    method: str = "official", stats=None):
+    """Correct, in place, the adapter loaded on the *original* model; returns (report, subspace tensors).
+
+    Modules the emulator did not factor have ``W' = W`` and so ``D = 0``. ``method`` is one of
+    :data:`CORRECTION_METHODS`; ``'activation_aware'`` needs ``stats`` (a ``CalibrationStats``). The report
+    has one row per module with :func:`pair_report` columns; the tensors hold ``Q``, ``B_tilde``, ``D``,
+    ``D_target`` and the per-column ``coefficient`` and ``cosine`` of each module.
+    """
+    check_method(method)
+    if method == "activation_aware" and stats is None:
+        raise EmlocError("the activation_aware correction needs the calibration statistics: run `emloc calibrate` first")
+    rows, tensors = [], {}
+    layers = lora_layers(peft_model)
+    unknown = [name for name in factors.u if name not in layers]
+    if len(unknown) == len(factors.u):
+        raise EmlocError("the adapter wraps none of the emulator's layers: it belongs to another model or emulator")
+    for name, layer in layers.items():
+        lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        W = layer.get_base_layer().weight.to(compute_dtype)
+        W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
+        s = float(layer.scaling[adapter_name])
+        C = stats.C(name).to(W.device) if method == "activation_aware" and name in factors.u else None
+        pair = correct_lora_pair(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
+        lora_A.copy_(pair.A.to(lora_A.dtype))
+        lora_B.copy_(pair.B.to(lora_B.dtype))
+        rows.append({"module": name, "layer": layer_index(name), "type": module_type(name), "scaling": s,
+                     "method": method, **pair_report(pair, W_emulated, s)})
+        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(), f"{name}.D": pair.D.float(),
+                        f"{name}.D_target": pair.D_target.float(),
+                        f"{name}.coefficient": column_coefficients(pair.B_tilde, pair.D).float(),
+                        f"{name}.cosine": column_cosines(pair.B_tilde, pair.D).float()})
+    return pd.DataFrame(rows), tensors
+
+
+def reclamp_report(tensors: dict[str, torch.Tensor], report: pd.DataFrame, lam: float | None) -> pd.DataFrame:
+    """The per-module report for another ``lambda``, from the saved ``B~`` and ``D`` (no model needed).
+
+    When the tensors hold a method's ``D_target`` (any :func:`correct_adapter` run), that target is clamped.
+    """
+    rows = []
+    for row in report.itertuples(index=False):
+        D, B_tilde = tensors[f"{row.module}.D"].double(), tensors[f"{row.module}.B_tilde"].double()
+        target = tensors.get(f"{row.module}.D_target", tensors[f"{row.module}.D"]).double()
+        D_clamped, clamped = clamp_columns(target, B_tilde, lam)
+        summary = clamp_summary(D, B_tilde, D_clamped, clamped, row.scaling, row.reference_norm)
+        rows.append({"module": row.module, "layer": row.layer, "type": row.type, "scaling": row.scaling, **summary})
+    return pd.DataFrame(rows)

@@ -1,12 +1,12 @@
-"""Correction variants (issue 7): each variant's defining property, the diagnostics on constructed cases,
+"""Correction methods (issue 7): each method's defining property, the diagnostics on constructed cases,
 the wiring through a peft adapter, config/CLI, the word task and the bootstrap helper."""
 import numpy as np
 import pytest
 import torch
 
-from emloc.correction import (aligned_mismatch, activation_aware_mismatch, column_coefficients, column_cosines,
-                              correct_adapter, correct_lora_pair, correct_lora_pair_with, orthonormal_row_basis,
-                              pair_diagnostics, reclamp_report)
+from emloc.correction import (aligned_mismatch, clamp_columns, activation_aware_mismatch, column_coefficients, column_cosines,
+                              CORRECTION_TARGETS, correct_adapter, correct_lora_pair, orthonormal_row_basis,
+                              pair_diagnostics, pair_report, reclamp_report)
 from emloc.errors import EmlocError
 from emloc.lora import lora_scaling
 
@@ -26,21 +26,36 @@ def _case(seed=0, out=12, inp=16, r=4, gap=0.3):
 def test_official_reproduces_emulator_inside_subspace_unclamped(alpha, r, rslora):
     W, W_emulated, A, B = _case(r=r)
     s = lora_scaling(alpha, r, rslora)
-    pair = correct_lora_pair_with(A, B, W, W_emulated, s, lam=None, method="official")
+    pair = correct_lora_pair(A, B, W, W_emulated, s, lam=None, method="official")
     x = A.T @ torch.randn(r, 5, dtype=F64)  # inputs in the row space of A
     original_corrected = (W + s * pair.B @ pair.A) @ x
     emulator_tuned = (W_emulated + s * B @ A) @ x
     torch.testing.assert_close(original_corrected, emulator_tuned, rtol=1e-10, atol=1e-10)
-    reference = correct_lora_pair(A, B, W, W_emulated, s, None)
-    torch.testing.assert_close(pair.B, reference.B, rtol=0, atol=0)
+    assert torch.equal(pair.D_target, pair.D)  # the official target is the whole mismatch
 
 
-def test_official_with_clamp_equals_the_unchanged_official_function():
+def test_official_with_clamp_subtracts_the_clamped_mismatch():
     W, W_emulated, A, B = _case(gap=2.0)
-    for lam in (1.0, 3.0, 10.0):
-        a, b = correct_lora_pair_with(A, B, W, W_emulated, 2.0, lam, "official"), correct_lora_pair(A, B, W, W_emulated, 2.0, lam)
-        torch.testing.assert_close(a.B, b.B, rtol=0, atol=0)
-        assert torch.equal(a.clamped, b.clamped)
+    Q = orthonormal_row_basis(A)
+    B_tilde, D = B @ (A @ Q), (W - W_emulated) @ Q / 2.0
+    fired = []
+    for lam in (0.3, 1.0, 3.0, 10.0):
+        pair = correct_lora_pair(A, B, W, W_emulated, 2.0, lam)  # the default method is the official one
+        applied, clamped = clamp_columns(D, B_tilde, lam)
+        torch.testing.assert_close(pair.B, B_tilde - applied, rtol=0, atol=0)
+        assert torch.equal(pair.clamped, clamped)
+        fired.append(bool(pair.clamped.any()))
+    assert fired[0] and not fired[-1]  # the clamp is exercised both ways
+
+
+def test_one_method_list_for_config_and_correction():
+    from emloc.config import CORRECTION_METHODS
+    assert tuple(CORRECTION_TARGETS) == CORRECTION_METHODS
+    W, W_emulated, A, B = _case()
+    C = torch.eye(16, dtype=F64)
+    columns = {m: list(pair_report(correct_lora_pair(A, B, W, W_emulated, 2.0, 3.0, m, C), W_emulated, 2.0))
+               for m in CORRECTION_METHODS}
+    assert all(c == columns["official"] for c in columns.values())  # one report for every method
 
 
 def test_aligned_never_moves_a_column_orthogonal_to_the_mismatch():
@@ -54,7 +69,7 @@ def test_aligned_never_moves_a_column_orthogonal_to_the_mismatch():
     B_tilde[:, 0] -= (B_tilde[:, 0] @ d0) * d0
     B_tilde[:, 1] = 0.4 * D[:, 1]
     B_new = B_tilde @ Q.T @ torch.linalg.pinv(A)
-    pair = correct_lora_pair_with(A, B_new, W, W_emulated, s, lam=None, method="aligned")
+    pair = correct_lora_pair(A, B_new, W, W_emulated, s, lam=None, method="aligned")
     torch.testing.assert_close(pair.B_tilde, B_tilde, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pair.B[:, 0], pair.B_tilde[:, 0], rtol=0, atol=1e-12)  # orthogonal: untouched
     torch.testing.assert_close(pair.B[:, 1], pair.B_tilde[:, 1] - 0.4 * D[:, 1], rtol=1e-10, atol=1e-12)
@@ -80,7 +95,7 @@ def test_activation_aware_minimises_the_calibration_objective():
     # brute force: min over Delta of ||(W - W') X - s Delta Q^T X||_F by least squares on the explicit X
     brute = torch.linalg.lstsq((Q.T @ X).T, ((W - W_emulated) @ X).T).solution.T / s
     torch.testing.assert_close(delta, brute, rtol=1e-8, atol=1e-10)
-    pair = correct_lora_pair_with(A, B, W, W_emulated, s, None, "activation_aware", X @ X.T)
+    pair = correct_lora_pair(A, B, W, W_emulated, s, None, "activation_aware", X @ X.T)
     objective = lambda Bh: float((((W + s * Bh @ pair.A) - (W_emulated + s * B @ A)) @ X).norm())
     best = objective(pair.B)
     official = correct_lora_pair(A, B, W, W_emulated, s, None)
@@ -91,7 +106,7 @@ def test_activation_aware_minimises_the_calibration_objective():
 
 def test_activation_aware_with_identity_statistics_is_the_official_correction():
     W, W_emulated, A, B = _case(seed=2)
-    a = correct_lora_pair_with(A, B, W, W_emulated, 2.0, None, "activation_aware", torch.eye(16, dtype=F64) * 7.0)
+    a = correct_lora_pair(A, B, W, W_emulated, 2.0, None, "activation_aware", torch.eye(16, dtype=F64) * 7.0)
     b = correct_lora_pair(A, B, W, W_emulated, 2.0, None)
     torch.testing.assert_close(a.B, b.B, rtol=1e-10, atol=1e-10)
 
@@ -99,9 +114,9 @@ def test_activation_aware_with_identity_statistics_is_the_official_correction():
 def test_activation_aware_needs_statistics_and_unknown_method_fails():
     W, W_emulated, A, B = _case()
     with pytest.raises(EmlocError, match="calibration"):
-        correct_lora_pair_with(A, B, W, W_emulated, 2.0, None, "activation_aware", None)
+        correct_lora_pair(A, B, W, W_emulated, 2.0, None, "activation_aware", None)
     with pytest.raises(EmlocError, match="unknown"):
-        correct_lora_pair_with(A, B, W, W_emulated, 2.0, None, "magic")
+        correct_lora_pair(A, B, W, W_emulated, 2.0, None, "magic")
 
 
 def test_diagnostics_on_constructed_cases():
