@@ -179,7 +179,7 @@ def run_sweep(args) -> None:
 def _paired_difference(rows, reference) -> str:
     """Mean and 95% interval of ``rows - reference`` accuracy, paired per seed and (shared) test item."""
     import numpy as np
-    from emloc.bootstrap import bootstrap_ci
+    from emloc.statistics import bootstrap_ci
     common = [s for s in rows.index if s in reference.index]
     if not common:
         return ""
@@ -193,7 +193,7 @@ def summarize(args) -> str:
     and to the default correction (official, lambda 3)."""
     import numpy as np
     import pandas as pd
-    from emloc.bootstrap import bootstrap_ci
+    from emloc.statistics import bootstrap_ci
     runs = pd.read_csv(Path(args.out) / "runs.csv", dtype={"correct": str})
     runs["items"] = runs["correct"].map(lambda s: np.array([c == "1" for c in s], dtype=float))
     lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) "

@@ -2,9 +2,10 @@
 
     python benchmarks/seed_table.py runs/demo runs/demo_seed1 runs/demo_seed2
 
-Per-item correctness is recomputed from each run's saved predictions with the task's own checker;
-intervals come from the two-level bootstrap (seeds, then test items) of ``emloc.bootstrap``, and the
-share of the zero-shot -> LoRA-on-the-original gap closed keeps the pairing of variants per item.
+Per-item correctness is recomputed from each run's saved predictions with the task's own checker
+(``emloc.evaluation.item_correctness``); intervals come from the two-level bootstrap (seeds, then test
+items) of ``emloc.statistics``, and the share of the zero-shot -> LoRA-on-the-original gap closed keeps
+the pairing of variants per item.
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from emloc.bootstrap import bootstrap_ci, gap_closed
+from emloc.evaluation import item_correctness
 from emloc.pipeline import VARIANTS, Run
+from emloc.statistics import bootstrap_ci, gap_closed
 
 
 def correctness(run: Run) -> np.ndarray:
     """``(len(VARIANTS), n_items)`` 0/1 array of one run's exact-match results."""
-    predictions = run.results()["predictions"]
-    return np.array([[run.data.is_correct(p, e) for p, e in zip(predictions[v], run.data.test)] for v in VARIANTS],
-                    dtype=float)
+    items = item_correctness(run.results(), run.data)
+    return np.array([items[v] for v in VARIANTS], dtype=float)
 
 
 def seed_table(directories: list[str]) -> pd.DataFrame:

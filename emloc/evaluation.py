@@ -6,6 +6,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emloc.data import Example, TaskData, encode_examples, pad_batch, prompt_text, response_window_batch
+from emloc.errors import EmlocError
 
 
 @torch.no_grad()
@@ -65,3 +66,23 @@ def evaluate_variants(variants: dict, tokenizer, data: TaskData, max_length: int
         with open_variant() as model:
             results[name] = evaluate_model(model, tokenizer, data, max_length, max_new_tokens, batch_size)
     return results
+
+
+def item_correctness(results: dict, data: TaskData) -> dict[str, list[int]]:
+    """Per variant, 0/1 exact-match correctness of each test item, re-scored from a ``results.json``.
+
+    ``results["predictions"][variant]`` (``n`` strings) is checked against ``data.test`` (``n`` examples) with
+    the task's own checker, so ``data`` must be the split the run was evaluated on (``run.data``); a record
+    whose length or accuracy disagrees with ``results["variants"]`` is refused.
+    """
+    correct = {}
+    for variant, predictions in results["predictions"].items():
+        if len(predictions) != len(data.test):
+            raise EmlocError(f"results for {variant} have {len(predictions)} predictions but the data have "
+                             f"{len(data.test)} test items: pass the run's own data (run.data)")
+        correct[variant] = [int(data.is_correct(p, e)) for p, e in zip(predictions, data.test)]
+        accuracy = results["variants"][variant]["accuracy"]
+        if abs(sum(correct[variant]) / max(len(predictions), 1) - accuracy) > 1e-9:
+            raise EmlocError(f"re-scoring the {variant} predictions does not give the saved accuracy {accuracy:.4f}: "
+                             f"the data are not the ones the run was evaluated on; pass run.data")
+    return correct

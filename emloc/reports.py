@@ -6,18 +6,14 @@ plain: of ``W``), ``rho`` the parameter-retention ratio, ``r`` a rank.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import torch
 
 from emloc.lowrank import break_even_rank, rank_from_ratio, relative_error_curve
+from emloc.statistics import bootstrap_ci, t_interval, wilson_interval
 
 SPECTRUM_KINDS = ("whitened", "plain")
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (larger df use the normal 1.96).
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
@@ -115,49 +111,45 @@ def compensation_by_layer(report: pd.DataFrame, module_type: str | None = None) 
 
 # ---- results ---------------------------------------------------------------------------------
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (one seed: accuracy on ``n`` test items)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """95% Student-t interval of the mean of ``values`` (several seeds); a point when only one."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()), float(x.mean()))
-    t = _T95[len(x) - 2] if len(x) - 1 <= len(_T95) else 1.96
-    half = t * x.std(ddof=1) / math.sqrt(len(x))
-    return (float(x.mean() - half), float(x.mean() + half))
-
-
-def variant_summary(results: dict | list[dict]) -> pd.DataFrame:
+def variant_summary(results: dict | list[dict], correct: dict | list[dict] | None = None, n_boot: int = 2000,
+                    confidence: float = 0.95) -> pd.DataFrame:
     """Accuracy and loss per variant with 95% intervals, from one ``results.json`` or one per seed.
 
-    Several seeds: Student-t interval of the mean over seeds. One seed: Wilson interval of the
-    accuracy over the test items, and no interval for the loss. Columns: ``accuracy, accuracy_low,
-    accuracy_high, loss, loss_low, loss_high, seeds, n, interval``.
+    ``correct``: per seed (same order as ``results``), ``variant -> 0/1 per test item``, e.g.
+    :func:`emloc.evaluation.item_correctness`. With it, the accuracy interval is the two-level bootstrap of
+    :mod:`emloc.statistics` (seeds, then items; each seed has its own test items), the one the sweeps use.
+    Without it (only the per-seed means of ``results.json``), the documented fallback: Student-t over seeds,
+    or the Wilson interval over the test items of a single seed. The loss has no per-item values: Student-t
+    over seeds, no interval for one seed. Columns: ``accuracy, accuracy_low, accuracy_high, loss, loss_low,
+    loss_high, seeds, n, interval`` (of the accuracy: ``bootstrap``, ``t`` or ``wilson``), ``loss_interval``
+    (``t`` or ``none``).
     """
     runs = [results] if isinstance(results, dict) else list(results)
+    items = None if correct is None else ([correct] if isinstance(correct, dict) else list(correct))
     if not runs:
         raise ValueError("variant_summary needs at least one results dict")
+    if items is not None and len(items) != len(runs):
+        raise ValueError(f"variant_summary got {len(runs)} results but {len(items)} per-item correctness records: "
+                         f"give one per seed, in the same order")
     order = [v for v in runs[0]["variants"] if all(v in r["variants"] for r in runs)]
     rows = {}
     for variant in order:
         acc = [r["variants"][variant]["accuracy"] for r in runs]
         loss = [r["variants"][variant]["loss"] for r in runs]
         n = int(runs[0]["variants"][variant]["n"])
-        if len(runs) == 1:
-            acc_ci, loss_ci, kind = wilson_interval(round(acc[0] * n), n), (loss[0], loss[0]), "wilson"
+        if items is not None:
+            groups = [np.asarray(seed[variant], dtype=float)[None] for seed in items]
+            accuracy, *acc_ci = bootstrap_ci(groups, n_boot=n_boot, confidence=confidence)
+            kind = "bootstrap"
+        elif len(runs) == 1:
+            accuracy, acc_ci, kind = float(np.mean(acc)), wilson_interval(round(acc[0] * n), n), "wilson"
         else:
-            acc_ci, loss_ci, kind = t_interval(acc), t_interval(loss), "t"
-        rows[variant] = {"accuracy": float(np.mean(acc)), "accuracy_low": acc_ci[0], "accuracy_high": acc_ci[1],
+            accuracy, acc_ci, kind = float(np.mean(acc)), t_interval(acc), "t"
+        loss_ci = (loss[0], loss[0]) if len(runs) == 1 else t_interval(loss)
+        rows[variant] = {"accuracy": accuracy, "accuracy_low": acc_ci[0], "accuracy_high": acc_ci[1],
                          "loss": float(np.mean(loss)), "loss_low": loss_ci[0], "loss_high": loss_ci[1],
-                         "seeds": len(runs), "n": n, "interval": kind}
+                         "seeds": len(runs), "n": n, "interval": kind,
+                         "loss_interval": "none" if len(runs) == 1 else "t"}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from emloc import io
-from emloc.bootstrap import bootstrap_ci, gap_closed
+from emloc.statistics import bootstrap_ci, gap_closed
 from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 

@@ -13,7 +13,7 @@ from emloc.errors import EmlocError
 from emloc.lowrank import calibration_error, rank_from_ratio, whitened_truncation
 from emloc.notebook import ensure, notebook_run, notebook_run_dir
 from emloc.reports import (error_curves, errors_at_ratio, layer_grid, memory_table, misalignment_by_layer, rank_summary,
-                           spectrum_curves, t_interval, variant_summary, wilson_interval)
+                           spectrum_curves, variant_summary)
 
 
 def test_spectrum_curves_ends_and_monotone():
@@ -75,15 +75,6 @@ def test_misalignment_by_layer():
         misalignment_by_layer(report, "v")
 
 
-def test_intervals():
-    low, high = wilson_interval(5, 10)
-    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    assert wilson_interval(0, 32)[0] == 0 and wilson_interval(0, 32)[1] > 0
-    low, high = t_interval([1.0, 2.0, 3.0])
-    assert high - 2 == pytest.approx(4.303 / math.sqrt(3))
-    assert t_interval([0.5]) == (0.5, 0.5)
-
-
 def results(acc, loss, n=10):
     return {"variants": {"zero_shot": {"accuracy": 0.0, "loss": 3.0, "n": n},
                          "emulator_lora": {"accuracy": acc, "loss": loss, "n": n}},
@@ -97,9 +88,30 @@ def test_variant_summary_and_memory():
     three = variant_summary([results(0.4, 1.0), results(0.5, 1.2), results(0.6, 1.4)])
     assert three.loc["emulator_lora", "accuracy"] == pytest.approx(0.5) and three.loc["emulator_lora", "seeds"] == 3
     assert three.loc["emulator_lora", "accuracy_high"] - 0.5 == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert three.loc["emulator_lora", "loss_interval"] == "t" and one.loc["emulator_lora", "loss_interval"] == "none"
     memory = memory_table(results(0.5, 1.0))
     assert memory.loc["emulator", "megabytes"] == pytest.approx(600 * 2 / 2**20)
     assert memory.loc["emulator", "share_of_original"] == pytest.approx(0.6)
+
+
+def test_variant_summary_with_items_is_the_sweeps_bootstrap():
+    """Given per-item correctness, the board's accuracy interval is the sweeps' bootstrap on the same items."""
+    from emloc.sweeps import summary_table
+    rng = np.random.default_rng(0)
+    correct = [{"zero_shot": [0] * 10, "emulator_lora": list(rng.integers(0, 2, 10))} for _ in range(3)]
+    runs = [results(float(np.mean(c["emulator_lora"])), 1.0 + i) for i, c in enumerate(correct)]
+    summary = variant_summary(runs, correct)
+    items = pd.DataFrame([{"seed": seed, "variant": "emulator_lora", "item": i, "correct": c}
+                          for seed, record in enumerate(correct) for i, c in enumerate(record["emulator_lora"])])
+    sweep = summary_table(items, []).iloc[0]
+    row = summary.loc["emulator_lora"]
+    assert row["interval"] == "bootstrap" and row["loss_interval"] == "t"
+    assert (row["accuracy"], row["accuracy_low"], row["accuracy_high"]) == pytest.approx(
+        (sweep["accuracy"], sweep["ci_low"], sweep["ci_high"]), abs=1e-12)
+    assert row["accuracy"] == pytest.approx(np.mean([r["variants"]["emulator_lora"]["accuracy"] for r in runs]))
+    assert summary.loc["zero_shot", "accuracy_high"] == 0.0      # never right: a point interval
+    with pytest.raises(ValueError, match="one per seed"):
+        variant_summary(runs, correct[:2])
 
 
 def test_notebook_run_directory_and_reuse(tmp_path, monkeypatch):

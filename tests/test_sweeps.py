@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_run_config
 from emloc import cli, sweeps
-from emloc.bootstrap import bootstrap_ci, bootstrap_means, gap_closed
+from emloc.statistics import bootstrap_ci, bootstrap_means, gap_closed
 from emloc.errors import EmlocError
 
 

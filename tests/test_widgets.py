@@ -10,6 +10,7 @@ import pytest
 import widgets
 from emloc import pipeline
 from emloc.config import RunConfig, merge_dicts
+from emloc.errors import EmlocError
 from emloc.models import load_tokenizer, tiny_llama
 from emloc.reports import variant_summary
 
@@ -170,3 +171,31 @@ def test_results_board_metric_and_seeds(tiny_run):
     error = two.trace("variants").error_y
     assert np.all(np.asarray(error.array) > 0)
     assert variant_summary([results, other])["interval"].eq("t").all()
+
+
+def test_results_board_bootstraps_rescored_items(tiny_run):
+    """With per-item correctness re-scored from the saved predictions, the board shows the sweeps' bootstrap."""
+    from emloc.data import make_task_data
+    from emloc.evaluation import item_correctness
+    results = tiny_run.results()
+    correct = item_correctness(results, tiny_run.data)
+    assert set(correct) == set(results["variants"])
+    for variant, items in correct.items():
+        assert len(items) == results["variants"][variant]["n"] and set(items) <= {0, 1}
+        assert sum(items) / len(items) == results["variants"][variant]["accuracy"]
+    board = widgets.results_board([results, results], correct=[correct, correct])
+    assert board.summary["interval"].eq("bootstrap").all()
+    assert "bootstrap" in board.stats.value
+    np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["accuracy"] for v in correct])
+    low, high = board.summary["accuracy_low"], board.summary["accuracy_high"]
+    assert ((low <= board.summary["accuracy"] + 1e-12) & (board.summary["accuracy"] <= high + 1e-12)).all()
+    perfect = {v: [e.response for e in tiny_run.data.test] for v in results["variants"]}
+    wrong_scores = {**results, "predictions": perfect,
+                    "variants": {v: {**r, "accuracy": 0.0} for v, r in results["variants"].items()}}
+    assert all(sum(c) == len(c) for c in item_correctness({**wrong_scores, "variants": {
+        v: {**r, "accuracy": 1.0} for v, r in results["variants"].items()}}, tiny_run.data).values())
+    with pytest.raises(EmlocError, match="run.data"):          # re-scoring disagrees with the saved accuracy
+        item_correctness(wrong_scores, tiny_run.data)
+    other = make_task_data("addition", 32, 8, 7, seed=99)           # another split: 7 test items, not 6
+    with pytest.raises(EmlocError, match="run.data"):
+        item_correctness(results, other)

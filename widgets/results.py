@@ -13,15 +13,17 @@ METRICS = {"accuracy": "exact-match accuracy", "loss": "response-token loss"}
 
 class ResultsBoard(FigureView):
     """``metric`` (accuracy or loss) chooses the left panel; the right panel shows parameters and weight
-    memory of the original model and the emulator. Intervals: 95% Student-t over seeds when several
-    results are given, else a 95% Wilson interval of the accuracy over the test items.
+    memory of the original model and the emulator. Intervals (:func:`emloc.reports.variant_summary`): with
+    ``correct`` (per seed, from :func:`emloc.evaluation.item_correctness`) the accuracy gets the sweeps'
+    95% bootstrap over seeds and test items; without it, the fallback: Student-t over seeds, or Wilson over
+    the test items of one seed. The loss: Student-t over seeds, none for one seed.
 
     Traces: ``variants`` (bars with error bars), ``memory`` (bars, MB).
     """
 
-    def __init__(self, results: dict | list[dict]):
+    def __init__(self, results: dict | list[dict], correct: dict | list[dict] | None = None):
         self.results = [results] if isinstance(results, dict) else list(results)
-        self.summary = variant_summary(self.results)
+        self.summary = variant_summary(self.results, correct)
         self.memory = memory_table(self.results[0])
         self.metric = widgets.ToggleButtons(options=[(label, key) for key, label in METRICS.items()], value="accuracy",
                                             description="metric")
@@ -50,10 +52,11 @@ class ResultsBoard(FigureView):
         metric, table = self.metric.value, self.summary
         y = table[metric].to_numpy()
         plus, minus = table[f"{metric}_high"].to_numpy() - y, y - table[f"{metric}_low"].to_numpy()
+        kinds = table["interval" if metric == "accuracy" else "loss_interval"]
         hover = [f"{METRICS[metric]} {v:.3f}<br>95% interval [{lo:.3f}, {hi:.3f}] ({kind})<br>"
                  f"{seeds} seed(s), {n} test items"
                  for v, lo, hi, kind, seeds, n in zip(y, table[f"{metric}_low"], table[f"{metric}_high"],
-                                                      table["interval"], table["seeds"], table["n"])]
+                                                      kinds, table["seeds"], table["n"])]
         with self.figure.batch_update():
             self.trace("variants").update(y=y, error_y=dict(type="data", array=plus, arrayminus=minus, visible=True),
                                           hovertext=hover, hovertemplate="%{x}<br>%{hovertext}<extra></extra>")
@@ -65,14 +68,19 @@ class ResultsBoard(FigureView):
     def _stats_text(self) -> str:
         memory = self.memory
         seeds = len(self.results)
-        interval = "Student-t over seeds" if seeds > 1 else "Wilson over test items"
-        return (f"{seeds} seed(s), {int(self.summary['n'].iloc[0])} test items each, 95% intervals: {interval} · "
+        interval = {"bootstrap": "bootstrap over seeds and test items", "t": "Student-t over seeds",
+                    "wilson": "Wilson over test items"}[self.summary["interval"].iloc[0]]
+        return (f"{seeds} seed(s), {int(self.summary['n'].iloc[0])} test items each, 95% accuracy intervals: {interval} · "
                 f"emulator {memory.loc['emulator', 'parameters'] / 1e6:.1f} M vs original "
                 f"{memory.loc['original', 'parameters'] / 1e6:.1f} M parameters "
                 f"({100 * memory.loc['emulator', 'share_of_original']:.0f}%, "
                 f"{memory.loc['emulator', 'megabytes']:.0f} MB vs {memory.loc['original', 'megabytes']:.0f} MB)")
 
 
-def results_board(results: dict | list[dict]) -> ResultsBoard:
-    """The results board for ``run.results()``, or a list of results (one per seed)."""
-    return ResultsBoard(results)
+def results_board(results: dict | list[dict], correct: dict | list[dict] | None = None) -> ResultsBoard:
+    """The results board for ``run.results()``, or a list of results (one per seed).
+
+    For bootstrap intervals pass ``correct=item_correctness(run.results(), run.data)`` (a list, one per seed,
+    for several runs; :func:`emloc.evaluation.item_correctness`).
+    """
+    return ResultsBoard(results, correct)
