@@ -12,6 +12,8 @@ that stops at 50), not a separate 50-step run.
 
 Seeds vary the LoRA initialisation and the training-data order; per task the data splits, the test items,
 the calibration statistics and the emulator are fixed (seed 0), so settings are compared on the same items.
+They come from the pipeline's own ``calibrate`` and ``build`` stages, on one run directory per (task, ratio)
+under ``--runs`` (seed 0); training keeps ``train_lora`` with a callback that snapshots the adapter.
 Results are appended to ``runs.csv`` (one row per (task, ratio, steps, seed, setting) with the per-item
 correctness as a 0/1 string), so an interrupted sweep resumes where it stopped. ``--summarize`` prints and
 writes ``summary.md``: mean accuracy and a 95% bootstrap interval over seeds and test items, plus the paired
@@ -57,24 +59,24 @@ def append_row(path: Path, row: dict) -> None:
 
 
 class TaskSetup:
-    """Per (task, ratio): data, tokenizer, calibration statistics and emulator factors (built once)."""
+    """Per (task, ratio): a pipeline run (seed 0) under ``folder`` whose ``calibrate`` and ``build`` stages give
+    the data, the calibration statistics and the emulator factors (reused when already finished there)."""
 
-    def __init__(self, task: str, ratio: float, n_train: int, n_test: int, n_calibration: int, max_new_tokens: int = 8):
-        from emloc.calibration import collect_statistics
-        from emloc.config import EmulatorConfig
-        from emloc.data import encode_examples, make_task_data
-        from emloc.emulator import build_factors
-        from emloc.models import load_model, load_tokenizer
+    def __init__(self, folder: Path, task: str, ratio: float, n_train: int, n_test: int, n_calibration: int,
+                 max_new_tokens: int = 8):
+        from emloc import pipeline
+        from emloc.config import RunConfig
+        config = RunConfig.from_dict({
+            "model": "default", "device": "cpu", "seed": 0, "emulator": {"ratio": ratio},
+            "data": {"task": task, "n_train": n_train, "n_calibration": n_calibration, "n_test": n_test, "max_length": 128},
+            "evaluation": {"max_new_tokens": max_new_tokens}})
+        self.run = pipeline.Run(folder, config, progress=False)
+        self.stats = self.run.stats() if self.run.is_done("calibrate") else pipeline.calibrate(self.run)
+        self.factors = self.run.factors() if self.run.is_done("build") else pipeline.build(self.run, self.stats)
+        self.data, self.tokenizer = self.run.data, self.run.tokenizer
+        self.targets = config.emulator.target_modules
+        self.train_features = self.run.features("train")
         self.max_new_tokens = max_new_tokens
-        self.tokenizer = load_tokenizer("default")
-        self.data = make_task_data(task, n_train, n_calibration, n_test, seed=0)
-        self.emulator_config = EmulatorConfig(ratio=ratio)
-        self.targets = self.emulator_config.target_modules
-        self.train_features = encode_examples(self.tokenizer, self.data.task, self.data.train, 128)
-        model = load_model("default")
-        calibration = encode_examples(self.tokenizer, self.data.task, self.data.calibration, 128)
-        self.stats = collect_statistics(model, calibration, self.targets, self.tokenizer.pad_token_id, progress=False)
-        self.factors = build_factors(model, self.stats, self.emulator_config, progress=False)
 
     def evaluate(self, model) -> dict:
         """Exact-match accuracy by greedy generation (the response loss is skipped: compute is scarce)."""
@@ -88,13 +90,12 @@ class TaskSetup:
 def evaluate_corrections(setup: TaskSetup, adapter_dir: str, key: dict, done: set, out: Path, chosen: list[str]) -> None:
     from emloc.correction import correct_adapter
     from emloc.lora import load_adapter
-    from emloc.models import load_model
     by_name = {s[0]: s for s in SETTINGS}
     settings = [("uncorrected", None, None), *(by_name[name] for name in chosen)]
     for name, method, lam in settings:
         if (key["task"], key["ratio"], key["steps"], key["seed"], name) in done:
             continue
-        peft_model = load_adapter(load_model("default"), adapter_dir)
+        peft_model = load_adapter(setup.run.fresh_model(), adapter_dir)
         extra = {}
         if method is not None:
             report, _ = correct_adapter(peft_model, setup.factors, lam, method=method, stats=setup.stats)
@@ -135,9 +136,7 @@ class AdapterSnapshots(TrainerCallback):
 
 def run_sweep(args) -> None:
     from emloc.config import LoraConfigSpec
-    from emloc.emulator import emulate
     from emloc.lora import load_adapter, train_lora
-    from emloc.models import load_model
     out = Path(args.out) / "runs.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     setups: dict[tuple, TaskSetup] = {}
@@ -146,17 +145,19 @@ def run_sweep(args) -> None:
     # cut-short sweep still has every seed of the first task
     for task, ratio, seed in itertools.product(args.tasks, args.ratios, args.seeds):
         if (task, ratio) not in setups:
-            setups[task, ratio] = TaskSetup(task, ratio, args.n_train, args.n_test, args.n_calibration, args.max_new_tokens)
+            folder = Path(args.runs) / f"{task}_ratio{ratio}_train{args.n_train}_cal{args.n_calibration}_test{args.n_test}"
+            setups[task, ratio] = TaskSetup(folder, task, ratio, args.n_train, args.n_test, args.n_calibration,
+                                            args.max_new_tokens)
         setup, done = setups[task, ratio], done_keys(out)
         if (task, ratio, 0, -1, "zero_shot") not in done:
             append_row(out, {"task": task, "ratio": ratio, "steps": 0, "seed": -1, "setting": "zero_shot",
-                             **_scores(setup.evaluate(load_model("default")))})
+                             **_scores(setup.evaluate(setup.run.fresh_model()))})
         wanted = ["emulator_lora", "uncorrected", *args.settings]
         if all((task, ratio, steps, seed, s) in done for steps in args.steps for s in wanted):
             continue
         print(f"{task} ratio={ratio} seed={seed}: {total} steps, snapshots at {args.steps}", flush=True)
         spec = LoraConfigSpec(steps=total, warmup_steps=max(1, total // 10))
-        emulator = emulate(load_model("default"), setup.factors, copy_model=False)
+        emulator = setup.run.emulator(setup.factors)
         with tempfile.TemporaryDirectory(prefix="emloc-sweep-") as folder:
             folder = Path(folder)
             snapshots = AdapterSnapshots(args.steps, folder)
@@ -168,7 +169,7 @@ def run_sweep(args) -> None:
                 key = {"task": task, "ratio": ratio, "steps": steps, "seed": seed}
                 snapshot = str(folder / f"step{steps}")
                 if (task, ratio, steps, seed, "emulator_lora") not in done:
-                    on_emulator = load_adapter(emulate(load_model("default"), setup.factors, copy_model=False), snapshot)
+                    on_emulator = load_adapter(setup.run.emulator(setup.factors), snapshot)
                     append_row(out, {**key, "setting": "emulator_lora", "train_seconds": round(snapshots.seconds[steps], 1),
                                      **_scores(setup.evaluate(on_emulator))})
                     del on_emulator
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/correction")
+    p.add_argument("--runs", default="runs/correction_sweep",
+                   help="pipeline run folders (calibration statistics, emulator) per (task, ratio), reused on resume")
     p.add_argument("--summarize", action="store_true", help="only print and write the summary table")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
