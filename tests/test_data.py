@@ -60,3 +60,50 @@ def test_bad_user_data_gives_one_line_errors(tmp_path):
     with pytest.raises(EmlocError, match="unknown task"):
         make_task_data("nope")
     assert "arithmetic" in TASKS
+
+
+# ---- what common tools write (accepted) and what is really broken (refused, naming the line) ----------------
+
+ROWS = [("what is 1+1", "2"), ("what is 2+2", "4"), ("name a colour", "red")]
+
+
+def _examples(path):
+    from emloc.data import read_examples
+    return [(e.prompt, e.response) for e in read_examples(path)]
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("bom.jsonl", b"\xef\xbb\xbf" + b"".join(json.dumps({"prompt": p, "response": r}).encode() + b"\n" for p, r in ROWS)),
+    ("crlf_blank.jsonl", b"\r\n".join([b""] + [json.dumps({"prompt": p, "response": r}).encode() + b"\r\n" for p, r in ROWS])),
+    ("bom_crlf.csv", b"\xef\xbb\xbfprompt,response\r\n" + b"".join(f"{p},{r}\r\n".encode() for p, r in ROWS)),
+    ("semicolon.csv", b"prompt;response\n" + b"".join(f"{p};{r}\n".encode() for p, r in ROWS)),
+    ("tabs.csv", b"prompt\tresponse\n" + b"".join(f"{p}\t{r}\n".encode() for p, r in ROWS)),
+    ("blank_rows.csv", b"\nprompt,response\n\n" + b"".join(f"{p},{r}\n,\n".encode() for p, r in ROWS)),
+])
+def test_loader_accepts_what_common_tools_write(tmp_path, name, raw):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    assert _examples(path) == ROWS
+
+
+def test_csv_quoted_fields_keep_separators_and_line_breaks(tmp_path):
+    path = tmp_path / "quoted.csv"
+    path.write_bytes(b'prompt;response\r\n"Add 2; then 3.\r\nWhat is it?";5\r\n"say ""hi""";hi\r\nplain;row\r\n')
+    assert _examples(path) == [("Add 2; then 3.\nWhat is it?", "5"), ('say "hi"', "hi"), ("plain", "row")]
+
+
+@pytest.mark.parametrize("name,raw,message", [
+    ("bad.jsonl", b'{"prompt": "a", "response": "b"}\r\n\r\n{"prompt": "a",\r\n', r"bad.jsonl line 3 is not valid JSON"),
+    ("keys.jsonl", b'\n{"question": "a", "answer": "b"}\n', r"keys.jsonl line 2: record 1 lacks 'prompt' and 'response'"),
+    ("short.csv", b'prompt,response\n"two\nlines",2\nno answer\n', r"short.csv line 4: record 2 has an empty"),
+    ("latin1.csv", "prompt,response\ncafé,1\n".encode("latin-1"), r"latin1.csv is not UTF-8 text \(line 2, byte 0xe9\)"),
+    ("utf16.jsonl", '{"prompt": "a", "response": "b"}\n'.encode("utf-16"), r"utf16.jsonl is UTF-16 text, not UTF-8"),
+    ("binary.jsonl", b'{"prompt": "a", "response": "b"}\n\x00\x01\x02', r"binary.jsonl is binary, not text \(a NUL byte on line 2\)"),
+])
+def test_loader_refuses_broken_files_naming_the_line(tmp_path, name, raw, message):
+    from emloc.data import read_examples
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(EmlocError, match=message) as error:
+        read_examples(path)
+    assert "\n" not in str(error.value)

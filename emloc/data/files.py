@@ -1,7 +1,9 @@
 """User data: ``prompt``/``response`` records from JSONL or CSV files, and the splits a run uses."""
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -13,45 +15,86 @@ USER_TASK = Task(name="user", system_prompt="", generate=None, normalize=first_l
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """Read ``prompt``/``response`` records from a .jsonl or .csv file (UTF-8)."""
+    """Read ``prompt``/``response`` records from a .jsonl or .csv file.
+
+    Accepts what common tools write: UTF-8 with or without a byte order mark, LF or CRLF line ends, blank
+    lines, and CSV separated by ``,``, ``;`` or tabs (sniffed from the header) with quoted, also multi-line,
+    fields. Refuses, in one line naming the file and the line, what is really broken: invalid JSON, a record
+    without both fields, a binary file, text that is not UTF-8.
+    """
     path = Path(path)
     if not path.is_file():
         raise EmlocError(f"data file {path} does not exist: check the path given to --data")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise EmlocError(f"data file {path} is not UTF-8 text: re-save it as UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise EmlocError(f"data file {path} has suffix {suffix!r}: use .jsonl or .csv")
+    text = _read_text(path)
     if not text.strip():
         raise EmlocError(f"data file {path} is empty: it needs one prompt/response record per line")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = _jsonl_records(text, path)
-    elif suffix == ".csv":
-        records = list(csv.DictReader(text.splitlines()))
-    else:
-        raise EmlocError(f"data file {path} has suffix {suffix!r}: use .jsonl or .csv")
-    return [_to_example(record, path, number) for number, record in enumerate(records, start=1)]
+    records = _jsonl_records(text, path) if suffix == ".jsonl" else _csv_records(text, path)
+    return [_to_example(record, path, number, line) for number, (line, record) in enumerate(records, start=1)]
 
 
-def _jsonl_records(text: str, path: Path) -> list[dict]:
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a byte order mark dropped), with ``\n`` line ends."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise EmlocError(f"data file {path} is UTF-16 text, not UTF-8: re-save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise EmlocError(f"data file {path} is not UTF-8 text (line {line}, byte 0x{raw[exc.start]:02x}): "
+                         f"re-save it as UTF-8") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise EmlocError(f"data file {path} is binary, not text (a NUL byte on line {line}): "
+                         f"give a JSONL or CSV text file")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_records(text: str, path: Path) -> list[tuple[int, object]]:
+    """``(line number, parsed JSON)`` per non-blank line."""
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise EmlocError(f"{path} line {number} is not valid JSON ({exc.msg}): fix or remove that line") from None
     return records
 
 
-def _to_example(record, path: Path, number: int) -> Example:
+def _csv_records(text: str, path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` per non-blank row; the separator is sniffed from the header line."""
+    lines = text.split("\n")
+    skipped = next(i for i, line in enumerate(lines) if line.strip())  # blank lines above the header
+    try:
+        delimiter = csv.Sniffer().sniff(lines[skipped], delimiters=",;\t").delimiter
+    except csv.Error:
+        delimiter = ","  # one column: the field check below names what is missing
+    reader = csv.DictReader(io.StringIO("\n".join(lines[skipped:]), newline=""), delimiter=delimiter)
+    records = []
+    try:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        for row in reader:
+            if all(value is None or (isinstance(value, str) and not value.strip()) for value in row.values()):
+                continue  # a blank row, e.g. ",," at the end of a spreadsheet export
+            records.append((skipped + reader.line_num, row))
+    except csv.Error as exc:
+        raise EmlocError(f"{path} line {skipped + reader.line_num} is not valid CSV ({exc}): fix that line") from None
+    return records
+
+
+def _to_example(record, path: Path, number: int, line: int) -> Example:
     if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise EmlocError(f"{path} record {number} lacks 'prompt' and 'response' fields (has {keys}): rename its fields")
+        keys = sorted(k for k in record if isinstance(k, str)) if isinstance(record, dict) else type(record).__name__
+        raise EmlocError(f"{path} line {line}: record {number} lacks 'prompt' and 'response' fields (has {keys}): "
+                         f"rename its fields")
     prompt, response = record["prompt"], record["response"]
     if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
-        raise EmlocError(f"{path} record {number} has an empty or non-text prompt/response: fix that record")
+        raise EmlocError(f"{path} line {line}: record {number} has an empty or non-text prompt/response: fix that record")
     return Example(prompt, response)
 
 
