@@ -9,6 +9,6 @@ from emloc.pipeline import Run, build, calibrate, correct, evaluate, results_tab
 from emloc.rundir import RunDir
 from emloc.stages import STAGES
 
-__all__ = ["RunConfig", "PRESETS", "EmlocError", "Run", "RunDir", "STAGES", "calibrate", "build", "train", "correct", "evaluate",
-           "run_pipeline", "results_table"]
+__all__ = ["RunConfig", "PRESETS", "EmlocError", "Run", "RunDir", "STAGES", "calibrate", "build", "train", "correct",
+           "evaluate", "run_pipeline", "results_table"]
 __version__ = "0.1.0"
