@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import pandas as pd
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from emloc import io
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig, LoraConfigSpec
-from emloc.emulator import layer_index, module_type
+from emloc.emulator import count_parameters, layer_index, module_type
 from emloc.errors import EmlocError
 from emloc.lora import add_lora
 
@@ -61,6 +62,34 @@ class StructuredEmulator:
     report: pd.DataFrame = field(default_factory=pd.DataFrame)
     kv_groups: dict[int, int] = field(default_factory=dict)
     """Pruning: query heads kept per key/value head, by layer."""
+
+    # the emloc.emulators.Emulator interface
+    corrects: ClassVar[bool] = False
+    """No LoRA correction: these emulators have no dense ``W'`` to correct against."""
+    transfer_adapter: ClassVar[str] = "recovered"
+    """The emulator-trained adapter zero filled / completed to the original shapes (:meth:`recover_adapter`)."""
+
+    @classmethod
+    def build(cls, model: nn.Module, stats: CalibrationStats, config: EmulatorConfig,
+              progress: bool = True) -> "StructuredEmulator":
+        return build_structured(model, stats, config)
+
+    @classmethod
+    def load(cls, folder: Path, method: str | None = None) -> "StructuredEmulator":
+        return load_structured(folder)
+
+    def save(self, folder: Path) -> None:
+        save_structured(self, folder)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return apply_structured(model, self)
+
+    def parameters(self, params_original: int, fresh_model: Callable[[], nn.Module]) -> int:
+        return count_parameters(self.apply(fresh_model()))
+
+    def recover_adapter(self, trained: PeftModel, original: nn.Module, spec: LoraConfigSpec,
+                        target_modules: list[str], seed: int) -> PeftModel:
+        return recover_adapter(trained, original, spec, target_modules, seed, self)
 
 
 # ---- pure selection rules ---------------------------------------------------------------------

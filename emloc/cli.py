@@ -2,43 +2,94 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from emloc import io
 from emloc.config import EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
+from emloc.stages import STAGE, STAGES
 
-STAGES = ["run", "calibrate", "build", "train", "correct", "evaluate"]
+# TODO(integrator): `from emloc.config import CORRECTION_METHODS` once config.py defines it (same three names)
+CORRECTION_METHODS = ("official", "aligned", "activation_aware")
+"""The correction methods ``emloc.config.validate`` accepts."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option that sets one RunConfig field; its type comes from the dataclass field."""
+
+    name: str
+    field: str
+    """Dotted RunConfig field, e.g. ``lora.r``."""
+    help: str
+    choices: Optional[tuple] = None
+    zero_is_none: bool = False
+    """``0`` sets the field to ``None`` (``--clamp 0``: no clamp)."""
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+FLAGS = (
+    Flag("--model", "model", "'default', a Hugging Face id, or a local model folder"),
+    Flag("--data", "data.path", "your JSONL or CSV file with prompt and response fields"),
+    Flag("--task", "data.task", "a built-in task (instead of --data)"),
+    Flag("--ratio", "emulator.ratio", "parameter-retention ratio rho in (0, 1)"),
+    Flag("--method", "emulator.method", "emulator construction (or a baseline)", choices=EMULATOR_METHODS),
+    Flag("--lora-r", "lora.r", "LoRA rank"),
+    Flag("--lora-alpha", "lora.alpha", "lora_alpha"),
+    Flag("--rslora", "lora.use_rslora", "use rsLoRA scaling"),
+    Flag("--steps", "lora.steps", "training steps"),
+    Flag("--clamp", "correction.clamp", "correction clamp lambda (0 disables the clamp)", zero_is_none=True),
+    Flag("--correction-method", "correction.method", "LoRA correction: official (paper), aligned or activation_aware",
+         choices=CORRECTION_METHODS),
+    Flag("--seed", "seed", "random seed"),
+    Flag("--device", "device", "auto, cpu or cuda"),
+    Flag("--dtype", "dtype", "float32, bfloat16 or float16"),
+    Flag("--trust-remote-code", "trust_remote_code", "allow the model's own code"),
+)
+"""Every config flag of the stage commands, in help order."""
+
+
+def field_type(dotted: str) -> type:
+    """The Python type of a dotted RunConfig field (``Optional[X]`` -> ``X``); a one-line error if there is none."""
+    cls = RunConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            raise EmlocError(f"RunConfig has no field {dotted!r}: fix the flag table in emloc.cli")
+        cls = hints[part]
+    args = [a for a in typing.get_args(cls) if a is not type(None)]
+    return args[0] if typing.get_origin(cls) is typing.Union and len(args) == 1 else cls
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    for flag in FLAGS:
+        kind = field_type(flag.field)
+        if kind is bool:
+            p.add_argument(flag.name, action="store_true", default=None, help=flag.help)
+        else:
+            p.add_argument(flag.name, type=kind, choices=list(flag.choices) if flag.choices else None, help=flag.help)
 
 
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune within the inference memory budget.")
     sub = main.add_subparsers(dest="command", required=True)
-    helps = {"run": "the whole pipeline", "calibrate": "stage 1a: calibration statistics",
-             "build": "stage 1b: the emulator", "train": "stage 2: LoRA on the emulator (or the original model)",
-             "correct": "stage 3: LoRA correction", "evaluate": "evaluate the five variants"}
-    for name in STAGES:
+    helps = {"run": "the whole pipeline"} | {s.cli_command: s.help for s in reversed(STAGES)}
+    for name in dict.fromkeys(["run", *(s.cli_command for s in STAGES)]):
         p = sub.add_parser(name, help=helps[name])
         p.add_argument("--out", required=True, help="run directory (created if missing)")
         p.add_argument("--config", help="YAML file with RunConfig fields")
         p.add_argument("--preset", choices=sorted(PRESETS), help="quick (CI-sized) or standard")
-        p.add_argument("--model", help="'default', a Hugging Face id, or a local model folder")
-        p.add_argument("--data", help="your JSONL or CSV file with prompt and response fields")
-        p.add_argument("--task", help="a built-in task (instead of --data)")
-        p.add_argument("--ratio", type=float, help="parameter-retention ratio rho in (0, 1)")
-        p.add_argument("--method", choices=list(EMULATOR_METHODS), help="emulator construction (or a baseline)")
-        p.add_argument("--lora-r", type=int, help="LoRA rank")
-        p.add_argument("--lora-alpha", type=float, help="lora_alpha")
-        p.add_argument("--rslora", action="store_true", default=None, help="use rsLoRA scaling")
-        p.add_argument("--steps", type=int, help="training steps")
-        p.add_argument("--clamp", type=float, help="correction clamp lambda (0 disables the clamp)")
-        p.add_argument("--correction-method", choices=["official", "aligned", "activation_aware"],
-                       help="LoRA correction: official (paper), aligned or activation_aware")
-        p.add_argument("--seed", type=int, help="random seed")
-        p.add_argument("--device", help="auto, cpu or cuda")
-        p.add_argument("--dtype", help="float32, bfloat16 or float16")
-        p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow the model's own code")
+        add_config_flags(p)
         if name == "train":
             p.add_argument("--on", choices=["emulator", "original", "both"], default="emulator",
                            help="train LoRA on the emulator, the original model, or both")
@@ -60,9 +111,23 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def _nested(dotted: str, value) -> dict:
+    head, _, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """The RunConfig overrides of the flags given (absent flags are ``None`` and override nothing)."""
+    explicit: dict = {}
+    for flag in FLAGS:
+        value = getattr(args, flag.dest, None)
+        if value is not None:
+            explicit = merge_dicts(explicit, _nested(flag.field, None if flag.zero_is_none and value == 0 else value))
+    return explicit
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Stored run config < --config file < --preset < explicit flags."""
-    from pathlib import Path
     stored = Path(args.out) / "config.yaml"
     raw: dict = io.read_yaml(stored) if stored.exists() and not args.config else {}
     if args.config:
@@ -76,30 +141,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise EmlocError(f"{args.config or stored}: {error}") from None
     if args.preset:
         raw = merge_dicts(raw, PRESETS[args.preset])
-    flags = {
-        "model": args.model, "seed": args.seed, "device": args.device, "dtype": args.dtype,
-        "trust_remote_code": args.trust_remote_code,
-        "data": {"path": args.data, "task": args.task},
-        "emulator": {"ratio": args.ratio, "method": args.method},
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "use_rslora": args.rslora, "steps": args.steps},
-        "correction": {"clamp": None if args.clamp == 0 else args.clamp, "method": args.correction_method},
-    }
-    explicit = _drop_none(flags)
-    if args.clamp == 0:
-        explicit.setdefault("correction", {})["clamp"] = None
-    return RunConfig.from_dict(merge_dicts(raw, explicit))
-
-
-def _drop_none(tree: dict) -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
-            out[key] = value
-    return out
+    return RunConfig.from_dict(merge_dicts(raw, flag_overrides(args)))
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -111,17 +153,13 @@ def execute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.command == "run":
         results = pipeline.run_pipeline(run, force=args.force)
-    elif args.command == "calibrate":
-        pipeline.calibrate(run)
     elif args.command == "build":
         _build(run, args.stream)
     elif args.command == "train":
         for which in (["emulator", "original"] if args.on == "both" else [args.on]):
             _train(run, which, args.processes)
-    elif args.command == "correct":
-        pipeline.correct(run)
-    elif args.command == "evaluate":
-        pipeline.evaluate(run)
+    else:
+        STAGE[args.command].run(run)
     if args.command in ("run", "evaluate"):
         results = run.results()
         print(pipeline.results_table(results).to_string(float_format=lambda x: f"{x:.3f}"))

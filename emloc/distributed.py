@@ -28,13 +28,13 @@ def launch_command(run_dir: str | Path, which: str = "emulator", num_processes: 
 def train_distributed(run_dir: str | Path, which: str = "emulator", num_processes: int = 2,
                       threads_per_process: int = 1, timeout: float | None = None) -> dict:
     """Train LoRA on ``num_processes`` processes; returns the training summary process 0 wrote."""
-    from emloc.pipeline import Run  # heavy imports only in the parent that asked for them
+    from emloc.rundir import RunDir  # heavy imports only in the parent that asked for them
 
     if which not in ("emulator", "original"):
         raise EmlocError(f"cannot train on {which!r}: use 'emulator' or 'original'")
     if num_processes < 1:
         raise EmlocError(f"num_processes = {num_processes}: use 1 or more")
-    run = Run(run_dir)
+    run = RunDir(run_dir)
     if which == "emulator":
         run.require("build", "build")
     run.begin(f"train_{which}")
@@ -52,7 +52,8 @@ def worker(run_dir: str, which: str) -> None:
     import torch.distributed as dist
 
     from emloc.lora import train_lora
-    from emloc.pipeline import Run, save_training
+    from emloc.pipeline import Run
+    from emloc.rundir import save_training
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     run = Run(run_dir, progress=rank == 0)

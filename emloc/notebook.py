@@ -13,16 +13,7 @@ from typing import Callable
 from emloc import pipeline
 from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
-
-# Stages each stage needs, in the order they run.
-NEEDS = {
-    "calibrate": [],
-    "build": ["calibrate"],
-    "train_emulator": ["calibrate", "build"],
-    "train_original": [],
-    "correct": ["calibrate", "build", "train_emulator"],
-    "evaluate": ["calibrate", "build", "train_emulator", "train_original", "correct"],
-}
+from emloc.stages import with_needs
 
 
 def notebook_run_dir() -> Path:
@@ -46,28 +37,20 @@ def notebook_run(preset: str = "quick", directory: str | Path | None = None, **o
 
 
 def ensure(run: pipeline.Run, stage: str, on_loss: Callable[[str, int, float], None] | None = None) -> list[str]:
-    """Run ``stage`` and the stages it needs that are not finished for this config; returns those run.
+    """Run ``stage`` and the stages it needs (:data:`emloc.stages.STAGES`) that are not finished for this
+    config, in order; returns those run.
 
     ``on_loss(which, step, loss)`` receives the training losses (a training monitor's ``on_loss``).
     """
-    if stage not in NEEDS:
-        raise EmlocError(f"stage {stage!r} is unknown: use one of {', '.join(NEEDS)}")
-    steps = {
-        "calibrate": lambda: pipeline.calibrate(run),
-        "build": lambda: pipeline.build(run),
-        "train_emulator": lambda: pipeline.train(run, "emulator", pipeline._tagged(on_loss, "emulator")),
-        "train_original": lambda: pipeline.train(run, "original", pipeline._tagged(on_loss, "original")),
-        "correct": lambda: pipeline.correct(run),
-        "evaluate": lambda: pipeline.evaluate(run),
-    }
     ran = []
-    for name in [*NEEDS[stage], stage]:
+    for step in with_needs([stage]):  # an unknown stage fails here, naming the known ones
+        name = step.name
         if run.is_done(name):
             print(f"{name}: reusing the finished stage in {run.dir}", flush=True)
             continue
         print(f"{name}: computing ...", flush=True)
         start = time.perf_counter()
-        steps[name]()
+        step.run(run, on_loss)
         print(f"{name}: done in {time.perf_counter() - start:.1f} s", flush=True)
         ran.append(name)
     return ran

@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -38,7 +39,10 @@ from emloc.data import pad_batch
 from emloc.emulator import count_parameters, factor_linear
 from emloc.errors import EmlocError
 from emloc.models import resolve_dtype, resolve_model_path
-from emloc.pipeline import Run, factor_tensors, save_emulator, save_stats
+from emloc.rundir import factor_tensors, save_emulator, save_stats
+
+if TYPE_CHECKING:
+    from emloc.pipeline import Run
 
 
 def _glibc():

@@ -34,16 +34,10 @@ from emloc import io
 from emloc.statistics import bootstrap_ci, gap_closed
 from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
+from emloc.rundir import CORRECTION_SKIPPED, fingerprint
+from emloc.stages import STAGES, VARIANT_SPECS, evaluated, with_needs
 
-STAGE_PATHS = {
-    "calibrate": ["calibration"],
-    "build": ["emulator"],
-    "train_emulator": ["adapters/emulator_lora", "adapters/recovered_lora", "training/emulator_lora.json"],
-    "train_original": ["adapters/full_lora", "training/full_lora.json"],
-    "correct": ["adapters/corrected", "correction"],
-}
-VARIANT_STAGE = {"zero_shot": "calibrate", "emulator_lora": "train_emulator", "transfer_uncorrected": "train_emulator",
-                 "transfer_corrected": "correct", "full_lora": "train_original"}
+VARIANT_STAGE = {variant.name: variant.stage for variant in VARIANT_SPECS}
 """The stage whose fingerprint fixes a variant's result (with the evaluation settings)."""
 GAP_VARIANTS = ["emulator_lora", "transfer_uncorrected", "transfer_corrected"]
 
@@ -148,9 +142,8 @@ def _link(source: Path, target: Path) -> None:
 
 def adopt_finished_stages(run, donors: list) -> list[str]:
     """Hard-link stages that another run finished with the same fingerprint; returns the adopted stages."""
-    from emloc.pipeline import fingerprint
     adopted = []
-    for stage, paths in STAGE_PATHS.items():
+    for stage, paths in ((s.name, s.paths) for s in STAGES if s.linkable):
         if run.is_done(stage):
             continue
         wanted = fingerprint(run.config, stage)
@@ -167,7 +160,6 @@ def adopt_finished_stages(run, donors: list) -> list[str]:
 
 
 def variant_key(config: RunConfig, variant: str) -> str:
-    from emloc.pipeline import fingerprint
     return f"{fingerprint(config, VARIANT_STAGE[variant])}:{sorted(config.evaluation.__dict__.items())}"
 
 
@@ -175,16 +167,12 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
     """All stages a point needs (adopting shared ones), then the variants not evaluated before."""
     from emloc import pipeline
     adopt_finished_stages(run, donors)
-    steps = [("calibrate", pipeline.calibrate), ("build", pipeline.build),
-             ("train_emulator", lambda r: pipeline.train(r, "emulator"))]
-    if "full_lora" in spec.variants:
-        steps.append(("train_original", lambda r: pipeline.train(r, "original")))
-    if "transfer_corrected" in spec.variants:
-        steps.append(("correct", pipeline.correct))
-    for stage, step in steps:
-        if not run.is_done(stage):
-            step(run)
-    wanted = [v for v in spec.variants if not (v == "transfer_corrected" and run.structured)]
+    # every point trains LoRA on its emulator, plus the stages its variants need
+    for stage in with_needs(["train_emulator", *(VARIANT_STAGE[v] for v in spec.variants)]):
+        if not run.is_done(stage.name):
+            stage.run(run)
+    corrects = run.emulator_kind.corrects
+    wanted = evaluated(spec.variants, corrects)
     record = _read_point(run) or {"variants": {}}
     keys = {v: variant_key(run.config, v) for v in wanted}
     for v in wanted:
@@ -197,7 +185,7 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
             correct = [run.data.is_correct(p, e) for p, e in zip(results["predictions"][v], run.data.test)]
             record["variants"][v] = {"key": keys[v], **{k: results["variants"][v][k] for k in ("accuracy", "loss", "n")},
                                      "correct": [int(c) for c in correct]}
-    record["notes"] = [pipeline.CORRECTION_SKIPPED] if run.structured else []
+    record["notes"] = [] if corrects else [CORRECTION_SKIPPED]
     io.write_json(run.dir / "point.json", record)
     for v in wanted:
         cache[keys[v]] = record["variants"][v]

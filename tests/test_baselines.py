@@ -148,3 +148,21 @@ def test_unknown_method_and_unsupported_options_are_one_line_errors(tiny_model_d
     config = tiny_run_config(tiny_model_dir, emulator={"method": "prune", "ratio_patterns": {".*mlp.*": 0.3}})
     with pytest.raises(EmlocError, match="ratio_patterns"):
         baselines.build_structured(tiny_llama(), None, config.emulator)
+
+
+def test_every_emulator_kind_round_trips_through_its_folder_and_applies_alike(baseline_runs, tmp_path):
+    """One interface: load -> save -> load gives the same emulator, and applying it gives the manifest's size."""
+    from emloc.emulator import count_parameters
+    from emloc.emulators import SvdEmulator, emulator_kind
+
+    for method, run in baseline_runs.items():
+        kind = emulator_kind(method)
+        emulator = run.factors()
+        assert isinstance(emulator, kind) and kind.corrects == (method == "activation_aware")
+        assert kind.transfer_adapter == ("emulator" if kind is SvdEmulator else "recovered")
+        emulator.save(tmp_path / method)
+        again = kind.load(tmp_path / method, emulator.method)
+        assert again.method == emulator.method and again.report.equals(emulator.report)
+        params_original, params_emulator = _params(run)
+        assert emulator.parameters(params_original, run.fresh_model) == params_emulator
+        assert count_parameters(again.apply(run.fresh_model())) == params_emulator

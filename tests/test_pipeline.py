@@ -7,6 +7,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_run_config
 from emloc import cli, pipeline
+from emloc.config import RunConfig
+from emloc.rundir import ADAPTERS
+from emloc.stages import STAGE, STAGES, VARIANT_SPECS, with_needs
 from emloc.models import tiny_llama
 
 
@@ -23,6 +26,11 @@ def test_pipeline_writes_every_artifact_and_results(tiny_model_dir, tmp_path):
     assert (run.dir / "emulator" / "report.csv").exists() and (run.dir / "correction" / "report.csv").exists()
     assert results["parameters"]["emulator"] < results["parameters"]["original"]
     assert not list(run.dir.rglob("*.tmp"))
+    # the registry lists everything the stages write (sweeps hard-link exactly those paths)
+    listed = {path for stage in STAGES for path in stage.paths}
+    written = {str(p.relative_to(run.dir)) for folder in ("adapters", "training") for p in (run.dir / folder).iterdir()}
+    written |= {p.name for p in run.dir.iterdir() if p.name not in ("adapters", "training", "manifests", "config.yaml")}
+    assert written <= listed and {p.stem for p in (run.dir / "manifests").iterdir()} == {s.name for s in STAGES}
     # the corrected adapter is a standard peft folder
     corrected = PeftModel.from_pretrained(tiny_llama(seed=0), str(run.dir / "adapters" / "corrected"))
     assert sum("lora_A" in n for n, _ in corrected.named_parameters()) == 14
@@ -66,3 +74,30 @@ def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "r"), "--ratio", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("emloc: error:") and "ratio" in err[0]
+
+
+def test_stage_registry_is_consistent():
+    names = [s.name for s in STAGES]
+    for i, stage in enumerate(STAGES):
+        assert all(need in names[:i] for need in stage.needs), stage.name  # needs run earlier
+        assert set(with_needs([stage.name])) == {stage, *(STAGE[n] for n in stage.needs)}
+        assert stage.adapter is None or stage.adapter in ADAPTERS
+    for variant in VARIANT_SPECS:
+        assert variant.stage in STAGE and (variant.adapter is None or variant.adapter in ADAPTERS)
+    assert [v.name for v in VARIANT_SPECS] == pipeline.VARIANTS
+
+
+def test_fingerprints_follow_the_config_sections_each_stage_lists():
+    base = RunConfig()
+    changes = {"emulator": {"emulator": {"ratio": 0.3}}, "lora": {"lora": {"steps": 7}},
+               "correction": {"correction": {"clamp": 1.0}}, "evaluation": {"evaluation": {"batch_size": 4}}}
+    for section, change in changes.items():
+        changed = RunConfig.from_dict(change)
+        for stage in STAGES:
+            covered = stage.config is None or section in stage.config
+            assert (pipeline.fingerprint(base, stage.name) != pipeline.fingerprint(changed, stage.name)) == covered, \
+                (section, stage.name)
+    fewer_calibration = RunConfig.from_dict({"data": {"n_calibration": 8}})
+    for stage in STAGES:
+        differs = pipeline.fingerprint(base, stage.name) != pipeline.fingerprint(fewer_calibration, stage.name)
+        assert differs == stage.uses_calibration, stage.name

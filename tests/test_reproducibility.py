@@ -79,3 +79,17 @@ def test_another_seed_changes_the_numbers(two_runs, tmp_path):
     stats = pipeline.calibrate(other).covariances
     reference = io.read_tensors(first / "calibration" / "stats.safetensors")
     assert any(not torch.equal(stats[key], reference[key]) for key in reference)
+
+
+def test_fingerprints_are_stable():
+    """Fingerprints name finished stages in every run directory and sweep: a refactor must not change them."""
+    from emloc.config import PRESETS
+    expected = {
+        "default": {"calibrate": "31b11394eac6646c", "build": "9f90acd8c566c19d", "train_emulator": "481e930e97a25690",
+                    "train_original": "b2180583836632f1", "correct": "318ebc5f5fd25217", "evaluate": "f235be81440a24a4"},
+        "quick": {"calibrate": "7471a93aab9fa504", "build": "5b910133c422e3ea", "train_emulator": "9a272d9e2bee2975",
+                  "train_original": "c16f14e75e8c8ff4", "correct": "dff5ba0f02df732c", "evaluate": "6c0112e3ef267a15"},
+    }
+    for name, raw in (("default", {}), ("quick", PRESETS["quick"])):
+        config = RunConfig.from_dict(raw)
+        assert {stage: pipeline.fingerprint(config, stage) for stage in expected[name]} == expected[name], name
