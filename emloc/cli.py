@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from emloc import io
-from emloc.config import EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
+from emloc.config import CORRECTION_METHODS, EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 from emloc.stages import STAGE, STAGES
 
-# TODO(integrator): `from emloc.config import CORRECTION_METHODS` once config.py defines it (same three names)
-CORRECTION_METHODS = ("official", "aligned", "activation_aware")
 """The correction methods ``emloc.config.validate`` accepts."""
 
 
