@@ -1,4 +1,4 @@
-"""Stage 3: LoRA correction (DESIGN §2) as pure functions, plus the driver over a peft model.
+"""Stage 3: LoRA correction (notation: docs/architecture.md) as pure functions, plus the driver over a peft model.
 
 peft's update is ``dW = s B A`` with ``A: (r, in)``, ``B: (out, r)``. With ``Q`` an orthonormal basis
 (``in x r``) of the row space of ``A``: ``B A = B~ Q^T`` with ``B~ = B A Q``. The mismatch inside that

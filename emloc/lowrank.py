@@ -1,6 +1,6 @@
 """Stage-1 math: ranks, whitening and truncated decompositions (pure tensor functions).
 
-Notation (DESIGN §2): ``W`` is ``(out, in)``; ``C = sum_t x_t x_t^T`` is ``(in, in)``; ``C = S S^T``;
+Notation (docs/architecture.md): ``W`` is ``(out, in)``; ``C = sum_t x_t x_t^T`` is ``(in, in)``; ``C = S S^T``;
 the emulator layer is ``W' = u v`` with ``u: (out, r)`` and ``v: (r, in)``.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Inspection tables read from saved stage artifacts (cached spectra, reports, results).
 
 Pure functions for widgets, notebooks and scripts: nothing here loads a model or recomputes a
-decomposition. Notation as in DESIGN §2: ``sigma`` are singular values (whitened: of ``W S``,
+decomposition. Notation as in docs/architecture.md: ``sigma`` are singular values (whitened: of ``W S``,
 plain: of ``W``), ``rho`` the parameter-retention ratio, ``r`` a rank.
 """
 from __future__ import annotations

@@ -58,7 +58,7 @@ ADDITION_TEMPLATES = [
 
 
 def _addition_example(rng: random.Random) -> Example:
-    """Two-digit addition in several phrasings: learnable by a 135M model in ~100 LoRA steps (DESIGN §5)."""
+    """Two-digit addition in several phrasings: learnable by a 135M model in ~100 LoRA steps."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     return Example(rng.choice(ADDITION_TEMPLATES).format(name=name, item=item, a=a, b=b), str(a + b))
