@@ -18,8 +18,13 @@ from emloc.errors import EmlocError
 
 
 def orthonormal_row_basis(A: torch.Tensor) -> torch.Tensor:
-    """``Q`` (``in x r``) with orthonormal columns spanning the row space of ``A`` (``r x in``)."""
-    Q, _ = torch.linalg.qr(A.T, mode="reduced")
+    """``Q`` (``in x r``): the left singular vectors of ``A^T`` (``A: r x in``), by descending singular value.
+
+    The official basis: the clamp acts per column of ``D`` and ``B~``, so the result depends on ``Q``, not
+    only on its span. When ``A`` is rank-deficient the trailing columns (zero singular values) complete an
+    orthonormal basis outside the row space; there ``B~_j = 0``, so any clamp removes that column's ``D_j``.
+    """
+    Q, _, _ = torch.linalg.svd(A.T, full_matrices=False)
     return Q
 
 
