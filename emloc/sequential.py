@@ -66,8 +66,8 @@ def embedded_batches(model: nn.Module, decoder: nn.Module, features: list[dict],
         mask = batch["attention_mask"].to(device)
         hidden = decoder.embed_tokens(batch["input_ids"].to(device))
         position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
-        causal_mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask,
-                                         past_key_values=None, position_ids=position_ids)
+        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
+        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
         batches.append(LayerBatch(hidden, mask.bool(), causal_mask, position_ids,
                                   decoder.rotary_emb(hidden, position_ids=position_ids)))
     return batches

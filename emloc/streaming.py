@@ -167,8 +167,8 @@ def _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dt
         mask = batch["attention_mask"].to(device)
         hidden = embed(batch["input_ids"].to(device))
         position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
-        causal_mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask,
-                                         past_key_values=None, position_ids=position_ids)
+        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
+        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
         batches.append(_Batch(hidden, mask.bool(), causal_mask, position_ids, rotary(hidden, position_ids=position_ids)))
     release(embed)
     return batches
