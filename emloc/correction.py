@@ -123,7 +123,9 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
         W = layer.get_base_layer().weight.to(compute_dtype)
         W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
         s = float(layer.scaling[adapter_name])
-        C = stats.C(name).to(W.device) if method == "activation_aware" and name in factors.u else None
+        C = None
+        if method == "activation_aware":  # a module left dense has W' = W: no mismatch under any C
+            C = stats.C(name).to(W.device) if name in factors.u else torch.eye(W.shape[1], device=W.device)
         pair = correct_lora_pair_with(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
         lora_A.copy_(pair.A.to(lora_A.dtype))
         lora_B.copy_(pair.B.to(lora_B.dtype))
