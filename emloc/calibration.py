@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -29,6 +29,22 @@ class CalibrationStats:
 
     def C(self, module_name: str) -> torch.Tensor:
         return self.covariances[self.input_of[module_name]]
+
+
+@dataclass
+class PairedStats(CalibrationStats):
+    """Sequential calibration: ``covariances`` holds the original's ``C = X X^T``; per leader, ``emulated``
+    holds ``C~ = X~ X~^T`` and ``cross`` holds ``P = X X~^T`` (all ``in x in``, float32), where ``X`` and
+    ``X~`` are the inputs of the same linear when the original and the emulator built so far run."""
+
+    emulated: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def C_tilde(self, module_name: str) -> torch.Tensor:
+        return self.emulated[self.input_of[module_name]]
+
+    def P(self, module_name: str) -> torch.Tensor:
+        return self.cross[self.input_of[module_name]]
 
 
 def matches_target(name: str, patterns: list[str]) -> bool:
@@ -64,6 +80,10 @@ class _Accumulator:
         self.input_of: dict[str, str] = {}
         self.token_mask: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, str] | None = None
+        self.captured: dict[str, torch.Tensor] | None = None
+        """Paired mode: when a dict, the hooks store this forward's input rows per leader instead of adding them."""
+        self.emulated: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
 
     def begin_batch(self, token_mask: torch.Tensor | None) -> None:
         """Count only the tokens where ``token_mask`` is true (padding is left out) in the next forward."""
@@ -83,12 +103,36 @@ class _Accumulator:
             if self.token_mask is not None and tuple(x.shape[:-1]) == tuple(self.token_mask.shape):
                 rows = rows[self.token_mask.reshape(-1)]
             rows = rows.to(torch.float32)
+            if self.captured is not None:
+                self.captured[name] = rows
+                return
             if name not in self.covariances:
                 self.covariances[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=self.device)
                 self.counts[name] = 0
             self.covariances[name] += (rows.T @ rows).to(torch.float64)
             self.counts[name] += rows.shape[0]
         return record
+
+    def capture(self, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Start a forward whose input rows (``tokens x in`` per leader) land in the returned dict."""
+        self.begin_batch(token_mask)
+        self.captured = {}
+        return self.captured
+
+    def add_pair(self, X: dict[str, torch.Tensor], X_tilde: dict[str, torch.Tensor]) -> None:
+        """Add one batch's ``X X^T``, ``X~ X~^T`` and ``X X~^T``; ``X``/``X~`` rows are the same tokens."""
+        self.captured = None
+        for name, rows in X.items():
+            rows_tilde = X_tilde[name]
+            if rows_tilde.shape != rows.shape:
+                raise EmlocError(f"the emulator's inputs of {name} have shape {tuple(rows_tilde.shape)}, not "
+                                 f"{tuple(rows.shape)}: both streams must run the same calibration batches")
+            for into, product in ((self.covariances, rows.T @ rows), (self.emulated, rows_tilde.T @ rows_tilde),
+                                  (self.cross, rows.T @ rows_tilde)):
+                if name not in into:
+                    into[name] = torch.zeros_like(product, dtype=torch.float64, device=self.device)
+                into[name] += product.to(torch.float64)
+            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
 
 @contextlib.contextmanager
@@ -134,3 +178,15 @@ def stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> Calibra
             raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: the model produced non-finite "
                              f"activations; check its weights and dtype (try --dtype float32)")
     return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), n_samples)
+
+
+def paired_stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> PairedStats:
+    """The accumulated ``C``, ``C~`` and ``P`` as float32 CPU tensors (see :class:`PairedStats`)."""
+    base = stats_from_accumulator(accumulator, n_samples)
+    emulated, cross = ({name: M.float().cpu() for name, M in part.items()}
+                       for part in (accumulator.emulated, accumulator.cross))
+    for name in emulated:
+        if not (torch.isfinite(emulated[name]).all() and torch.isfinite(cross[name]).all()):
+            raise EmlocError(f"sequential statistics of {name} contain NaN or Inf: the emulator built so far "
+                             f"produced non-finite activations; lower the compression or use calibration: independent")
+    return PairedStats(base.covariances, base.input_of, base.token_counts, n_samples, emulated, cross)

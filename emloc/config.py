@@ -49,6 +49,12 @@ class EmulatorConfig:
     pruning of MLP channels and query heads); all keep about ``ratio`` of the targeted weights."""
     compute_dtype: str = "float64"
     """dtype for the decompositions; the factors are stored in the model's dtype."""
+    calibration: str = "independent"
+    """'independent' (each layer's statistics from the original model, the paper) or 'sequential' (layer by
+    layer: layer l's inputs come from the emulator built so far, and W' minimises ||W X - W' X~||_F, with X
+    the original's and X~ the emulator's inputs; about twice the calibration memory). See docs/sequential.md."""
+    skip_last_down_proj: bool = True
+    """Leave the last decoder layer's MLP down projection dense, as the official configuration does."""
 
 
 @dataclass
@@ -177,6 +183,11 @@ def validate(config: RunConfig) -> None:
         raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use one of {', '.join(EMULATOR_METHODS)}")
     if emu.compute_dtype not in ("float32", "float64"):
         raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
+    if emu.calibration not in ("independent", "sequential"):
+        raise EmlocError(f"emulator.calibration = {emu.calibration!r}: use 'independent' or 'sequential'")
+    if emu.calibration == "sequential" and emu.method != "activation_aware":
+        raise EmlocError(f"emulator.calibration = 'sequential' needs emulator.method = 'activation_aware', "
+                         f"not {emu.method!r}: set calibration to 'independent'")
     if not emu.target_modules:
         raise EmlocError("emulator.target_modules is empty: name at least one linear layer, e.g. q_proj")
     if config.dtype not in ("float32", "bfloat16", "float16"):

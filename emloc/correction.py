@@ -25,8 +25,13 @@ from emloc.errors import EmlocError
 
 
 def orthonormal_row_basis(A: torch.Tensor) -> torch.Tensor:
-    """``Q`` (``in x r``) with orthonormal columns spanning the row space of ``A`` (``r x in``)."""
-    Q, _ = torch.linalg.qr(A.T, mode="reduced")
+    """``Q`` (``in x r``): the left singular vectors of ``A^T`` (``A: r x in``), by descending singular value.
+
+    The official basis: the clamp acts per column of ``D`` and ``B~``, so the result depends on ``Q``, not
+    only on its span. When ``A`` is rank-deficient the trailing columns (zero singular values) complete an
+    orthonormal basis outside the row space; there ``B~_j = 0``, so any clamp removes that column's ``D_j``.
+    """
+    Q, _, _ = torch.linalg.svd(A.T, full_matrices=False)
     return Q
 
 
@@ -243,7 +248,9 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
         W = layer.get_base_layer().weight.to(compute_dtype)
         W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
         s = float(layer.scaling[adapter_name])
-        C = stats.C(name).to(W.device) if method == "activation_aware" and name in factors.u else None
+        C = None
+        if method == "activation_aware":  # a module left dense has W' = W: no mismatch under any C
+            C = stats.C(name).to(W.device) if name in factors.u else torch.eye(W.shape[1], device=W.device)
         pair = correct_lora_pair(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
         lora_A.copy_(pair.A.to(lora_A.dtype))
         lora_B.copy_(pair.B.to(lora_B.dtype))

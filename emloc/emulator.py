@@ -12,13 +12,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emloc.calibration import CalibrationStats, target_linears
+from emloc.calibration import CalibrationStats, PairedStats, target_linears
 from emloc.config import EmulatorConfig
 from emloc.errors import EmlocError
-from emloc.lowrank import (break_even_rank, calibration_error, plain_truncation, rank_from_ratio,
-                           relative_error_curve, whitened_basis, whitened_basis_from_gram,
-                           whitened_basis_from_right_gram, whitening_factor,
+from emloc.lowrank import (break_even_rank, calibration_error, least_squares_target, plain_truncation,
+                           rank_from_ratio, relative_error_curve, sequential_error, whitened_basis,
+                           whitened_basis_from_gram, whitened_basis_from_right_gram, whitening_factor,
                            project_onto_basis)
+
+DOWN_PROJECTIONS = ("down_proj", "w2", "fc2")
+"""Names of the MLP down projection in Llama/Qwen/Mistral, InternLM2 and OPT-style decoders."""
 
 
 class LowRankLinear(nn.Module):
@@ -78,6 +81,28 @@ def layer_index(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def last_decoder_layer(model: nn.Module) -> str | None:
+    """Qualified name of the last decoder layer (``model.layers.29``), or None when there is no decoder."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    return next(name for name, module in model.named_modules() if module is layers[-1])
+
+
+def excluded_modules(model: nn.Module, names, config: EmulatorConfig) -> set[str]:
+    """Targeted linears the emulator keeps dense: with ``skip_last_down_proj``, the last decoder layer's MLP
+    down projection (the official configuration compresses every other decoder linear)."""
+    if not config.skip_last_down_proj:
+        return set()
+    downs = [name for name in names if module_type(name) in DOWN_PROJECTIONS]
+    last = last_decoder_layer(model)
+    if last is None:  # no decoder to ask: the down projection with the highest layer index
+        last_index = max((layer_index(name) for name in downs), default=-1)
+        return {name for name in downs if last_index >= 0 and layer_index(name) == last_index}
+    return {name for name in downs if name.startswith(last + ".")}
+
+
 def _factorise(W: torch.Tensor, C: torch.Tensor, S_cache: dict, leader: str, r: int, method: str):
     """Return ``(u, v, sigma_whitened)``; the whitening factor ``S`` is cached per shared input."""
     if method == "plain":
@@ -101,7 +126,12 @@ def _S(C: torch.Tensor, cache: dict, leader: str) -> torch.Tensor:
 
 def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True) -> EmulatorFactors:
     """Compute rank-``r`` factors for every targeted linear (``r`` from ``rho``); the model is not changed."""
+    if config.calibration == "sequential" and not isinstance(stats, PairedStats):
+        raise EmlocError("emulator.calibration = 'sequential' builds from the calibration samples, not from "
+                         "saved statistics: use emloc.sequential.build_sequential (or the streamed build)")
     linears = target_linears(model, config.target_modules)
+    for name in excluded_modules(model, linears, config):
+        del linears[name]
     missing = [name for name in linears if name not in stats.input_of]
     if missing:
         raise EmlocError(f"calibration statistics do not cover {missing[0]}: they belong to another model or "
@@ -124,6 +154,9 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     """One linear's ``(u, v, spectra, report_row)``; shared by the in-memory and the layer-streamed builds.
 
     ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input.
+    With :class:`PairedStats` (sequential calibration) ``W'`` minimises ``||W X - W' X~||_F``: the truncation
+    of ``W_ls`` under ``C~`` (:func:`emloc.lowrank.sequential_truncation`), and the report's
+    ``calibration_error`` is that relative error; the whitened spectrum is that of ``W_ls`` under ``C~``.
     """
     compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
     W = linear.weight.detach().to(compute)
@@ -131,10 +164,20 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     out_features, in_features = W.shape
     rho = ratio_for(name, config)
     r = rank_from_ratio(rho, out_features, in_features)
-    u, v, sigma = _factorise(W, C, {} if S_cache is None else S_cache, stats.input_of[name], r, config.method)
+    S_cache = {} if S_cache is None else S_cache
+    if isinstance(stats, PairedStats):
+        C_tilde, P = stats.C_tilde(name).to(W.device, compute), stats.P(name).to(W.device, compute)
+        u, v, sigma = _factorise(least_squares_target(W, C_tilde, P), C_tilde, S_cache, stats.input_of[name], r,
+                                 config.method)
+        error = sequential_error(W, u @ v, C, P, C_tilde)
+    else:
+        u, v, sigma = _factorise(W, C, S_cache, stats.input_of[name], r, config.method)
+        error = None
     sigma_plain = torch.linalg.svdvals(W)
     spectra = {"whitened": sigma.float().cpu(), "plain": sigma_plain.float().cpu()}
     row = _report_row(name, W, C, u @ v, sigma, r, rho, linear)
+    if error is not None:
+        row["calibration_error"] = error
     # contiguous: u = U[:, :r] is otherwise a view holding all of U
     return u.to(linear.weight.dtype).cpu().contiguous(), v.to(linear.weight.dtype).cpu(), spectra, row
 
@@ -159,22 +202,34 @@ def emulate(model: nn.Module, factors: EmulatorFactors, copy_model: bool = True)
     With ``copy_model=False`` the swap happens in place (saves memory when the caller owns ``model``).
     """
     emulator = copy.deepcopy(model) if copy_model else model
-    modules = dict(emulator.named_modules())
-    for name in factors.u:
+    swap_in_low_rank(emulator, factors.u, factors.v)
+    return emulator
+
+
+def swap_in_low_rank(root: nn.Module, u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Replace, in place, each linear ``root.<name>`` by a :class:`LowRankLinear` ``u[name] v[name]`` (same bias);
+    returns the replaced linears by name, so a caller can put them back."""
+    modules = dict(root.named_modules())
+    replaced = {}
+    for name in u:
         if name not in modules or not isinstance(modules[name], nn.Linear):
             raise EmlocError(f"emulator factors name {name}, which is not a linear layer of this model: "
                              f"the emulator was built for another model; rebuild it with `emloc build`")
         linear = modules[name]
-        u, v = factors.u[name], factors.v[name]
-        if u.shape[0] != linear.out_features or v.shape[1] != linear.in_features:
-            raise EmlocError(f"emulator factors for {name} have shape {tuple(u.shape)}x{tuple(v.shape)}, which does "
-                             f"not fit ({linear.out_features}, {linear.in_features}): rebuild with `emloc build`")
+        u_name, v_name = u[name], v[name]
+        if u_name.shape[0] != linear.out_features or v_name.shape[1] != linear.in_features:
+            raise EmlocError(f"emulator factors for {name} have shape {tuple(u_name.shape)}x{tuple(v_name.shape)}, "
+                             f"which does not fit ({linear.out_features}, {linear.in_features}): rebuild with `emloc build`")
         device, dtype = linear.weight.device, linear.weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
-        low_rank = LowRankLinear(u.to(device, dtype), v.to(device, dtype), bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child, low_rank)
-    return emulator
+        set_submodule(root, name, LowRankLinear(u_name.to(device, dtype), v_name.to(device, dtype), bias))
+        replaced[name] = linear
+    return replaced
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def count_parameters(model: nn.Module) -> int:

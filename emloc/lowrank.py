@@ -119,3 +119,39 @@ def calibration_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor
     numerator = torch.einsum("oi,ij,oj->", delta, C, delta).clamp_min(0)
     denominator = torch.einsum("oi,ij,oj->", W, C, W).clamp_min(torch.finfo(C.dtype).tiny)
     return float((numerator / denominator).sqrt())
+
+
+def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor,
+                         rtol: float | None = None) -> torch.Tensor:
+    """``W_ls = W + W (P - C~) C~^+`` (``out x in``): the map closest to ``W`` among the minimisers of
+    ``||W X - W_ls X~||_F``, with ``C~ = X~ X~^T`` and ``P = X X~^T`` (both ``in x in``).
+
+    ``W_ls`` solves the normal equations ``W_ls C~ = W P``; its deviation from ``W`` lies in the range of
+    ``C~``, so where ``C~`` is singular it keeps ``W``. ``X~ = X`` gives ``P = C~`` and ``W_ls = W`` exactly.
+    ``rtol`` (default: float32 epsilon, the precision of the accumulated statistics) cuts the pseudo-inverse.
+    """
+    if rtol is None:
+        rtol = torch.finfo(torch.float32).eps
+    C_pinv = torch.linalg.pinv((C_tilde + C_tilde.T) / 2, rtol=rtol, hermitian=True)
+    return W + W @ (P - C_tilde) @ C_pinv
+
+
+def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int,
+                          rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``r`` factors ``(u, v)`` minimising ``||W X - u v X~||_F`` and the spectrum ``sigma`` of ``W_ls``
+    whitened by ``C~`` (see :func:`least_squares_target`).
+
+    ``||W X - W' X~||^2 = ||W X - W_ls X~||^2 + ||(W_ls - W') X~||^2``, so ``W'`` is the activation-aware
+    truncation of ``W_ls`` under ``C~``: ``u = U_r``, ``v = U_r^T W_ls``, ``U_r`` the top eigenvectors of
+    ``W_ls C~ W_ls^T``.
+    """
+    return whitened_truncation(least_squares_target(W, C_tilde, P, rtol), C_tilde, r)
+
+
+def sequential_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor, P: torch.Tensor,
+                     C_tilde: torch.Tensor) -> float:
+    """Relative error ``||W X - W' X~||_F / ||W X||_F`` from ``C = X X^T``, ``P = X X~^T``, ``C~ = X~ X~^T``."""
+    squared = (torch.einsum("oi,ij,oj->", W, C, W) - 2 * torch.einsum("oi,ij,oj->", W, P, W_emulated)
+               + torch.einsum("oi,ij,oj->", W_emulated, C_tilde, W_emulated)).clamp_min(0)
+    denominator = torch.einsum("oi,ij,oj->", W, C, W).clamp_min(torch.finfo(C.dtype).tiny)
+    return float((squared / denominator).sqrt())

@@ -171,8 +171,8 @@ def _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dt
         mask = batch["attention_mask"].to(device)
         hidden = embed(batch["input_ids"].to(device))
         position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
-        causal_mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask,
-                                         past_key_values=None, position_ids=position_ids)
+        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
+        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
         batches.append(_Batch(hidden, mask.bool(), causal_mask, position_ids, rotary(hidden, position_ids=position_ids)))
     release(embed)
     return batches
@@ -190,7 +190,10 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
                   batch_size: int = 8, keep_statistics: bool = False, progress: bool = True,
                   trust_remote_code: bool = False) -> StreamedBuild:
     """Calibrate and factor one decoder layer at a time; each layer's ``u``/``v`` go to
-    ``parts_dir/layer_<i>.safetensors``; spectra and the report come back in a :class:`StreamedBuild`."""
+    ``parts_dir/layer_<i>.safetensors``; spectra and the report come back in a :class:`StreamedBuild`.
+
+    With ``config.calibration == 'sequential'`` a second stream of hidden states (the emulator built so far)
+    runs alongside (:mod:`emloc.sequential`): one layer's weights at a time still, twice the activations."""
     if not features:
         raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
     start = time.perf_counter()
@@ -204,17 +207,27 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
     if outside:
         raise EmlocError(f"target {outside[0]} is outside the decoder layers: streaming factors decoder-layer "
                          f"linears only; drop it from emulator.target_modules or use the in-memory build")
+    # imported here so this module's import block stays as it is (integrator: hoist these two)
+    from emloc import sequential
+    from emloc.emulator import excluded_modules
+    skip = excluded_modules(model, linears, config)
     batches = _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dtype, device)
+    # the emulator's stream (sequential only): the hidden states of the emulator built so far
+    emulated = [batch.hidden for batch in batches] if config.calibration == "sequential" else None
     spectra, rows, kept = {}, [], CalibrationStats({}, {}, {}, len(features))
     for index, layer in enumerate(tqdm(decoder.layers, desc="streamed layers", disable=not progress)):
         prefix = f"{layers_prefix}.{index}"
         materialise(layer, prefix, reader, dtype, device)
         layer_linears = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
-        stats = _calibrate_layer(layer, layer_linears, batches, device, len(features))
-        u, v, S_cache = {}, {}, {}
-        for name, linear in layer_linears.items():
-            u[name], v[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache)
-            rows.append(row)
+        if emulated is None:
+            stats = _calibrate_layer(layer, layer_linears, batches, device, len(features))
+        else:
+            stats = sequential.paired_layer_statistics(layer, layer_linears, batches, emulated, device, len(features))
+        u, v, layer_spectra, layer_rows = sequential.factor_layer(layer_linears, stats, config, skip)
+        spectra.update(layer_spectra)
+        rows.extend(layer_rows)
+        if emulated is not None:
+            emulated = sequential.advance(layer, prefix, u, v, batches, emulated)
         io.write_tensors(parts_dir / f"layer_{index:05d}.safetensors", factor_tensors(u, v))
         if keep_statistics:
             _merge_stats(kept, stats)

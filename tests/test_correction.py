@@ -63,7 +63,8 @@ def corrected_setup(tmp_path_factory):
     model = tiny_llama(seed=0)
     feats = [{"input_ids": torch.randint(3, 1000, (12,)).tolist()} for _ in range(6)]
     stats = collect_statistics(model, feats, LLAMA_PROJECTIONS, pad_token_id=2, progress=False)
-    factors = build_factors(model, stats, EmulatorConfig(ratio=0.5), progress=False)
+    # every LoRA module compressed, so each one has a mismatch to correct
+    factors = build_factors(model, stats, EmulatorConfig(ratio=0.5, skip_last_down_proj=False), progress=False)
     spec = LoraConfigSpec(r=4, alpha=16)
     emulator_lora = add_lora(emulate(model, factors), spec, LLAMA_PROJECTIONS, seed=0)
     for layer in lora_layers(emulator_lora).values():  # stand-in for training: non-zero B

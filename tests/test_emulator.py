@@ -4,7 +4,8 @@ from peft import get_peft_model_state_dict
 
 from emloc.calibration import collect_statistics
 from emloc.config import EmulatorConfig, LLAMA_PROJECTIONS, LoraConfigSpec
-from emloc.emulator import EmulatorFactors, LowRankLinear, build_factors, count_parameters, emulate, ratio_for
+from emloc.emulator import (EmulatorFactors, LowRankLinear, build_factors, count_parameters, emulate,
+                            excluded_modules, ratio_for)
 from emloc.lora import add_lora
 from emloc.models import tiny_llama
 
@@ -15,7 +16,8 @@ def stats_for(model):
 
 
 def test_emulator_swaps_every_target_and_keeps_shapes(tiny_model):
-    factors = build_factors(tiny_model, stats_for(tiny_model), EmulatorConfig(ratio=0.5), progress=False)
+    factors = build_factors(tiny_model, stats_for(tiny_model), EmulatorConfig(ratio=0.5, skip_last_down_proj=False),
+                            progress=False)
     emulator = emulate(tiny_model, factors)
     original_modules = dict(tiny_model.named_modules())
     swapped = {n: m for n, m in emulator.named_modules() if isinstance(m, LowRankLinear)}
@@ -65,3 +67,17 @@ def test_activation_aware_error_is_at_most_plain_on_calibration_stats(tiny_model
     plain = build_factors(tiny_model, stats, EmulatorConfig(ratio=0.4, method="plain"), progress=False).report
     assert (aware["calibration_error"].values <= plain["calibration_error"].values + 1e-6).all()
     assert aware["calibration_error"].mean() < plain["calibration_error"].mean()
+
+
+def test_the_last_down_projection_stays_dense_by_default(tiny_model):
+    """The official configuration: every decoder linear but the last layer's MLP down projection is compressed."""
+    last = "model.layers.1.mlp.down_proj"
+    factors = build_factors(tiny_model, stats_for(tiny_model), EmulatorConfig(ratio=0.5), progress=False)
+    assert last not in factors.u and last not in set(factors.report["module"]) and last not in factors.spectra
+    assert "model.layers.0.mlp.down_proj" in factors.u and len(factors.u) == 7 * 2 - 1
+    emulator = emulate(tiny_model, factors)
+    kept = emulator.get_submodule(last)
+    assert type(kept) is torch.nn.Linear and torch.equal(kept.weight, tiny_model.get_submodule(last).weight)
+    names = [*factors.u, last]
+    assert excluded_modules(tiny_model, names, EmulatorConfig()) == {last}
+    assert excluded_modules(tiny_model, names, EmulatorConfig(skip_last_down_proj=False)) == set()

@@ -41,7 +41,13 @@ class SpectrumExplorer(FigureView):
 
     @property
     def module(self) -> str:
-        return self.rows[(self.layer_slider.value, self.type_dropdown.value)].module
+        return self._row().module
+
+    def _row(self):
+        """The selected report row; for a module left dense (e.g. the last down_proj) the nearest layer's."""
+        layer, kind = self.layer_slider.value, self.type_dropdown.value
+        return self.rows.get((layer, kind)) or min(
+            (row for (_, t), row in self.rows.items() if t == kind), key=lambda row: abs(row.layer - layer))
 
 
     def _empty_figure(self) -> go.Figure:
@@ -76,7 +82,7 @@ class SpectrumExplorer(FigureView):
         self._load_module()
 
     def _load_module(self) -> None:
-        row = self.rows[(self.layer_slider.value, self.type_dropdown.value)]
+        row = self._row()
         spectra = self.factors.spectra[row.module]
         self.curves = {kind: spectrum_curves(spectra[kind]) for kind in KINDS}
         n = len(self.curves["whitened"]["sigma"])
@@ -96,7 +102,7 @@ class SpectrumExplorer(FigureView):
         self._update_rank()
 
     def _update_rank(self) -> None:
-        row = self.rows[(self.layer_slider.value, self.type_dropdown.value)]
+        row = self._row()
         r = self.rank_slider.value
         summary = {kind: rank_summary(c, r, row.out_features, row.in_features) for kind, c in self.curves.items()}
         floor = float(min(c["normalised"][-1] for c in self.curves.values()))

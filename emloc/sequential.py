@@ -1,0 +1,164 @@
+"""Sequential calibration: the emulator built layer by layer (``emulator.calibration: sequential``).
+
+Two streams of hidden states walk the decoder: the original model's and the emulator's built so far.
+For decoder layer ``l`` the original layer runs on both streams with the calibration hooks on, giving
+``X`` and ``X~`` for each distinct linear input, accumulated as ``C = X X^T``, ``C~ = X~ X~^T`` and
+``P = X X~^T`` (:class:`emloc.calibration.PairedStats`). Each linear's ``W'`` then minimises
+``||W X - W' X~||_F`` (:func:`emloc.lowrank.sequential_truncation`). The original stream moves on
+through the original layer, the emulator's through the layer with its low-rank linears swapped in.
+The derivation and the cost are in ``docs/sequential.md``. The same per-layer steps serve the
+in-memory build here and the layer-streamed one in :mod:`emloc.streaming`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from emloc.calibration import PairedStats, paired_stats_from_accumulator, recording_inputs, target_linears
+from emloc.config import EmulatorConfig
+from emloc.data import pad_batch
+from emloc.emulator import EmulatorFactors, excluded_modules, factor_linear, set_submodule, swap_in_low_rank
+from emloc.errors import EmlocError
+
+
+@dataclass
+class LayerBatch:
+    """One calibration batch at a decoder layer's input (the fields the streamed build's batches also have)."""
+
+    hidden: torch.Tensor
+    """``(batch, tokens, hidden)``: the original model's input of the next decoder layer."""
+    token_mask: torch.Tensor
+    causal_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+def decoder_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """The Llama-style decoder (``embed_tokens``, ``layers``, ``rotary_emb``) and its layer list's name."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not all(hasattr(decoder, part) for part in ("embed_tokens", "layers", "rotary_emb")):
+        raise EmlocError(f"{type(model).__name__} is not a Llama-style decoder (embed_tokens, layers, rotary_emb): "
+                         f"use emulator.calibration: independent for it")
+    return decoder, next(name for name, module in model.named_modules() if module is decoder.layers)
+
+
+def through_layer(layer: nn.Module, hidden: torch.Tensor, batch) -> torch.Tensor:
+    """``hidden`` through one decoder layer with ``batch``'s masks and rotary embeddings."""
+    out = layer(hidden, attention_mask=batch.causal_mask, position_ids=batch.position_ids,
+                position_embeddings=batch.position_embeddings, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def embedded_batches(model: nn.Module, decoder: nn.Module, features: list[dict], pad_token_id: int,
+                     batch_size: int, device: torch.device) -> list[LayerBatch]:
+    """The first decoder layer's inputs for each calibration batch (same batches and padding as
+    :func:`emloc.calibration.collect_statistics`)."""
+    batches = []
+    for start in range(0, len(features), batch_size):
+        batch = pad_batch(features[start:start + batch_size], pad_token_id)
+        mask = batch["attention_mask"].to(device)
+        hidden = decoder.embed_tokens(batch["input_ids"].to(device))
+        position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
+        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
+        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
+        batches.append(LayerBatch(hidden, mask.bool(), causal_mask, position_ids,
+                                  decoder.rotary_emb(hidden, position_ids=position_ids)))
+    return batches
+
+
+@torch.no_grad()
+def paired_layer_statistics(layer: nn.Module, layer_linears: dict[str, nn.Module], batches: list,
+                            emulated: list[torch.Tensor], device: torch.device, n_samples: int) -> PairedStats:
+    """``C``, ``C~``, ``P`` of the layer's linears: the original layer runs on each batch's original hidden
+    states (``X``) and on the emulator's (``emulated[i]``, ``X~``). The original stream moves on
+    (``batch.hidden`` becomes the layer's output); the emulator's is left to :func:`advance`."""
+    with recording_inputs(layer_linears, device) as accumulator:
+        for batch, hidden_tilde in zip(batches, emulated):
+            X = accumulator.capture(batch.token_mask)
+            output = through_layer(layer, batch.hidden, batch)
+            X_tilde = accumulator.capture(batch.token_mask)
+            through_layer(layer, hidden_tilde, batch)
+            accumulator.add_pair(X, X_tilde)
+            batch.hidden = output
+    return paired_stats_from_accumulator(accumulator, n_samples)
+
+
+@contextlib.contextmanager
+def low_rank_swapped(layer: nn.Module, u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """``layer`` with the named linears (names relative to ``layer``) replaced by ``u v``, restored on exit."""
+    replaced = swap_in_low_rank(layer, u, v)
+    try:
+        yield layer
+    finally:
+        for name, linear in replaced.items():
+            set_submodule(layer, name, linear)
+
+
+@torch.no_grad()
+def advance(layer: nn.Module, prefix: str, u: dict, v: dict, batches: list,
+            emulated: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The emulator's hidden states after ``layer`` with its factored linears (qualified names under
+    ``prefix``) swapped for ``u v``."""
+    relative = lambda factors: {name[len(prefix) + 1:]: tensor for name, tensor in factors.items()}
+    with low_rank_swapped(layer, relative(u), relative(v)):
+        return [through_layer(layer, hidden, batch) for batch, hidden in zip(batches, emulated)]
+
+
+def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorConfig, skip: set[str]):
+    """``(u, v, spectra, report rows)`` of one layer's linears, leaving out those in ``skip``."""
+    u, v, spectra, rows, S_cache = {}, {}, {}, [], {}
+    for name, linear in layer_linears.items():
+        if name in skip:
+            continue
+        u[name], v[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache)
+        rows.append(row)
+    return u, v, spectra, rows
+
+
+@torch.no_grad()
+def build_sequential(model: nn.Module, features: list[dict], config: EmulatorConfig, pad_token_id: int,
+                     batch_size: int = 8, progress: bool = True,
+                     keep_statistics: bool = False) -> tuple[EmulatorFactors, PairedStats | None]:
+    """The emulator's factors, built layer by layer from the calibration samples; the model is not changed.
+
+    With ``keep_statistics`` also returns all layers' statistics (``covariances`` are the original's ``C``,
+    as :func:`emloc.calibration.collect_statistics` gives them, plus ``C~`` and ``P``: three times its memory).
+    """
+    if not features:
+        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
+    decoder, layers_prefix = decoder_of(model)
+    device = next(model.parameters()).device
+    linears = target_linears(model, config.target_modules)
+    outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
+    if outside:
+        raise EmlocError(f"target {outside[0]} is outside the decoder layers: sequential calibration factors "
+                         f"decoder-layer linears only; drop it from emulator.target_modules or calibrate independently")
+    skip = excluded_modules(model, linears, config)
+    batches = embedded_batches(model, decoder, features, pad_token_id, batch_size, device)
+    emulated = [batch.hidden for batch in batches]
+    u_all, v_all, spectra, rows = {}, {}, {}, []
+    kept = PairedStats({}, {}, {}, len(features))
+    for index, layer in enumerate(tqdm(decoder.layers, desc="sequential emulator", disable=not progress)):
+        prefix = f"{layers_prefix}.{index}"
+        layer_linears = {name: module for name, module in linears.items() if name.startswith(prefix + ".")}
+        stats = paired_layer_statistics(layer, layer_linears, batches, emulated, device, len(features))
+        u, v, layer_spectra, layer_rows = factor_layer(layer_linears, stats, config, skip)
+        emulated = advance(layer, prefix, u, v, batches, emulated)
+        if keep_statistics:
+            merge_paired(kept, stats)
+        u_all.update(u), v_all.update(v), spectra.update(layer_spectra), rows.extend(layer_rows)
+    return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method), kept if keep_statistics else None
+
+
+def merge_paired(into: PairedStats, stats: PairedStats) -> None:
+    for mine, theirs in ((into.covariances, stats.covariances), (into.input_of, stats.input_of),
+                         (into.token_counts, stats.token_counts), (into.emulated, stats.emulated),
+                         (into.cross, stats.cross)):
+        mine.update(theirs)
