@@ -70,11 +70,12 @@ def _tail_shares(sigma_sq: torch.Tensor) -> np.ndarray:
 def allocation_error(spectra_sq: dict[str, torch.Tensor], ranks: dict[str, int],
                      weights: dict[str, float] | None = None) -> float:
     """The objective ``E(r) = sum_m w_m tail_m(r_m) / total_m`` (``w_m = 1`` unless ``weights`` is given)."""
-    total = 0.0
-    for name, rank in ranks.items():
-        shares = _tail_shares(spectra_sq[name])
-        total += (1.0 if weights is None else float(weights[name])) * shares[min(rank, len(shares) - 1)]
-    return total
+    return _objective({name: _tail_shares(spectra_sq[name]) for name in ranks}, ranks, weights)
+
+
+def _objective(shares: dict[str, np.ndarray], ranks: dict[str, int], weights: dict[str, float] | None) -> float:
+    return sum((1.0 if weights is None else float(weights[name])) * shares[name][min(rank, len(shares[name]) - 1)]
+               for name, rank in ranks.items())
 
 
 def global_ranks(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int,
@@ -94,7 +95,8 @@ def global_ranks(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     if spent > budget:
         raise EmlocError(f"a parameter budget of {budget} cannot give every module rank 1 (needs {spent}): "
                          f"raise emulator.ratio")
-    shares = [_tail_shares(spectra_sq[n]) for n in names]
+    shares_of = {n: _tail_shares(spectra_sq[n]) for n in names}
+    shares = list(shares_of.values())
     module_of, gain = [], []
     for m, (name, (o, i)) in enumerate(shapes.items()):
         cap = max_rank(o, i, len(shares[m]) - 1)
@@ -119,7 +121,7 @@ def global_ranks(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[in
             break
     result = {name: int(r) for name, r in zip(names, ranks)}
     if reference is not None and parameter_count(shapes, reference) <= budget and \
-            allocation_error(spectra_sq, reference, weights) < allocation_error(spectra_sq, result, weights):
+            _objective(shares_of, reference, weights) < _objective(shares_of, result, weights):
         return dict(reference)
     return result
 

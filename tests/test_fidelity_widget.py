@@ -89,6 +89,7 @@ def test_error_map_shows_the_global_allocation(setup):
     change = np.asarray(view.trace("error").z, dtype=float)
     assert np.any(change != 0) and view.trace("error").zmin == -view.trace("error").zmax
     assert "rank change vs uniform" in shown(view)["layout"]["title"]["text"]
+    assert shown(view)["layout"]["annotations"][0]["text"] == "rank change vs uniform per module"
 
     global_table = view.table()
     view.allocation_dropdown.value = "uniform"                                # same budget, uniform ranks

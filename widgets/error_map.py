@@ -14,7 +14,8 @@ from widgets._base import COLOURS, TEMPLATE, FigureView, stat_line
 
 ERRORS = {"whitened": "calibration error ‖(W−W')X‖/‖WX‖ (activation-aware)",
           "plain": "weight error ‖W−W'‖/‖W‖ (plain SVD)"}
-SHOW = {"error": "relative error", "rank": "rank per module", "rank_change": "rank change vs uniform"}
+SHOW = {"error": "relative error per module", "rank": "rank per module",
+        "rank_change": "rank change vs uniform per module"}
 ALLOCATIONS = {"uniform": "uniform (every module keeps ρ)", "global": "global (same budget, least summed error)"}
 # Colour scales that keep small values visible: no white at the low end; the change map is white at 0.
 SCALES = {"error": "YlOrRd", "rank": "Viridis", "rank_change": "RdBu"}
@@ -98,6 +99,7 @@ class ErrorMap(FigureView):
                                        colorscale=SCALES[show], colorbar_title_text=COLOURBAR[show],
                                        **_colour_range(z, show))
             self.trace("saved").update(x=saved.to_numpy(), y=list(saved.index))
+            self.figure.layout.annotations[0].text = SHOW[show]
             what = ERRORS[kind] if show == "error" else SHOW[show]
             self.figure.layout.title.text = (f"Emulator at ρ = {rho:.2f}, {self.allocation_dropdown.value} "
                                              f"allocation: {what}")
