@@ -55,6 +55,10 @@ class EmulatorConfig:
     the original's and X~ the emulator's inputs; about twice the calibration memory). See docs/sequential.md."""
     skip_last_down_proj: bool = True
     """Leave the last decoder layer's MLP down projection dense, as the official configuration does."""
+    allocation: str = "uniform"
+    """'uniform' (every module keeps r = floor(rho * out * in / (out + in)), the paper) or 'global' (per-module
+    ranks that minimise the summed relative calibration error within the same total parameters; see
+    emloc.allocation)."""
 
 
 @dataclass
@@ -181,6 +185,8 @@ def validate(config: RunConfig) -> None:
             raise EmlocError(f"module pattern {pattern!r} is not a valid regex: fix it or use a plain name like q_proj") from None
     if emu.method not in EMULATOR_METHODS:
         raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use one of {', '.join(EMULATOR_METHODS)}")
+    if emu.allocation not in ("uniform", "global"):
+        raise EmlocError(f"emulator.allocation = {emu.allocation!r} is unknown: use 'uniform' or 'global'")
     if emu.compute_dtype not in ("float32", "float64"):
         raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
     if emu.calibration not in ("independent", "sequential"):

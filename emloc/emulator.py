@@ -124,8 +124,13 @@ def _S(C: torch.Tensor, cache: dict, leader: str) -> torch.Tensor:
     return cache[leader]
 
 
-def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True) -> EmulatorFactors:
-    """Compute rank-``r`` factors for every targeted linear (``r`` from ``rho``); the model is not changed."""
+def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True,
+                  ranks: dict[str, int] | None = None) -> EmulatorFactors:
+    """Compute rank-``r`` factors for every targeted linear; the model is not changed.
+
+    ``r`` comes from ``ranks`` when given, else from ``config.allocation``: ``rho`` per module (uniform) or
+    :func:`emloc.allocation.allocate` (global; the report then also lists the uniform rule's ``rank_uniform``).
+    """
     if config.calibration == "sequential" and not isinstance(stats, PairedStats):
         raise EmlocError("emulator.calibration = 'sequential' builds from the calibration samples, not from "
                          "saved statistics: use emloc.sequential.build_sequential (or the streamed build)")
@@ -140,20 +145,26 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
         if not torch.isfinite(C).all():
             raise EmlocError(f"calibration statistics of {leader} contain NaN or Inf: re-run `emloc calibrate` "
                              f"(and check the model's weights and dtype)")
+    uniform = None
+    if ranks is None and config.allocation == "global":
+        from emloc.allocation import allocate  # here: emloc.allocation imports this module
+        ranks, uniform = allocate(model, stats, config, progress)
     u_all, v_all, spectra, rows, S_cache = {}, {}, {}, [], {}
     for name, linear in tqdm(linears.items(), desc="emulator", disable=not progress):
-        u_all[name], v_all[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache)
-        rows.append(row)
+        u_all[name], v_all[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache,
+                                                                     rank=None if ranks is None else ranks[name])
+        rows.append(row | ({} if uniform is None else {"rank_uniform": uniform[name]}))
         if len(S_cache) > 1:  # keep only the current shared input's factor
             S_cache.pop(next(iter(S_cache)))
     return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method)
 
 
 def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config: EmulatorConfig,
-                  S_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+                  S_cache: dict | None = None, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """One linear's ``(u, v, spectra, report_row)``; shared by the in-memory and the layer-streamed builds.
 
-    ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input.
+    ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input;
+    ``rank`` overrides the rank ``rho`` gives.
     With :class:`PairedStats` (sequential calibration) ``W'`` minimises ``||W X - W' X~||_F``: the truncation
     of ``W_ls`` under ``C~`` (:func:`emloc.lowrank.sequential_truncation`), and the report's
     ``calibration_error`` is that relative error; the whitened spectrum is that of ``W_ls`` under ``C~``.
@@ -163,7 +174,10 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     C = stats.C(name).to(W.device, compute)
     out_features, in_features = W.shape
     rho = ratio_for(name, config)
-    r = rank_from_ratio(rho, out_features, in_features)
+    r = rank_from_ratio(rho, out_features, in_features) if rank is None else int(rank)
+    if not 1 <= r <= min(out_features, in_features):
+        raise EmlocError(f"rank {r} for {name} is outside 1..{min(out_features, in_features)}: fix the ranks passed "
+                         f"to build_factors")
     S_cache = {} if S_cache is None else S_cache
     if isinstance(stats, PairedStats):
         C_tilde, P = stats.C_tilde(name).to(W.device, compute), stats.P(name).to(W.device, compute)

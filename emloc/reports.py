@@ -76,6 +76,18 @@ def errors_at_ratio(report: pd.DataFrame, curves: dict[str, np.ndarray], rho: fl
                          "params_saved": report["params_before"].to_numpy() - params_after})
 
 
+def errors_at_ranks(report: pd.DataFrame, curves: dict[str, np.ndarray], ranks: dict[str, int]) -> pd.DataFrame:
+    """As :func:`errors_at_ratio`, for given per-module ``ranks`` (e.g. a global allocation,
+    :func:`emloc.allocation.allocation_at_ratio`) instead of the ones ``rho`` picks."""
+    out_f, in_f = report["out_features"].to_numpy(), report["in_features"].to_numpy()
+    chosen = np.array([min(int(ranks[m]), len(curves[m]) - 1) for m in report["module"]])
+    errors = np.array([curves[m][k] for m, k in zip(report["module"], chosen)])
+    params_after = chosen * (out_f + in_f) + report["params_before"].to_numpy() - out_f * in_f
+    return pd.DataFrame({"module": report["module"], "layer": report["layer"], "type": report["type"], "rank": chosen,
+                         "error": errors, "params_before": report["params_before"], "params_after": params_after,
+                         "params_saved": report["params_before"].to_numpy() - params_after})
+
+
 def layer_grid(table: pd.DataFrame, column: str) -> pd.DataFrame:
     """``table[column]`` as a layers x module-types grid (types in their order of appearance)."""
     types = list(dict.fromkeys(table["type"]))

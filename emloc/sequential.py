@@ -111,13 +111,16 @@ def advance(layer: nn.Module, prefix: str, u: dict, v: dict, batches: list,
         return [through_layer(layer, hidden, batch) for batch, hidden in zip(batches, emulated)]
 
 
-def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorConfig, skip: set[str]):
-    """``(u, v, spectra, report rows)`` of one layer's linears, leaving out those in ``skip``."""
+def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorConfig, skip: set[str],
+                 ranks: dict[str, int] | None = None):
+    """``(u, v, spectra, report rows)`` of one layer's linears, leaving out those in ``skip``; ``ranks``
+    overrides the ranks ``rho`` gives (a global allocation)."""
     u, v, spectra, rows, S_cache = {}, {}, {}, [], {}
     for name, linear in layer_linears.items():
         if name in skip:
             continue
-        u[name], v[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache)
+        u[name], v[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache,
+                                                                     rank=None if ranks is None else ranks[name])
         rows.append(row)
     return u, v, spectra, rows
 
@@ -125,11 +128,13 @@ def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorCon
 @torch.no_grad()
 def build_sequential(model: nn.Module, features: list[dict], config: EmulatorConfig, pad_token_id: int,
                      batch_size: int = 8, progress: bool = True,
-                     keep_statistics: bool = False) -> tuple[EmulatorFactors, PairedStats | None]:
+                     keep_statistics: bool = False, ranks: dict[str, int] | None = None
+                     ) -> tuple[EmulatorFactors, PairedStats | None]:
     """The emulator's factors, built layer by layer from the calibration samples; the model is not changed.
 
     With ``keep_statistics`` also returns all layers' statistics (``covariances`` are the original's ``C``,
     as :func:`emloc.calibration.collect_statistics` gives them, plus ``C~`` and ``P``: three times its memory).
+    ``ranks`` (module -> rank, e.g. a global allocation from the independent statistics) overrides ``rho``.
     """
     if not features:
         raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
@@ -149,7 +154,7 @@ def build_sequential(model: nn.Module, features: list[dict], config: EmulatorCon
         prefix = f"{layers_prefix}.{index}"
         layer_linears = {name: module for name, module in linears.items() if name.startswith(prefix + ".")}
         stats = paired_layer_statistics(layer, layer_linears, batches, emulated, device, len(features))
-        u, v, layer_spectra, layer_rows = factor_layer(layer_linears, stats, config, skip)
+        u, v, layer_spectra, layer_rows = factor_layer(layer_linears, stats, config, skip, ranks)
         emulated = advance(layer, prefix, u, v, batches, emulated)
         if keep_statistics:
             merge_paired(kept, stats)

@@ -7,9 +7,11 @@ the trace data without a browser.
 """
 from widgets.correction import CorrectionInspector, correction_inspector
 from widgets.error_map import ErrorMap, error_map
+from widgets.fidelity import FidelityView, fidelity_view
 from widgets.results import ResultsBoard, results_board
 from widgets.spectrum import SpectrumExplorer, spectrum_explorer
 from widgets.training import TrainingMonitor, training_monitor
 
 __all__ = ["spectrum_explorer", "error_map", "training_monitor", "correction_inspector", "results_board",
-           "SpectrumExplorer", "ErrorMap", "TrainingMonitor", "CorrectionInspector", "ResultsBoard"]
+           "fidelity_view", "SpectrumExplorer", "ErrorMap", "TrainingMonitor", "CorrectionInspector", "ResultsBoard",
+           "FidelityView"]
