@@ -19,6 +19,7 @@ from emloc.data import PaddingCollator
 from emloc.emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.io import read_tensors
+from emloc.memory import keep_heap_small
 
 LossCallback = Callable[[int, float], None]
 
@@ -182,6 +183,7 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
     ``spec.micro_batch_size`` splits each batch into accumulated passes (the loss is normalised by the
     batch's labelled tokens, so the update is the full batch's up to float rounding).
     """
+    keep_heap_small()  # activations freed each step go back to the OS instead of growing the heap
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
     device = next(model.parameters()).device
