@@ -167,7 +167,11 @@ def summarise(rows: list[dict]) -> dict:
 
 def default_model(steps: int, only: list[str] | None) -> None:
     from common import RESULTS, prepared_run
-    prepared_run(("calibrate", "build", "train_emulator"))
+
+    from emloc import pipeline
+    run = prepared_run(("calibrate", "build"))
+    if not run.is_done("train_emulator"):  # the correction stage reads this adapter
+        pipeline.train(run, "emulator")
     stored = RESULTS / "memory.json"
     kept = []
     if only and stored.exists():
