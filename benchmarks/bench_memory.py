@@ -1,25 +1,43 @@
-"""Peak memory of each stage, each measured in a fresh process (the default model, float32, CPU).
+"""Peak memory of each stage, each measured in a fresh process, beside the analytic ledger's prediction.
 
 Peak resident memory (``ru_maxrss``) of a child process that imports the suite and runs one stage;
 with a CUDA device the allocator peak is recorded too. "above_import" subtracts the resident memory
-right after the imports (torch and transformers alone take a few hundred MB).
+right after the imports and the tokenised data (torch and transformers alone take a few hundred MB).
 
-Stages: inference with the original model (a test batch: loss + greedy generation), LoRA on the
-original model, emulator construction (original model + statistics -> factors), LoRA on the
-emulator (loaded lean: the original's targeted weights are never read), and LoRA correction.
+Default model (float32, CPU, batch 8, the same training examples for every training stage):
 
-    python benchmarks/bench_memory.py [--steps 3]
+- ``inference_original``: a test batch through the original model (loss + greedy generation);
+- ``lora_original`` / ``lora_emulator``: ``train_lora`` (the pipeline's training, checkpointing on, the
+  default) on the original model / on the emulator loaded lean (the original is never in the process);
+- ``*_no_checkpointing``: the same without activation checkpointing (under ``variants`` in memory.json);
+- ``construction`` (original + statistics -> factors) and ``correction``.
+
+Each training stage also reports its median step time (emulator / original at the run's ratio, 0.5) and
+each stage the ledger's predicted peak (its tensors plus the measured after-import memory).
+
+    python benchmarks/bench_memory.py [--steps 4] [--only STAGE ...]
+    python benchmarks/bench_memory.py --big runs/big-llama [--big-steps 2]   # the weights-dominated model
+
+``--big``: a model written by ``make_big_model.py`` (bfloat16): a streamed build (``emloc build --stream``),
+LoRA steps on its lean emulator, and inference with the original on the same prompt lengths; writes
+``memory_big.json``.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 STAGES = ["inference_original", "lora_original", "construction", "lora_emulator", "correction"]
+VARIANTS = ["lora_original_no_checkpointing", "lora_emulator_no_checkpointing"]
+BIG_STAGES = ["big_build", "big_inference_original", "big_lora_emulator"]
+MB = 2 ** 20
 
 
 def rss_mb() -> float:
@@ -31,80 +49,237 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def lora_steps(model, run, steps: int) -> None:
-    import torch
+def step_seconds(history_times: list[float]) -> float:
+    """Median step time without the first step (allocations, lazy initialisation)."""
+    return statistics.median(history_times[1:] or history_times)
 
-    from emloc.data import PaddingCollator
-    from emloc.lora import add_lora
-    batch = PaddingCollator(run.tokenizer.pad_token_id)(run.features("train")[: run.config.lora.batch_size])
-    peft_model = add_lora(model, run.config.lora, run.config.emulator.target_modules, seed=0)
-    peft_model.train()
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(steps):
-        peft_model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+def timed_training(model, features, spec, targets, pad_token_id) -> list[float]:
+    """``train_lora`` (the pipeline's training) with a callback that times each optimizer step."""
+    from transformers import TrainerCallback
+
+    from emloc.lora import train_lora
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    train_lora(model, features, spec, targets, pad_token_id, seed=0, progress=False, callbacks=[StepTimer()])
+    return times
+
+
+def training_features(run, steps: int) -> list[dict]:
+    return run.features("train")[: run.config.lora.batch_size * steps]
+
+
+def ledger_prediction(config, stage: str, batch_size: int, seq_len: int, loss_tokens: int, dtype: str, ratio: float,
+                      checkpointing: bool, runtime_mb: float) -> float:
+    """The analytic ledger's peak for ``stage`` (MB), its tensors plus the measured runtime share."""
+    from emloc.memory import LedgerSettings, ledger
+    settings = LedgerSettings(batch_size=batch_size, seq_len=seq_len, dtype=dtype, ratio=ratio, loss_tokens=loss_tokens,
+                              gradient_checkpointing=checkpointing, runtime_bytes=runtime_mb * MB)
+    row = {"inference": "inference (original)", "lora_original": "LoRA (original)", "lora_emulator": "LoRA (emulator)"}[stage]
+    return float(ledger(config, settings).loc[row, "total"]) * 1024
+
+
+def lengths(features: list[dict]) -> tuple[int, int]:
+    """The longest sequence and the longest loss window (labelled tail + 1) among ``features``."""
+    window = max(len(f["labels"]) - next(i for i, l in enumerate(f["labels"]) if l != -100) + 1 for f in features)
+    return max(len(f["input_ids"]) for f in features), window
 
 
 def child(stage: str, steps: int) -> dict:
     import torch
 
     from common import prepared_run
-    from emloc.memory import load_emulator_lean
-    torch.set_num_threads(1)
+    from emloc.memory import lean_emulator_for_training, model_config
+    torch.set_num_threads(int(os.environ.get("EMLOC_BENCH_THREADS", "1")))
     run = prepared_run(())  # artifacts were prepared by the parent; nothing is computed here
     cfg = run.config
+    train_features = training_features(run, steps)
+    seq_len, window = lengths(train_features)
     baseline = rss_mb()
+    result = {"stage": stage}
+    checkpointing = not stage.endswith("_no_checkpointing")
+    spec = dataclasses.replace(cfg.lora, steps=steps, warmup_steps=0, gradient_checkpointing=checkpointing)
+    predict = lambda which, length, loss_tokens, ckpt=checkpointing: ledger_prediction(
+        model_config(cfg.model), which, cfg.lora.batch_size, length, loss_tokens, cfg.dtype, cfg.emulator.ratio, ckpt,
+        baseline)
     if stage == "inference_original":
         from emloc.data import TaskData
         from emloc.evaluation import evaluate_model
         data = run.data
-        evaluate_model(run.fresh_model(), run.tokenizer, TaskData(data.task, [], [], data.test[: cfg.lora.batch_size]),
+        test = data.test[: cfg.lora.batch_size]
+        evaluate_model(run.fresh_model(), run.tokenizer, TaskData(data.task, [], [], test),
                        cfg.data.max_length, cfg.evaluation.max_new_tokens, cfg.lora.batch_size)
-    elif stage == "lora_original":
-        lora_steps(run.fresh_model(), run, steps)
+        prompt_len = max(len(f["input_ids"]) for f in run.features("test")[: cfg.lora.batch_size])
+        result["predicted_peak_mb"] = predict("inference", prompt_len + cfg.evaluation.max_new_tokens, 1)
+    elif stage.startswith("lora_"):
+        which = "lora_original" if stage.startswith("lora_original") else "lora_emulator"
+        model = run.fresh_model() if which == "lora_original" else lean_emulator_for_training(run)
+        times = timed_training(model, train_features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id)
+        result |= {"s_per_step": step_seconds(times), "checkpointing": checkpointing, "steps": steps,
+                   "seq_len": seq_len, "predicted_peak_mb": predict(which, seq_len, window)}
     elif stage == "construction":
         from emloc.emulator import build_factors
         build_factors(run.fresh_model(), run.stats(), cfg.emulator, progress=False)
-    elif stage == "lora_emulator":
-        lora_steps(load_emulator_lean(cfg.model, run.factors(), cfg.dtype), run, steps)
     elif stage == "correction":
         from emloc.correction import correct_adapter
         from emloc.lora import load_adapter
         correct_adapter(load_adapter(run.fresh_model(), run.adapter_dir("emulator")), run.factors(), cfg.correction.clamp)
-    result = {"stage": stage, "peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline}
+    result |= {"peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline}
     result["above_import_mb"] = result["peak_rss_mb"] - baseline
+    if "predicted_peak_mb" in result:
+        result["prediction_error"] = result["predicted_peak_mb"] / result["peak_rss_mb"] - 1
     if torch.cuda.is_available():
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / MB
     return result
+
+
+def measure(mode: str, *extra: str) -> dict:
+    command = [sys.executable, __file__, "--stage", mode, *extra]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(rows: list[dict]) -> dict:
+    peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
+    steps = {r["stage"]: r["s_per_step"] for r in rows if "s_per_step" in r}
+    summary = {"stages": [r for r in rows if r["stage"] in STAGES], "variants": [r for r in rows if r["stage"] in VARIANTS],
+               "lora_emulator_over_inference_original": peaks["lora_emulator"] / peaks["inference_original"],
+               "lora_emulator_over_lora_original": peaks["lora_emulator"] / peaks["lora_original"]}
+    if "lora_emulator_no_checkpointing" in peaks:
+        summary["lora_emulator_no_checkpointing_over_inference_original"] = (
+            peaks["lora_emulator_no_checkpointing"] / peaks["inference_original"])
+    if {"lora_emulator", "lora_original"} <= set(steps):
+        summary["step_time_emulator_over_original"] = steps["lora_emulator"] / steps["lora_original"]
+    if {"lora_emulator_no_checkpointing", "lora_original_no_checkpointing"} <= set(steps):
+        summary["step_time_emulator_over_original_no_checkpointing"] = (
+            steps["lora_emulator_no_checkpointing"] / steps["lora_original_no_checkpointing"])
+    return summary
+
+
+def default_model(steps: int, only: list[str] | None) -> None:
+    from common import RESULTS, prepared_run
+
+    from emloc import pipeline
+    run = prepared_run(("calibrate", "build"))
+    if not run.is_done("train_emulator"):  # the correction stage reads this adapter
+        pipeline.train(run, "emulator")
+    stored = RESULTS / "memory.json"
+    kept = []
+    if only and stored.exists():
+        old = json.loads(stored.read_text())
+        kept = [r for r in old["stages"] + old.get("variants", []) if r["stage"] not in only]
+    rows = list(kept)
+    for stage in only or STAGES + VARIANTS:
+        rows.append(measure(stage, "--steps", str(steps)))
+        row = rows[-1]
+        predicted = f", ledger {row['predicted_peak_mb']:.0f} MB ({row['prediction_error']:+.0%})" if "predicted_peak_mb" in row else ""
+        timing = f", {row['s_per_step']:.2f} s/step" if "s_per_step" in row else ""
+        print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB ({row['above_import_mb']:.0f} MB above import){predicted}{timing}", flush=True)
+    order = STAGES + VARIANTS
+    rows.sort(key=lambda r: order.index(r["stage"]))
+    summary = summarise(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print({k: round(v, 3) for k, v in summary.items() if isinstance(v, float)})
+
+
+# ---- the weights-dominated model ---------------------------------------------------------------
+
+def big_config(model: str, max_length: int, n_calibration: int) -> dict:
+    return {"model": model, "device": "cpu", "dtype": "bfloat16",
+            "data": {"n_train": 64, "n_calibration": n_calibration, "n_test": 16, "max_length": max_length},
+            "emulator": {"compute_dtype": "float32"}, "lora": {"batch_size": 8, "warmup_steps": 0}}
+
+
+def big_child(stage: str, out: str, steps: int) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("EMLOC_BENCH_THREADS", "1")))
+    from emloc import pipeline
+    from emloc.memory import lean_emulator_for_training
+    run = pipeline.Run(out, progress=False)
+    cfg = run.config
+    features = training_features(run, steps)
+    baseline = rss_mb()
+    start = time.perf_counter()
+    result = {"stage": stage}
+    if stage == "big_build":
+        from emloc.cli import main
+        main(["build", "--stream", "--out", out])
+    elif stage == "big_inference_original":
+        from emloc.evaluation import response_loss
+        from emloc.data import IGNORE_INDEX
+        # the training examples' lengths, as prompts: the same token counts go through the original model
+        prompts = [{"input_ids": f["input_ids"], "labels": [IGNORE_INDEX] * (len(f["input_ids"]) - 1) + f["input_ids"][-1:]}
+                   for f in features[: cfg.lora.batch_size]]
+        with torch.no_grad():
+            response_loss(run.fresh_model(), prompts, run.tokenizer.pad_token_id, cfg.lora.batch_size)
+    elif stage == "big_lora_emulator":
+        spec = dataclasses.replace(cfg.lora, steps=steps, warmup_steps=0)
+        times = timed_training(lean_emulator_for_training(run), features, spec, cfg.emulator.target_modules,
+                               run.tokenizer.pad_token_id)
+        result["s_per_step"] = step_seconds(times)
+    result |= {"peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline, "seconds": time.perf_counter() - start,
+               "seq_len": lengths(features)[0]}
+    result["above_import_mb"] = result["peak_rss_mb"] - baseline
+    return result
+
+
+def big_model(folder: str, steps: int, max_length: int, n_calibration: int) -> None:
+    from common import RESULTS
+
+    from emloc import io, pipeline
+    from emloc.config import RunConfig
+    from emloc.streaming import model_size
+    out = Path("benchmarks/out/big_memory")
+    config = RunConfig.from_dict(big_config(folder, max_length, n_calibration))
+    run = pipeline.Run(out, config, progress=False)
+    run.save_config()
+    rows = []
+    for stage in BIG_STAGES:
+        if stage == "big_build" and run.is_done("build"):
+            print("big_build: reusing the finished streamed build", flush=True)
+            continue
+        rows.append(measure(stage, "--steps", str(steps), "--big-out", str(out)))
+        print(f"{stage}: peak {rows[-1]['peak_rss_mb']:.0f} MB in {rows[-1]['seconds']:.0f} s", flush=True)
+    peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
+    size = model_size(folder)
+    manifest = io.read_json(run.manifest_path("build"))
+    summary = {"model": Path(folder).name, "parameters": size["parameters"], "dtype": config.dtype,
+               "emulator_parameters": manifest.get("params_emulator"), "ratio": config.emulator.ratio,
+               "batch_size": config.lora.batch_size, "lora_steps": steps, "stages": rows,
+               "lora_emulator_over_inference_original": peaks["big_lora_emulator"] / peaks["big_inference_original"]}
+    (RESULTS / "memory_big.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print({k: v for k, v in summary.items() if k != "stages"})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=STAGES, help="re-measure these stages, keep the others from memory.json")
+    parser.add_argument("--steps", type=int, default=4, help="LoRA steps per training stage (the first is not timed)")
+    parser.add_argument("--stage", choices=STAGES + VARIANTS + BIG_STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--big-out", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=STAGES + VARIANTS,
+                        help="re-measure these stages, keep the others from memory.json")
+    parser.add_argument("--big", help="a model folder from make_big_model.py: measure it instead of the default model")
+    parser.add_argument("--big-steps", type=int, default=3)
+    parser.add_argument("--big-max-length", type=int, default=64)
+    parser.add_argument("--big-calibration", type=int, default=8)
     args = parser.parse_args()
     if args.stage:
-        print(json.dumps(child(args.stage, args.steps)))
-        return
-    from common import RESULTS, prepared_run
-    prepared_run(("calibrate", "build", "train_emulator"))
-    stored = RESULTS / "memory.json"
-    kept = json.loads(stored.read_text())["stages"] if args.only and stored.exists() else []
-    rows = [r for r in kept if r["stage"] not in (args.only or STAGES)]
-    for stage in args.only or STAGES:
-        output = subprocess.run([sys.executable, __file__, "--stage", stage, "--steps", str(args.steps)], check=True,
-                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(f"{stage}: peak {rows[-1]['peak_rss_mb']:.0f} MB ({rows[-1]['above_import_mb']:.0f} MB above import)", flush=True)
-    rows.sort(key=lambda r: STAGES.index(r["stage"]))
-    peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
-    summary = {"stages": rows, "lora_emulator_over_inference_original": peaks["lora_emulator"] / peaks["inference_original"],
-               "lora_emulator_over_lora_original": peaks["lora_emulator"] / peaks["lora_original"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print({k: round(v, 3) for k, v in summary.items() if k != "stages"})
+        result = big_child(args.stage, args.big_out, args.steps) if args.big_out else child(args.stage, args.steps)
+        print(json.dumps(result))
+    elif args.big:
+        big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration)
+    else:
+        default_model(args.steps, args.only)
 
 
 if __name__ == "__main__":

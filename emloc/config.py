@@ -75,6 +75,14 @@ class LoraConfigSpec:
     learning_rate: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
+    ``torch.utils.checkpoint``): the activation memory drops from all layers' to about one layer's, for
+    about a third more compute per step; same loss and gradients. False keeps every activation (faster)."""
+    micro_batch_size: Optional[int] = None
+    """Examples per forward/backward pass; ``batch_size / micro_batch_size`` passes are accumulated into each
+    optimizer step (same update up to float rounding, less activation memory). None: the whole batch at once.
+    Must divide ``batch_size``."""
 
 
 @dataclass
@@ -108,6 +116,10 @@ class RunConfig:
     lora: LoraConfigSpec = field(default_factory=LoraConfigSpec)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    memory_budget: Optional[str] = None
+    """Peak memory LoRA training must stay within: 'inference' (the original model's inference peak) or an
+    amount such as '1500MB' or '2GB'. The planner (``emloc.memory.plan_for_budget``) then picks the ratio,
+    micro batch and checkpointing; None trains with the settings as given."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,6 +218,12 @@ def validate(config: RunConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise EmlocError(f"{name} = {value} must be a positive integer")
+    micro = lora.micro_batch_size
+    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0 or lora.batch_size % micro):
+        raise EmlocError(f"lora.micro_batch_size = {lora.micro_batch_size} does not divide lora.batch_size = "
+                         f"{lora.batch_size}: choose a divisor such as {lora.batch_size // 2 or 1}, or null")
+    if config.memory_budget is not None:
+        parse_memory_budget(config.memory_budget)
     if lora.alpha <= 0 or lora.learning_rate <= 0:
         raise EmlocError("lora.alpha and lora.learning_rate must be positive")
     if config.correction.method not in CORRECTION_METHODS:
@@ -213,3 +231,16 @@ def validate(config: RunConfig) -> None:
                          f"use one of {', '.join(CORRECTION_METHODS)}")
     if config.correction.clamp is not None and config.correction.clamp <= 0:
         raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive (or null for no clamp)")
+
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(MB|MiB|GB|GiB)\s*$", re.IGNORECASE)
+
+
+def parse_memory_budget(budget: str) -> Optional[float]:
+    """``'inference'`` -> None (the budget is the inference peak); ``'1500MB'``/``'2GB'`` -> bytes (binary units)."""
+    if isinstance(budget, str) and budget.strip().lower() == "inference":
+        return None
+    match = _BUDGET.match(budget) if isinstance(budget, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise EmlocError(f"memory_budget = {budget!r} is not understood: use 'inference' or an amount like '1500MB' or '2GB'")
+    return float(match.group(1)) * 1024 ** (3 if match.group(2).upper().startswith("G") else 2)

@@ -19,6 +19,7 @@ from emloc.data import PaddingCollator
 from emloc.emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.io import read_tensors
+from emloc.memory import keep_heap_small
 
 LossCallback = Callable[[int, float], None]
 
@@ -149,6 +150,27 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.features[index]
 
 
+def micro_batch_size(spec: LoraConfigSpec) -> int:
+    """Examples per forward/backward pass; ``spec.batch_size / micro`` passes make one optimizer step."""
+    micro = spec.micro_batch_size or spec.batch_size
+    if micro <= 0 or spec.batch_size % micro:
+        raise EmlocError(f"lora.micro_batch_size = {micro} does not divide lora.batch_size = {spec.batch_size}: "
+                         f"choose a divisor of it")
+    return micro
+
+
+def checkpointing_arguments(model: nn.Module, enabled: bool) -> dict:
+    """``TrainingArguments`` for activation checkpointing of ``model``'s decoder layers (the Trainer switches it on).
+
+    Non-reentrant checkpointing (``use_reentrant=False``) needs no input that requires grad, so the frozen
+    embeddings need no ``enable_input_require_grads`` hook, and it replays the RNG state, so dropout matches.
+    A model that cannot checkpoint trains without it.
+    """
+    if not enabled or not getattr(model, "supports_gradient_checkpointing", False):
+        return {}
+    return {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, target_modules: list[str],
                pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True,
                collator: Callable[[list[dict]], dict] | None = None,
@@ -157,17 +179,24 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
 
     ``collator`` batches the features (default: padded token ids); a vision-language model adds images.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. adapter snapshots at given steps).
+    Memory: ``spec.gradient_checkpointing`` recomputes each decoder layer in backward, and
+    ``spec.micro_batch_size`` splits each batch into accumulated passes (the loss is normalised by the
+    batch's labelled tokens, so the update is the full batch's up to float rounding).
     """
+    keep_heap_small()  # activations freed each step go back to the OS instead of growing the heap
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
     device = next(model.parameters()).device
+    micro = micro_batch_size(spec)
     with tempfile.TemporaryDirectory(prefix="emloc-trainer-") as scratch:
         args = TrainingArguments(
-            output_dir=scratch, max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
-            learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
+            output_dir=scratch, max_steps=spec.steps, per_device_train_batch_size=micro,
+            gradient_accumulation_steps=spec.batch_size // micro, learning_rate=spec.learning_rate,
+            warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
             lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[], seed=seed,
             data_seed=seed, use_cpu=device.type == "cpu", disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=False,
+            **checkpointing_arguments(peft_model, spec.gradient_checkpointing),
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(features),
                           data_collator=collator or PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
@@ -178,6 +207,8 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
         if progress:
             trainer.add_callback(TrainingProgress())
         output = trainer.train()
+    if getattr(peft_model.get_base_model(), "is_activation_checkpointing", False):  # inference afterwards runs plainly
+        peft_model.get_base_model().activation_checkpointing_disable()
     peft_model.eval()
     seconds = float(output.metrics.get("train_runtime", 0.0))
     return TrainResult(peft_model, history, seconds, seconds / max(spec.steps, 1))

@@ -3,10 +3,13 @@
 Nothing is loaded: the model is instantiated on ``torch.device('meta')`` from its config, so an 8B or
 38B ledger costs milliseconds. The numbers are estimates, with the assumptions in each function:
 they show *where* memory goes in inference, LoRA on the original model and LoRA on the emulator.
+:func:`plan_for_budget` searches the ledger for training settings that fit a memory budget.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -14,7 +17,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from emloc.calibration import target_linears
-from emloc.config import LLAMA_PROJECTIONS
+from emloc.config import LLAMA_PROJECTIONS, RunConfig, parse_memory_budget
+from emloc.errors import EmlocError
 from emloc.lowrank import rank_from_ratio
 
 GIB = 1024 ** 3
@@ -47,6 +51,15 @@ class LedgerSettings:
     ratio: float = 0.5
     target_modules: tuple = tuple(LLAMA_PROJECTIONS)
     extra_frozen_params: float = 0.0
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input for backward and recompute one layer at a time."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward pass (gradient accumulation); None: ``batch_size``."""
+    loss_tokens: Optional[int] = None
+    """Positions per sequence whose logits are computed (the suite's response window); None: ``seq_len``."""
+    runtime_bytes: float = 0.0
+    """Process memory outside the tensors counted here (framework code, allocator; about 0.4 GB for torch +
+    transformers on a CPU), added to every stage's total so that totals compare with measured peaks."""
 
 
 def meta_model(config):
@@ -77,18 +90,26 @@ def parameter_counts(model, settings: LedgerSettings) -> dict[str, float]:
             "emulator_rank_sum": sum(rank_from_ratio(settings.ratio, o, i) for o, i in shapes)}
 
 
-def activation_bytes(config, settings: LedgerSettings, low_rank_sum: int = 0) -> float:
-    """Values kept for backward through every layer, plus the logits and their gradient.
+def activation_bytes(config, settings: LedgerSettings) -> float:
+    """Values kept for backward through every layer, plus the logits and their gradient, for one micro batch.
 
-    Per token and layer (bf16): about ``10 h + 4 m`` values (norm outputs, q/k/v, attention output and
+    Per token and layer (model dtype): about ``10 h + 4 m`` values (norm outputs, q/k/v, attention output and
     its projection input, residuals; gate, up, activation, down input); attention probabilities are not
-    stored (fused SDPA). ``low_rank_sum``: the emulator's extra ``r``-sized intermediates summed over
-    its low-rank layers. Logits and their gradient are float32, ``2 V`` per token.
+    stored (fused SDPA). The emulator keeps exactly the same: its ``r``-sized intermediate ``v x`` is not
+    saved, because ``u`` is frozen and autograd keeps a matmul input only when the other operand needs a
+    gradient (measured: byte-identical saved tensors for the default model and its emulator).
+    With checkpointing, each layer keeps only its input (``h``) and one layer is recomputed at a time.
+    Logits and their gradient are float32, ``2 V`` per position of the loss window.
     """
-    tokens = settings.batch_size * settings.seq_len
+    sequences = settings.micro_batch_size or settings.batch_size
+    tokens = sequences * settings.seq_len
     per_layer = 10 * config.hidden_size + 4 * config.intermediate_size
-    stored = tokens * (per_layer * config.num_hidden_layers + low_rank_sum) * DTYPE_BYTES[settings.dtype]
-    return stored + tokens * 2 * config.vocab_size * 4
+    if settings.gradient_checkpointing:
+        per_token = config.hidden_size * (config.num_hidden_layers + 1) + per_layer
+    else:
+        per_token = per_layer * config.num_hidden_layers
+    logits = sequences * (settings.loss_tokens or settings.seq_len) * 2 * config.vocab_size * 4
+    return tokens * per_token * DTYPE_BYTES[settings.dtype] + logits
 
 
 def inference_working_bytes(config, settings: LedgerSettings) -> float:
@@ -99,20 +120,23 @@ def inference_working_bytes(config, settings: LedgerSettings) -> float:
     return (kv + transient) * DTYPE_BYTES[settings.dtype] + settings.batch_size * config.vocab_size * 4
 
 
-def ledger(config, settings: LedgerSettings | None = None) -> pd.DataFrame:
-    """Rows: inference (original), LoRA (original), LoRA (emulator); columns in GiB."""
+def ledger(config, settings: LedgerSettings | None = None, model=None) -> pd.DataFrame:
+    """Rows: inference (original), LoRA (original), LoRA (emulator); columns in GiB.
+
+    ``model``: the meta model of ``config`` when the caller already has it (the planner asks many times).
+    """
     settings = settings or LedgerSettings()
-    counts = parameter_counts(meta_model(config), settings)
+    counts = parameter_counts(model if model is not None else meta_model(config), settings)
     weight_bytes = DTYPE_BYTES[settings.dtype]
     lora_bytes = counts["lora"] * 4
+    training = {"lora": lora_bytes, "gradients": lora_bytes, "optimizer": 2 * lora_bytes,
+                "activations": activation_bytes(config, settings), "runtime": settings.runtime_bytes}
     rows = [
         {"stage": "inference (original)", "weights": counts["original"] * weight_bytes, "lora": 0.0,
-         "gradients": 0.0, "optimizer": 0.0, "activations": inference_working_bytes(config, settings)},
-        {"stage": "LoRA (original)", "weights": counts["original"] * weight_bytes, "lora": lora_bytes,
-         "gradients": lora_bytes, "optimizer": 2 * lora_bytes, "activations": activation_bytes(config, settings)},
-        {"stage": "LoRA (emulator)", "weights": counts["emulator"] * weight_bytes, "lora": lora_bytes,
-         "gradients": lora_bytes, "optimizer": 2 * lora_bytes,
-         "activations": activation_bytes(config, settings, counts["emulator_rank_sum"])},
+         "gradients": 0.0, "optimizer": 0.0, "activations": inference_working_bytes(config, settings),
+         "runtime": settings.runtime_bytes},
+        {"stage": "LoRA (original)", "weights": counts["original"] * weight_bytes, **training},
+        {"stage": "LoRA (emulator)", "weights": counts["emulator"] * weight_bytes, **training},
     ]
     table = pd.DataFrame(rows).set_index("stage") / GIB
     table["total"] = table.sum(axis=1)
@@ -174,3 +198,154 @@ def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote
     if left:
         raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: use Run.emulator() for this model")
     return emulator.eval()
+
+
+# ---- the memory budget planner -----------------------------------------------------------------
+
+RATIO_STEPS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+"""Ratios the planner tries, from the configured one downwards."""
+
+
+@dataclass
+class MemoryPlan:
+    """Training settings chosen so that the ledger's LoRA-on-the-emulator peak fits the budget."""
+
+    ratio: float
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    ranks: dict
+    """Module type (e.g. 'q_proj') -> emulator rank ``r = floor(rho out in / (out + in))``."""
+    predicted_peak_bytes: float
+    budget_bytes: float
+    budget: str
+    batch_size: int
+
+    def __str__(self) -> str:
+        ranks = ", ".join(f"{name} {rank}" for name, rank in self.ranks.items())
+        steps = self.batch_size // self.micro_batch_size
+        return (f"memory plan for budget {self.budget!r}: ratio {self.ratio:g} (ranks: {ranks}); "
+                f"micro batch {self.micro_batch_size} x {steps} accumulated = batch {self.batch_size}; "
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; predicted peak "
+                f"{self.predicted_peak_bytes / 2**20:.0f} MB <= budget {self.budget_bytes / 2**20:.0f} MB")
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """A copy of ``config`` with the plan's ratio, micro batch and checkpointing (nothing else changes)."""
+        emulator = dataclasses.replace(config.emulator, ratio=self.ratio)
+        lora = dataclasses.replace(config.lora, micro_batch_size=self.micro_batch_size,
+                                   gradient_checkpointing=self.gradient_checkpointing)
+        return dataclasses.replace(config, emulator=emulator, lora=lora)
+
+
+def budget_bytes(budget: str, config, settings: LedgerSettings, model=None) -> float:
+    """``'inference'``: the ledger's inference peak of the original model; else the amount in bytes."""
+    amount = parse_memory_budget(budget)
+    if amount is None:
+        return float(ledger(config, settings, model).loc["inference (original)", "total"] * GIB)
+    return amount
+
+
+def ranks_by_type(model, settings: LedgerSettings, ratio: float) -> dict[str, int]:
+    """The emulator rank of each targeted module type (the first layer's; Llama layers are alike)."""
+    ranks: dict[str, int] = {}
+    for name, linear in target_linears(model, list(settings.target_modules)).items():
+        ranks.setdefault(name.rsplit(".", 1)[-1], rank_from_ratio(ratio, linear.out_features, linear.in_features))
+    return ranks
+
+
+def plan_for_budget(config, settings: LedgerSettings, budget: str) -> MemoryPlan:
+    """The training settings whose predicted LoRA-on-the-emulator peak fits ``budget``.
+
+    Preference: the configured ratio (accuracy first), then the largest micro batch (speed), then no
+    checkpointing (speed); the ratio is lowered along :data:`RATIO_STEPS` only when nothing else fits.
+    ``settings`` describes the run (batch, sequence length, dtype, LoRA rank, targets, ratio).
+    """
+    model = meta_model(config)
+    limit = budget_bytes(budget, config, settings, model)
+    ratios = [settings.ratio, *[r for r in RATIO_STEPS if r < settings.ratio]]
+    micro_batches = [m for m in range(settings.batch_size, 0, -1) if settings.batch_size % m == 0]
+    for ratio in ratios:
+        for micro in micro_batches:
+            for checkpointing in (False, True):
+                trial = dataclasses.replace(settings, ratio=ratio, micro_batch_size=micro,
+                                            gradient_checkpointing=checkpointing)
+                peak = float(ledger(config, trial, model).loc["LoRA (emulator)", "total"] * GIB)
+                if peak <= limit:
+                    return MemoryPlan(ratio, micro, checkpointing, ranks_by_type(model, settings, ratio), peak, limit,
+                                      budget, settings.batch_size)
+    leanest = dataclasses.replace(settings, ratio=ratios[-1], micro_batch_size=1, gradient_checkpointing=True)
+    need = float(ledger(config, leanest, model).loc["LoRA (emulator)", "total"] * GIB)
+    raise EmlocError(f"no training setting fits memory budget {budget!r} ({limit / 2**20:.0f} MB): even ratio "
+                     f"{ratios[-1]:g}, micro batch 1 and checkpointing need {need / 2**20:.0f} MB; raise the budget "
+                     f"or lower data.max_length")
+
+
+def process_rss_bytes() -> float:
+    """This process's resident memory now (Linux ``/proc``; 0 elsewhere): the runtime share of a budget."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024.0
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def run_ledger_settings(config: RunConfig, seq_len: int | None = None, runtime_bytes: float = 0.0) -> LedgerSettings:
+    """The ledger's view of a run: its batch, LoRA rank, targets, ratio and dtype; ``seq_len`` defaults to
+    ``data.max_length`` (the longest a padded batch can be)."""
+    return LedgerSettings(batch_size=config.lora.batch_size, seq_len=seq_len or config.data.max_length,
+                          dtype=config.dtype, lora_r=config.lora.r, ratio=config.emulator.ratio,
+                          target_modules=tuple(config.emulator.target_modules),
+                          gradient_checkpointing=config.lora.gradient_checkpointing,
+                          micro_batch_size=config.lora.micro_batch_size, runtime_bytes=runtime_bytes)
+
+
+def plan_for_run(config: RunConfig, seq_len: int | None = None) -> MemoryPlan:
+    """:func:`plan_for_budget` for a run's config and ``config.memory_budget``.
+
+    A budget in MB/GB is real memory, so the memory this process already holds (torch, transformers, the
+    tokenizer) counts towards it; for ``'inference'`` that share is on both sides.
+    """
+    if config.memory_budget is None:
+        raise EmlocError("memory_budget is not set: give --memory-budget inference (or an amount like 2GB)")
+    settings = run_ledger_settings(config, seq_len, process_rss_bytes())
+    return plan_for_budget(model_config(config.model), settings, config.memory_budget)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def keep_heap_small(threshold_bytes: int = 128 * 1024) -> bool:
+    """Serve every allocation above ``threshold_bytes`` by its own mmap, returned to the OS when freed (glibc).
+
+    glibc raises its mmap threshold after large blocks are freed (up to 32 MB), so a training step's
+    activations end up carved from the heap, whose freed holes stay resident. Measured on the default model
+    (LoRA on the emulator, checkpointing on, batch 8): peak RSS 1329 MB with the dynamic threshold, 860 MB
+    with a fixed one. Same as ``MALLOC_MMAP_THRESHOLD_=131072``; results do not change. Returns False where
+    it does not apply (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return False
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+
+
+def lean_emulator_for_training(run):
+    """The model ``emloc train --on emulator`` trains, loaded without ever holding the original model.
+
+    SVD emulators come from :func:`load_emulator_lean` (the original's targeted weights are never read);
+    the structured baselines (layer drop, prune) and models without safetensors files fall back to
+    ``run.emulator()``, which loads the original first. ``run`` is an :class:`emloc.pipeline.Run`.
+    """
+    from pathlib import Path
+
+    from emloc.models import resolve_model_path
+    cfg = run.config
+    folder = Path(resolve_model_path(cfg.model))
+    if run.structured or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return run.emulator()
+    return load_emulator_lean(cfg.model, run.factors(), cfg.dtype, cfg.trust_remote_code).to(run.device)

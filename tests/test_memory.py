@@ -40,3 +40,20 @@ def test_lean_emulator_equals_the_swapped_emulator(tmp_path):
     lean = load_emulator_lean(str(tmp_path), factors)
     assert torch.equal(lean(input_ids=tokens).logits, expected)
     assert not any(p.is_meta for p in lean.parameters())
+
+
+def test_training_on_the_lean_emulator_equals_training_on_the_swapped_one(tmp_path, tiny_model_dir):
+    from conftest import tiny_run_config
+
+    from emloc import pipeline
+    from emloc.lora import train_lora
+    from emloc.memory import lean_emulator_for_training
+    run = pipeline.Run(tmp_path / "run", tiny_run_config(tiny_model_dir), progress=False)
+    pipeline.build(run, pipeline.calibrate(run))
+    features, cfg = run.features("train"), run.config
+    lean = lean_emulator_for_training(run)
+    from emloc.emulator import LowRankLinear
+    assert sum(isinstance(m, LowRankLinear) for m in lean.modules()) == 2 * 7  # every projection of both layers
+    histories = [train_lora(model, features, cfg.lora, cfg.emulator.target_modules, run.tokenizer.pad_token_id,
+                            seed=0, progress=False).history for model in (lean, run.emulator())]
+    assert histories[0] == histories[1] and len(histories[0]) == cfg.lora.steps
