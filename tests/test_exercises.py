@@ -10,7 +10,7 @@ from emloc import exercises as ex
 from emloc import pipeline
 from emloc.correction import clamp_columns, orthonormal_row_basis
 from emloc.lowrank import break_even_rank, plain_truncation, rank_from_ratio, relative_error_curve, whitening_factor
-from tests.conftest import tiny_run_config
+from conftest import tiny_run_config
 
 GARBAGE = [None, ..., "seven", [[1, 2], [3]], float("nan"), object(), {"a": 1}]
 
