@@ -269,3 +269,27 @@ def test_solve_refuses_missing_and_duplicate_solutions(tmp_path):
 def test_shipped_solutions_cover_every_check():
     solutions = ex.read_solutions()
     assert set(ex.CHECKS) <= set(solutions)
+
+
+def _notebook_namespace(run, notebook: str) -> dict:
+    """What notebooks 01-04 define before their exercises (the names the solutions may use)."""
+    import widgets
+    factors = run.factors()
+    namespace = {"run": run, "factors": factors, "report": factors.report}
+    if notebook == "01":
+        namespace["explorer"] = widgets.spectrum_explorer(factors)
+    if notebook == "04":
+        namespace.update(report=run.correction_report(), tensors=run.correction_tensors())
+    return namespace
+
+
+@pytest.mark.parametrize("exercise_id", sorted(ex.read_solutions()))
+def test_shipped_solution_passes_its_check_on_a_tiny_run(exercise_id, tiny_run, capsys):
+    """Each solution block, run where its notebook would run it, passes the check call its header names."""
+    code = ex.read_solutions()[exercise_id]
+    header = code.lstrip().splitlines()[0]
+    notebook, call = header.split("notebook ")[1][:2], header.split("check: ")[1]
+    namespace = _notebook_namespace(tiny_run, notebook)
+    exec(code, namespace)
+    exec(f"from emloc.exercises import *\nresult = {call}", namespace)
+    passes(namespace["result"])
