@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export PLOTLY_RENDERER := plotly_mimetype
 
-.PHONY: setup lab demo test test-fast clean
+.PHONY: setup lab demo test test-fast class html clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,19 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
+
+# Before a class: the standard preset for each seed, packed into one file students unpack
+# (`python -m emloc.bundle unpack runs/class_bundle.tar.gz`; see docs/teaching.md).
+CLASS_SEEDS ?= 0 1 2
+class: setup
+	for seed in $(CLASS_SEEDS); do \
+	  $(VENV)/bin/emloc run --out runs/class/seed$$seed --preset standard --seed $$seed || exit 1; \
+	done
+	$(PY) -m emloc.bundle pack $(foreach seed,$(CLASS_SEEDS),runs/class/seed$(seed)) --out runs/class_bundle.tar.gz
+
+# The notebooks executed and written as static HTML with interactive, offline plotly figures.
+html: setup
+	$(PY) -m emloc.export --out runs/html notebooks/0*.ipynb
 
 clean:
 	rm -rf runs .pytest_cache

@@ -198,3 +198,107 @@ def _keep_screenshot(screenshot: Path) -> None:
         shutil.copyfile(screenshot, target)
     except OSError:
         pass
+
+
+# ---- the suite's own notebooks (issue 14): 01 and 04 on the quick-preset run, a real control moved ---------
+
+ALL_CELLS_RAN = """() => {
+  const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = widget && widget.sessionContext && widget.sessionContext.session && widget.sessionContext.session.kernel;
+  if (!kernel || !widget.content || !widget.content.model) return 'waiting';
+  const cells = widget.content.model.cells;
+  for (let i = 0; i < cells.length; i++) {
+    const cell = cells.get(i);
+    if (cell.type !== 'code' || !cell.sharedModel.getSource().trim()) continue;
+    const error = cell.outputs.toJSON().find(o => o.output_type === 'error');
+    if (error) return `error in cell ${i}: ${error.ename}: ${error.evalue}`;
+    if (!cell.executionCount) return 'waiting';
+  }
+  return kernel.status === 'idle' ? 'done' : 'waiting';
+}"""
+TRACE = """(meta) => {
+  for (const plot of document.querySelectorAll('.jp-RenderedPlotly.js-plotly-plot')) {
+    const trace = plot.data && plot.data.find(t => t.meta === meta);
+    if (trace) return JSON.stringify({x: trace.x, y: trace.y, title: plot.layout.title && plot.layout.title.text});
+  }
+  return null;
+}"""
+TRACE_CHANGED = """([meta, before]) => {
+  for (const plot of document.querySelectorAll('.jp-RenderedPlotly.js-plotly-plot')) {
+    const trace = plot.data && plot.data.find(t => t.meta === meta);
+    if (trace) return JSON.stringify({x: trace.x, y: trace.y, title: plot.layout.title && plot.layout.title.text}) !== before;
+  }
+  return false;
+}"""
+# notebook, stage its run needs, slider label, trace whose data must change, keys to press
+SUITE_NOTEBOOKS = [
+    ("01_singular_value_spectra.ipynb", "build", "rank r", "at rank", ["ArrowRight"] * 3),
+    ("04_lora_correction.ipynb", "correct", "clamp λ", "after", ["ArrowLeft"] * 12),
+]
+
+
+def _prepare_notebook_run(stage: str) -> None:
+    """Finish the stages the notebook reads in the shared notebook run (the one nbval uses), reusing what exists."""
+    from emloc.notebook import ensure, notebook_run
+    ensure(notebook_run(), stage)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, stage, label, meta, keys", SUITE_NOTEBOOKS, ids=[n[:2] for n, *_ in SUITE_NOTEBOOKS])
+def test_suite_notebook_in_jupyterlab(tmp_path, name, stage, label, meta, keys):
+    chromium = _chromium()
+    sync_api = _playwright()
+    _prepare_notebook_run(stage)
+    root, runtime = tmp_path / "notebooks", tmp_path / "runtime"
+    root.mkdir()
+    runtime.mkdir()
+    shutil.copyfile(REPO / "notebooks" / name, root / name)  # a copy: JupyterLab's autosave never touches the repo
+    port, token = _free_port(), secrets.token_hex(16)
+    lab = _start_lab(root, runtime, port, token)
+    shots = REPO / "runs" / "browser"
+    shots.mkdir(parents=True, exist_ok=True)
+    stem = Path(name).stem
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", lab)
+        with sync_api.sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1280, "height": 1000})
+            try:
+                page = context.pages[0] if context.pages else context.new_page()
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}&reset", timeout=60_000)
+                page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+                status = page.wait_for_function(f"() => {{ const s = ({ALL_CELLS_RAN})(); return s === 'waiting' ? null : s; }}",
+                                                timeout=600_000).json_value()
+                assert status == "done", status
+                slider = page.locator(".widget-slider", has_text=label).first
+                slider.wait_for(state="attached", timeout=60_000)
+                slider.scroll_into_view_if_needed()
+                page.locator(".jp-RenderedPlotly .main-svg").first.wait_for(state="attached", timeout=60_000)
+                before = page.evaluate(TRACE, meta)
+                assert before is not None, f"no plotly trace with meta {meta!r} in the page"
+                page.screenshot(path=str(shots / f"{stem}-before.png"))
+                readout = slider.locator(".widget-readout").first.inner_text()
+                handle = slider.locator(".noUi-handle").first
+                handle.focus()
+                for key in keys:
+                    page.keyboard.press(key)
+                page.wait_for_function(TRACE_CHANGED, arg=[meta, before], timeout=60_000)
+                # every key press is one update in the kernel: let the last one land before reading and the screenshot
+                page.wait_for_function(f"() => ({ALL_CELLS_RAN})() === 'done'", timeout=120_000)
+                page.wait_for_timeout(1000)
+                after = page.evaluate(TRACE, meta)
+                assert slider.locator(".widget-readout").first.inner_text() != readout
+                page.screenshot(path=str(shots / f"{stem}-after.png"))
+            finally:
+                context.close()
+    finally:
+        lab.terminate()
+        try:
+            lab.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+            lab.wait()
+    assert json.loads(after) != json.loads(before)
+    assert (shots / f"{stem}-after.png").stat().st_size > 10_000
