@@ -8,7 +8,7 @@ Two rules under the same parameter budget (config ``emulator.allocation``):
       E(r) = sum_m w_m * tail_m(r_m) / total_m,   tail_m(r) = sum_{i>r} sigma_{m,i}^2,   total_m = sum_i sigma_{m,i}^2
 
   subject to ``sum_m r_m (out_m + in_m) <= budget`` (the uniform rule's total at that ``rho``),
-  ``1 <= r_m <= break-even rank``. ``sigma_{m,i}^2`` are the eigenvalues of ``M = W C W^T`` (DESIGN §2),
+  ``1 <= r_m <= break-even rank``. ``sigma_{m,i}^2`` are the eigenvalues of ``M = W C W^T`` (docs/architecture.md),
   so ``tail_m(r) / total_m`` is exactly the squared relative calibration error ``||(W - W')X||^2 / ||WX||^2``.
 
 Why relative by default: modules have very different output energies (``total_m`` spans orders of

@@ -15,8 +15,6 @@ from emloc.config import CORRECTION_METHODS, EMULATOR_METHODS, PRESETS, RunConfi
 from emloc.errors import EmlocError
 from emloc.stages import STAGE, STAGES
 
-"""The correction methods ``emloc.config.validate`` accepts."""
-
 
 @dataclass(frozen=True)
 class Flag:
@@ -48,6 +46,13 @@ FLAGS = (
     Flag("--clamp", "correction.clamp", "correction clamp lambda (0 disables the clamp)", zero_is_none=True),
     Flag("--correction-method", "correction.method", "LoRA correction: official (paper), aligned or activation_aware",
          choices=CORRECTION_METHODS),
+    Flag("--calibration", "emulator.calibration", "independent (the paper) or sequential (layer by layer on the "
+         "emulator's own inputs)", choices=("independent", "sequential")),
+    Flag("--allocation", "emulator.allocation", "uniform ranks (the paper) or global (ranks where they pay, same "
+         "parameters)", choices=("uniform", "global")),
+    Flag("--micro-batch-size", "lora.micro_batch_size", "examples per pass; passes are accumulated into lora.batch_size"),
+    Flag("--memory-budget", "memory_budget", "'inference' or an amount such as 2GB: choose ratio, micro batch and "
+         "checkpointing so that the predicted training peak fits"),
     Flag("--seed", "seed", "random seed"),
     Flag("--device", "device", "auto, cpu or cuda"),
     Flag("--dtype", "dtype", "float32, bfloat16 or float16"),
@@ -106,7 +111,16 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tables-only", action="store_true", help="only recompute the tables from finished points")
     sweep.add_argument("--reuse", nargs="+", default=[], metavar="RUN",
                        help="finished run directories whose stages are reused where their fingerprints match")
+    for name, (_, text) in DELEGATED.items():  # listed in --help; their own parsers read the arguments
+        sub.add_parser(name, help=text, add_help=False)
     return main
+
+
+DELEGATED = {
+    "export": ("emloc.export", "executed notebooks as static HTML that works offline (see emloc.export)"),
+    "bundle": ("emloc.bundle", "pack finished runs for a class, or unpack a class bundle (see emloc.bundle)"),
+}
+"""Subcommands with a parser of their own: ``emloc export ...`` is ``python -m emloc.export ...``."""
 
 
 def _nested(dotted: str, value) -> dict:
@@ -142,12 +156,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merge_dicts(raw, flag_overrides(args)))
 
 
+def planned(config: RunConfig, command: str) -> RunConfig:
+    """With ``memory_budget`` set, print the memory plan and return the config it chooses (ratio, micro batch,
+    checkpointing) for the commands that build or train; an impossible budget is a one-line error."""
+    if config.memory_budget is None or command not in ("run", "build", "train"):
+        return config
+    from emloc.memory import plan_for_run
+    plan = plan_for_run(config)
+    print(plan, flush=True)
+    return plan.apply(config)
+
+
 def execute(args: argparse.Namespace) -> int:
     from emloc import pipeline  # heavy imports only after the arguments parse
 
     if args.command == "sweep":
         return execute_sweep(args)
-    run = pipeline.Run(args.out, config_from_args(args))
+    run = pipeline.Run(args.out, planned(config_from_args(args), args.command))
     start = time.perf_counter()
     if args.command == "run":
         results = pipeline.run_pipeline(run, force=args.force)
@@ -203,6 +228,10 @@ def execute_sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return execute(args)

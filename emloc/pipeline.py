@@ -23,16 +23,20 @@ from emloc.emulator import count_parameters
 from emloc.emulators import Emulator, as_emulator
 from emloc.errors import EmlocError
 from emloc.evaluation import evaluate_variants
+from emloc.fidelity import fidelity_report
+from emloc.allocation import allocate
+from emloc.memory import lean_emulator_for_training
+from emloc.sequential import build_sequential
 from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
 from emloc.models import load_model, load_tokenizer, resolve_device
 from emloc.rundir import (ADAPTER_STAGES, ADAPTERS, CORRECTION_SKIPPED, FORMAT_VERSION, PROVENANCE,  # noqa: F401
                           RunDir, check_finite_losses, factor_tensors, fingerprint, fingerprint_parts,
-                          save_built_emulator, save_correction, save_emulator, save_results, save_stats,
+                          save_built_emulator, save_correction, save_emulator, save_fidelity, save_results, save_stats,
                           save_training)
 from emloc.stages import STAGES, VARIANT, VARIANT_NAMES, VARIANT_SPECS, evaluated
 
 VARIANTS = VARIANT_NAMES
-"""The five evaluated variants, in table order (see :data:`emloc.stages.VARIANT_SPECS`)."""
+"""The six evaluated variants, in table order (see :data:`emloc.stages.VARIANT_SPECS`)."""
 _fingerprint_parts = fingerprint_parts  # the name older code and notes use
 
 
@@ -104,10 +108,40 @@ def build(run: Run, stats: CalibrationStats | None = None) -> Emulator:
     stats = stats or run.stats()
     run.begin("build")
     run.save_config()
-    emulator, seconds = _timed(lambda: run.emulator_kind.build(run.model, stats, run.config.emulator,
-                                                               progress=run.progress))
+    emulator, seconds = _timed(lambda: _build_emulator(run, stats))
     save_built_emulator(run, emulator, count_parameters(run.model), seconds)
     return emulator
+
+
+def _build_emulator(run: Run, stats: CalibrationStats) -> Emulator:
+    """Independent calibration: from the saved ``C``; sequential: layer by layer on the calibration samples
+    (ranks from the global allocation of the independent statistics when asked)."""
+    cfg = run.config.emulator
+    if cfg.calibration != "sequential":
+        return run.emulator_kind.build(run.model, stats, cfg, progress=run.progress)
+    ranks, uniform = allocate(run.model, stats, cfg, run.progress) if cfg.allocation == "global" else (None, None)
+    factors, _ = build_sequential(run.model, run.features("calibration"), cfg, run.tokenizer.pad_token_id,
+                                  progress=run.progress, ranks=ranks)
+    if uniform is not None:
+        factors.report["rank_uniform"] = factors.report["module"].map(uniform)
+    return as_emulator(factors)
+
+
+def fidelity(run: Run) -> dict:
+    """The emulator (no adapter) against the original on the held-out examples: per-token KL of the next-token
+    distributions and the residual stream's relative error after every decoder layer; ``fidelity.json``."""
+    run.require("build", "build")
+    run.begin("fidelity")
+    run.save_config()
+    if run.config.emulator.method == "layer_drop":  # fewer decoder layers: no layer-by-layer comparison
+        save_fidelity(run, {"skipped": "the layer-drop emulator has fewer decoder layers than the original"}, 0.0)
+        return run.fidelity()
+    cfg = run.config
+    report, seconds = _timed(lambda: fidelity_report(run.model, run.emulator(), run.features("test"),
+                                                     run.tokenizer.pad_token_id, batch_size=cfg.evaluation.batch_size,
+                                                     progress=run.progress))
+    save_fidelity(run, report, seconds)
+    return report
 
 
 def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None) -> dict:
@@ -119,7 +153,8 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     if not any(label != IGNORE_INDEX for feature in features for label in feature["labels"][1:]):
         raise EmlocError(f"no training example keeps a response token within data.max_length = "
                          f"{run.config.data.max_length}: raise data.max_length")
-    model = run.emulator() if which == "emulator" else run.fresh_model()
+    # the emulator is loaded without ever holding the original model (same weights as run.emulator())
+    model = lean_emulator_for_training(run) if which == "emulator" else run.fresh_model()
     run.begin(stage)
     run.save_config()
     result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
@@ -161,7 +196,7 @@ def variant_loaders(run: Run, factors: Emulator) -> dict[str, Callable]:
 
     def loader(variant) -> Callable:
         if variant.adapter is None:
-            return lambda: run.model
+            return (lambda: run.emulator(emulator)) if variant.on_emulator else (lambda: run.model)
         if variant.on_emulator:
             return lambda: load_adapter(run.emulator(emulator), run.adapter_dir(variant.adapter))
         # the emulator-trained adapter reaches the original model through the emulator's transfer adapter

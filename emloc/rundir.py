@@ -194,6 +194,11 @@ class RunDir:
         self.require("correct")
         return io.read_tensors(self.dir / "correction" / "subspace.safetensors")
 
+    def fidelity(self) -> dict:
+        """The emulator's end-to-end fidelity (:func:`emloc.fidelity.fidelity_report`): KL and residual drift."""
+        self.require("fidelity")
+        return io.read_json(self.dir / "fidelity.json")
+
     def results(self) -> dict:
         self.require("evaluate")
         return io.read_json(self.dir / "results.json")
@@ -277,6 +282,12 @@ def save_correction(run: RunDir, peft_model, report: pd.DataFrame, tensors: dict
         report.to_csv(folder / "report.csv", index=False)
     run.finish("correct", seconds, clamp=run.config.correction.clamp, method=run.config.correction.method,
                modules_clamped=int((report["clamped_columns"] > 0).sum()), modules=len(report))
+
+
+def save_fidelity(run: RunDir, report: dict, seconds: float) -> None:
+    """``fidelity.json`` before the 'fidelity' manifest."""
+    io.write_json(run.dir / "fidelity.json", report)
+    run.finish("fidelity", seconds, skipped=report.get("skipped"))
 
 
 def save_results(run: RunDir, results: dict, seconds: float) -> None:

@@ -66,6 +66,9 @@ STAGES: tuple[Stage, ...] = (
           lambda run, on_loss=None: _pipeline().calibrate(run)),
     Stage("build", ("calibrate",), ("emulator",), ("emulator",), "build", "stage 1b: the emulator",
           lambda run, on_loss=None: _pipeline().build(run)),
+    Stage("fidelity", ("calibrate", "build"), ("fidelity.json",), ("emulator", "evaluation"), "fidelity",
+          "the emulator's end-to-end fidelity: next-token KL and residual-stream drift per layer",
+          lambda run, on_loss=None: _pipeline().fidelity(run)),
     Stage("train_emulator", ("calibrate", "build"),
           ("adapters/emulator_lora", "adapters/recovered_lora", "training/emulator_lora.json"),
           ("emulator", "lora"), "train", "stage 2: LoRA on the emulator (or the original model)",
@@ -77,7 +80,7 @@ STAGES: tuple[Stage, ...] = (
           ("emulator", "lora", "correction"), "correct", "stage 3: LoRA correction",
           lambda run, on_loss=None: _pipeline().correct(run), adapter="corrected"),
     Stage("evaluate", ("calibrate", "build", "train_emulator", "train_original", "correct"), ("results.json",),
-          None, "evaluate", "evaluate the five variants", lambda run, on_loss=None: _pipeline().evaluate(run),
+          None, "evaluate", "evaluate the six variants", lambda run, on_loss=None: _pipeline().evaluate(run),
           linkable=False, always=True),
 )
 STAGE = {stage.name: stage for stage in STAGES}
@@ -111,6 +114,7 @@ class Variant:
 
 VARIANT_SPECS: tuple[Variant, ...] = (
     Variant("zero_shot", "calibrate"),
+    Variant("emulator", "build", on_emulator=True),
     Variant("emulator_lora", "train_emulator", "emulator", on_emulator=True),
     Variant("transfer_uncorrected", "train_emulator", "emulator"),
     Variant("transfer_corrected", "correct", "corrected"),

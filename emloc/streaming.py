@@ -36,7 +36,8 @@ from emloc import io
 from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator, target_linears
 from emloc.config import EmulatorConfig
 from emloc.data import pad_batch
-from emloc.emulator import count_parameters, factor_linear
+from emloc import sequential
+from emloc.emulator import count_parameters, excluded_modules
 from emloc.errors import EmlocError
 from emloc.models import resolve_dtype, resolve_model_path
 from emloc.rundir import factor_tensors, save_emulator, save_stats
@@ -208,8 +209,6 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
         raise EmlocError(f"target {outside[0]} is outside the decoder layers: streaming factors decoder-layer "
                          f"linears only; drop it from emulator.target_modules or use the in-memory build")
     # imported here so this module's import block stays as it is (integrator: hoist these two)
-    from emloc import sequential
-    from emloc.emulator import excluded_modules
     skip = excluded_modules(model, linears, config)
     batches = _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dtype, device)
     # the emulator's stream (sequential only): the hidden states of the emulator built so far
@@ -256,6 +255,9 @@ def stream_build(run: Run, batch_size: int = 8, keep_statistics: bool = False) -
     """Stage 1 (calibration + emulator) streamed layer by layer; writes the same artifacts as
     :func:`emloc.pipeline.build` (and the calibration's, with ``keep_statistics``)."""
     cfg = run.config
+    if cfg.emulator.allocation != "uniform":
+        raise EmlocError("emulator.allocation = 'global' needs every layer's spectrum before the first is built, "
+                         "which the streamed build does not have: use allocation 'uniform' with --stream")
     features = run.features("calibration")
     for stage in (["calibrate", "build"] if keep_statistics else ["build"]):
         run.begin(stage)

@@ -1,6 +1,6 @@
 """What every view shares: a plotly figure built once, shown in an ``Output``, and the colours.
 
-The figure is a plain ``go.Figure`` (DESIGN §7: ``FigureWidget`` needs anywidget and bloats saved
+The figure is a plain ``go.Figure`` (``FigureWidget`` needs anywidget and bloats saved
 notebooks). Observers change its traces in place with ``fig.batch_update()`` and then call
 :meth:`FigureView.refresh`, which puts the figure's plotly mime bundle into the ``Output`` widget's
 ``outputs`` trait. Setting that trait is synchronous and needs no running frontend, so tests can
@@ -39,6 +39,7 @@ COLOURS = {
 }
 VARIANT_LABELS = {
     "zero_shot": "zero-shot original",
+    "emulator": "emulator (no LoRA)",
     "emulator_lora": "emulator + LoRA",
     "transfer_uncorrected": "original + LoRA (no correction)",
     "transfer_corrected": "original + corrected LoRA",
