@@ -8,10 +8,10 @@ from emloc.config import EMULATOR_METHODS, RunConfig
 from emloc.errors import EmlocError
 from emloc.stages import STAGES
 
-SAMPLE = {int: 3, float: 0.25, bool: True}
+SAMPLE = {int: 4, float: 0.25, bool: True}  # 4: also a divisor of the batch (micro batch)
 """A value of each field type that the flag accepts; strings are per field (the config validates them)."""
 TEXT = {"model": "some/model", "data.path": "mine.jsonl", "data.task": "arithmetic", "device": "cpu",
-        "dtype": "bfloat16"}
+        "dtype": "bfloat16", "memory_budget": "2GB"}
 
 
 def _lookup(config: RunConfig, dotted: str):
