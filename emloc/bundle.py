@@ -41,7 +41,7 @@ import zlib
 from pathlib import Path
 
 from emloc import io
-from emloc.errors import EmlocError
+from emloc.errors import EmlocError, report_errors
 
 FORMAT = "emloc-bundle"
 VERSION = 1
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     unpack_p.add_argument("file")
     unpack_p.add_argument("--into", default=str(DEFAULT_TARGET), help="folder for the runs (default runs/class)")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.command == "pack":
             manifest = pack(args.runs, args.out, args.with_factors, args.with_stats)
             size = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -220,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in unpack(args.file, args.into):
                 print(path)
-    except EmlocError as error:
-        print(f"emloc: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(command)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from emloc.errors import EmlocError
+from emloc.errors import EmlocError, report_errors
 
 EXERCISE_HEADER = re.compile(r"^# EXERCISE (?P<id>[A-Za-z0-9_\-]+)\s*$")
 SOLUTION_HEADER = re.compile(r"^# SOLUTION (?P<id>[A-Za-z0-9_\-]+)\s*$", re.MULTILINE)
@@ -532,13 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     solve.add_argument("--out", required=True, help="folder for the solved notebooks")
     solve.add_argument("--solutions", default=str(SOLUTIONS_FILE), help="file of '# SOLUTION <id>' blocks")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         for path in solve_files(args.notebooks, args.out, args.solutions):
             print(path)
-    except EmlocError as error:
-        print(f"emloc: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(command)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import plotly.io as pio
 
 from emloc import io
-from emloc.errors import EmlocError
+from emloc.errors import EmlocError, report_errors
 
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -144,13 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the HTML pages")
     parser.add_argument("--no-execute", action="store_true", help="keep the notebooks' saved outputs instead of running them")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         for notebook in args.notebooks:
             print(export_notebook(notebook, args.out, run_cells=not args.no_execute), flush=True)
-    except EmlocError as error:
-        print(f"emloc: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(command)
 
 
 if __name__ == "__main__":

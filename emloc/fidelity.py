@@ -115,7 +115,9 @@ class _KL:
         self.values = {kind: [] for kind in POSITIONS}
         self.agree = {kind: [] for kind in POSITIONS}
 
-    def add(self, batch: dict, logits_p: torch.Tensor, logits_q: torch.Tensor) -> None:
+    def add(self, batch: dict, original: tuple, emulator: tuple) -> None:
+        """``original``/``emulator``: ``(logits, layer outputs)`` of each model on ``batch``."""
+        logits_p, logits_q = original[0], emulator[0]
         for kind, mask in position_masks(batch).items():
             p, q = logits_p[mask.to(logits_p.device)], logits_q[mask.to(logits_q.device)]
             self.values[kind] += _token_kl(p, q, self.dtype).cpu().tolist()
@@ -133,7 +135,9 @@ class _Drift:
         self.difference: list[float] = []
         self.energy: list[float] = []
 
-    def add(self, batch: dict, hidden_p: list[torch.Tensor], hidden_q: list[torch.Tensor]) -> None:
+    def add(self, batch: dict, original: tuple, emulator: tuple) -> None:
+        """``original``/``emulator``: ``(logits, layer outputs)`` of each model on ``batch``."""
+        hidden_p, hidden_q = original[1], emulator[1]
         mask = batch["attention_mask"].bool()
         if not self.energy:
             self.difference, self.energy = [0.0] * len(hidden_p), [0.0] * len(hidden_p)
@@ -150,6 +154,16 @@ class _Drift:
                              "hidden_norm": np.sqrt(energy)})
 
 
+def _measure(accumulators: list, original: nn.Module, emulator: nn.Module, features: list[dict], pad_token_id: int,
+             batch_size: int, progress: bool, label: str) -> list:
+    """One pass of both models over ``features``, each batch given to every accumulator; their results."""
+    for batch, outputs_p, outputs_q in _paired_batches(original, emulator, features, pad_token_id, batch_size,
+                                                       progress, label):
+        for accumulator in accumulators:
+            accumulator.add(batch, outputs_p, outputs_q)
+    return [accumulator.result() for accumulator in accumulators]
+
+
 @torch.no_grad()
 def next_token_kl(original: nn.Module, emulator: nn.Module, features: list[dict], pad_token_id: int,
                   batch_size: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
@@ -157,11 +171,7 @@ def next_token_kl(original: nn.Module, emulator: nn.Module, features: list[dict]
     ``labels``). Returns ``{kind: {mean, median, p90, top1_agreement, tokens}}`` for ``kind`` in
     ``all, prompt, response`` (positions: module docstring); ``top1_agreement`` is the share of positions
     where both models' most likely next token is the same. Each model runs on its own device."""
-    kl = _KL(dtype)
-    for batch, (logits_p, _), (logits_q, _) in _paired_batches(original, emulator, features, pad_token_id,
-                                                               batch_size, progress, "fidelity: KL"):
-        kl.add(batch, logits_p, logits_q)
-    return kl.result()
+    return _measure([_KL(dtype)], original, emulator, features, pad_token_id, batch_size, progress, "fidelity: KL")[0]
 
 
 @torch.no_grad()
@@ -170,11 +180,8 @@ def residual_drift(original: nn.Module, emulator: nn.Module, features: list[dict
     """One row per decoder layer ``l``: ``relative_error = ||h_l - h~_l||_F / ||h_l||_F`` of the residual
     stream after layer ``l`` over every non-pad token (``h_l``: ``tokens x hidden``), and ``hidden_norm``
     ``= ||h_l||_F``. Both models read the same tokens; the emulator's layers read its own drifted states."""
-    drift = _Drift(dtype)
-    for batch, (_, hidden_p), (_, hidden_q) in _paired_batches(original, emulator, features, pad_token_id,
-                                                               batch_size, progress, "fidelity: drift"):
-        drift.add(batch, hidden_p, hidden_q)
-    return drift.result()
+    return _measure([_Drift(dtype)], original, emulator, features, pad_token_id, batch_size, progress,
+                    "fidelity: drift")[0]
 
 
 @torch.no_grad()
@@ -182,12 +189,9 @@ def fidelity_report(original: nn.Module, emulator: nn.Module, features: list[dic
                     batch_size: int = 8, progress: bool = True) -> dict:
     """Both measures in one pass over ``features``, JSON-able for ``fidelity.json``:
     ``{"kl": next_token_kl(...), "drift": [{layer, relative_error, hidden_norm}, ...], "samples": n}``."""
-    kl, drift = _KL(torch.float32), _Drift(torch.float64)
-    for batch, (logits_p, hidden_p), (logits_q, hidden_q) in _paired_batches(
-            original, emulator, features, pad_token_id, batch_size, progress, "fidelity"):
-        kl.add(batch, logits_p, logits_q)
-        drift.add(batch, hidden_p, hidden_q)
-    return {"kl": kl.result(), "drift": drift.result().to_dict(orient="records"), "samples": len(features)}
+    kl, drift = _measure([_KL(torch.float32), _Drift(torch.float64)], original, emulator, features, pad_token_id,
+                         batch_size, progress, "fidelity")
+    return {"kl": kl, "drift": drift.to_dict(orient="records"), "samples": len(features)}
 
 
 def drift_table(report: dict) -> pd.DataFrame:

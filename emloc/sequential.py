@@ -49,6 +49,18 @@ def decoder_of(model: nn.Module) -> tuple[nn.Module, str]:
     return decoder, next(name for name, module in model.named_modules() if module is decoder.layers)
 
 
+def decoder_targets(model: nn.Module, config: EmulatorConfig, layers_prefix: str, builder: str,
+                    instead: str) -> tuple[dict[str, nn.Module], set[str]]:
+    """The targeted linears (all inside the decoder layers, else a one-line error naming ``builder`` and the
+    ``instead`` to use) and the ones left dense (:func:`emloc.emulator.excluded_modules`)."""
+    linears = target_linears(model, config.target_modules)
+    outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
+    if outside:
+        raise EmlocError(f"target {outside[0]} is outside the decoder layers: {builder} factors decoder-layer "
+                         f"linears only; drop it from emulator.target_modules or {instead}")
+    return linears, excluded_modules(model, linears, config)
+
+
 def through_layer(layer: nn.Module, hidden: torch.Tensor, batch) -> torch.Tensor:
     """``hidden`` through one decoder layer with ``batch``'s masks and rotary embeddings."""
     out = layer(hidden, attention_mask=batch.causal_mask, position_ids=batch.position_ids,
@@ -140,12 +152,7 @@ def build_sequential(model: nn.Module, features: list[dict], config: EmulatorCon
         raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
     decoder, layers_prefix = decoder_of(model)
     device = next(model.parameters()).device
-    linears = target_linears(model, config.target_modules)
-    outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
-    if outside:
-        raise EmlocError(f"target {outside[0]} is outside the decoder layers: sequential calibration factors "
-                         f"decoder-layer linears only; drop it from emulator.target_modules or calibrate independently")
-    skip = excluded_modules(model, linears, config)
+    linears, skip = decoder_targets(model, config, layers_prefix, "sequential calibration", "calibrate independently")
     batches = embedded_batches(model, decoder, features, pad_token_id, batch_size, device)
     emulated = [batch.hidden for batch in batches]
     u_all, v_all, spectra, rows = {}, {}, {}, []

@@ -33,11 +33,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from emloc import io
-from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator, target_linears
+from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator
 from emloc.config import EmulatorConfig
 from emloc.data import pad_batch
 from emloc import sequential
-from emloc.emulator import count_parameters, excluded_modules
+from emloc.emulator import count_parameters
 from emloc.errors import EmlocError
 from emloc.models import resolve_dtype, resolve_model_path
 from emloc.rundir import factor_tensors, save_emulator, save_stats
@@ -203,13 +203,7 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
     model = skeleton(model_path, dtype, trust_remote_code)
     params_original = count_parameters(model)  # before releasing weights unties shared ones
     decoder, layers_prefix = _decoder_parts(model)
-    linears = target_linears(model, config.target_modules)
-    outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
-    if outside:
-        raise EmlocError(f"target {outside[0]} is outside the decoder layers: streaming factors decoder-layer "
-                         f"linears only; drop it from emulator.target_modules or use the in-memory build")
-    # imported here so this module's import block stays as it is (integrator: hoist these two)
-    skip = excluded_modules(model, linears, config)
+    linears, skip = sequential.decoder_targets(model, config, layers_prefix, "streaming", "use the in-memory build")
     batches = _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dtype, device)
     # the emulator's stream (sequential only): the hidden states of the emulator built so far
     emulated = [batch.hidden for batch in batches] if config.calibration == "sequential" else None

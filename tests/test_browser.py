@@ -5,6 +5,7 @@ its executable path; no browser is downloaded. Skips only when chromium cannot b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -137,46 +138,25 @@ SHOWS_RANK = """(k) => {
 }"""
 
 
-def test_widget_notebook_in_real_browser(tmp_path):
-    chromium = _chromium()
-    sync_api = _playwright()
-    root, runtime = tmp_path / "notebooks", tmp_path / "runtime"
-    root.mkdir()
-    runtime.mkdir()
-    notebook = _write_notebook(root)
+
+@contextlib.contextmanager
+def lab_page(chromium: str, sync_api, root: Path, runtime: Path, notebook: str, profile: Path, height: int,
+             idle_timeout: int):
+    """A JupyterLab server on ``root`` and a chromium page with ``notebook`` open and its kernel idle; both are
+    stopped afterwards whatever happens."""
     port, token = _free_port(), secrets.token_hex(16)
     lab = _start_lab(root, runtime, port, token)
-    screenshot = tmp_path / "screenshot.png"
     try:
         _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", lab)
         with sync_api.sync_playwright() as playwright:
             context = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 900})
+                str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1280, "height": height})
             try:
                 page = context.pages[0] if context.pages else context.new_page()
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}&reset", timeout=60_000)
-                page.wait_for_function(KERNEL_IDLE, timeout=90_000)
-                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-                slider = page.locator(".widget-slider").first
-                slider.wait_for(state="attached", timeout=90_000)
-                page.locator(".jp-RenderedPlotly .main-svg").first.wait_for(state="attached", timeout=60_000)
-                readout = page.locator(".emloc-readout").first
-                readout.wait_for(state="attached", timeout=30_000)
-                before_text, before_x = readout.inner_text(), page.evaluate(MARKER_X)
-                assert before_text.startswith("k = 4:"), before_text
-                assert before_x == 4
-
-                handle = slider.locator(".noUi-handle").first
-                handle.scroll_into_view_if_needed()
-                handle.focus()
-                for _ in range(3):
-                    page.keyboard.press("ArrowRight")
-                page.wait_for_function(SHOWS_RANK, arg=7, timeout=30_000)
-                after_text = readout.inner_text()
-                assert after_text != before_text
-                page.locator(".jp-RenderedPlotly").first.scroll_into_view_if_needed()
-                page.screenshot(path=str(screenshot))
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook}?token={token}&reset", timeout=60_000)
+                page.wait_for_function(KERNEL_IDLE, timeout=idle_timeout)
+                yield page
             finally:
                 context.close()
     finally:
@@ -186,6 +166,37 @@ def test_widget_notebook_in_real_browser(tmp_path):
         except subprocess.TimeoutExpired:
             lab.kill()
             lab.wait()
+
+
+def test_widget_notebook_in_real_browser(tmp_path):
+    chromium = _chromium()
+    sync_api = _playwright()
+    root, runtime = tmp_path / "notebooks", tmp_path / "runtime"
+    root.mkdir()
+    runtime.mkdir()
+    notebook = _write_notebook(root)
+    screenshot = tmp_path / "screenshot.png"
+    with lab_page(chromium, sync_api, root, runtime, notebook.name, tmp_path / "profile", 900, 90_000) as page:
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        slider = page.locator(".widget-slider").first
+        slider.wait_for(state="attached", timeout=90_000)
+        page.locator(".jp-RenderedPlotly .main-svg").first.wait_for(state="attached", timeout=60_000)
+        readout = page.locator(".emloc-readout").first
+        readout.wait_for(state="attached", timeout=30_000)
+        before_text, before_x = readout.inner_text(), page.evaluate(MARKER_X)
+        assert before_text.startswith("k = 4:"), before_text
+        assert before_x == 4
+
+        handle = slider.locator(".noUi-handle").first
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function(SHOWS_RANK, arg=7, timeout=30_000)
+        after_text = readout.inner_text()
+        assert after_text != before_text
+        page.locator(".jp-RenderedPlotly").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
     _keep_screenshot(screenshot)
 
@@ -253,52 +264,32 @@ def test_suite_notebook_in_jupyterlab(tmp_path, name, stage, label, meta, keys):
     root.mkdir()
     runtime.mkdir()
     shutil.copyfile(REPO / "notebooks" / name, root / name)  # a copy: JupyterLab's autosave never touches the repo
-    port, token = _free_port(), secrets.token_hex(16)
-    lab = _start_lab(root, runtime, port, token)
     shots = REPO / "runs" / "browser"
     shots.mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem
-    try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", lab)
-        with sync_api.sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 1000})
-            try:
-                page = context.pages[0] if context.pages else context.new_page()
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}&reset", timeout=60_000)
-                page.wait_for_function(KERNEL_IDLE, timeout=120_000)
-                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-                status = page.wait_for_function(f"() => {{ const s = ({ALL_CELLS_RAN})(); return s === 'waiting' ? null : s; }}",
-                                                timeout=600_000).json_value()
-                assert status == "done", status
-                slider = page.locator(".widget-slider", has_text=label).first
-                slider.wait_for(state="attached", timeout=60_000)
-                slider.scroll_into_view_if_needed()
-                page.locator(".jp-RenderedPlotly .main-svg").first.wait_for(state="attached", timeout=60_000)
-                before = page.evaluate(TRACE, meta)
-                assert before is not None, f"no plotly trace with meta {meta!r} in the page"
-                page.screenshot(path=str(shots / f"{stem}-before.png"))
-                readout = slider.locator(".widget-readout").first.inner_text()
-                handle = slider.locator(".noUi-handle").first
-                handle.focus()
-                for key in keys:
-                    page.keyboard.press(key)
-                page.wait_for_function(TRACE_CHANGED, arg=[meta, before], timeout=60_000)
-                # every key press is one update in the kernel: let the last one land before reading and the screenshot
-                page.wait_for_function(f"() => ({ALL_CELLS_RAN})() === 'done'", timeout=120_000)
-                page.wait_for_timeout(1000)
-                after = page.evaluate(TRACE, meta)
-                assert slider.locator(".widget-readout").first.inner_text() != readout
-                page.screenshot(path=str(shots / f"{stem}-after.png"))
-            finally:
-                context.close()
-    finally:
-        lab.terminate()
-        try:
-            lab.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            lab.kill()
-            lab.wait()
+    with lab_page(chromium, sync_api, root, runtime, name, tmp_path / "profile", 1000, 120_000) as page:
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        status = page.wait_for_function(f"() => {{ const s = ({ALL_CELLS_RAN})(); return s === 'waiting' ? null : s; }}",
+                                        timeout=600_000).json_value()
+        assert status == "done", status
+        slider = page.locator(".widget-slider", has_text=label).first
+        slider.wait_for(state="attached", timeout=60_000)
+        slider.scroll_into_view_if_needed()
+        page.locator(".jp-RenderedPlotly .main-svg").first.wait_for(state="attached", timeout=60_000)
+        before = page.evaluate(TRACE, meta)
+        assert before is not None, f"no plotly trace with meta {meta!r} in the page"
+        page.screenshot(path=str(shots / f"{stem}-before.png"))
+        readout = slider.locator(".widget-readout").first.inner_text()
+        handle = slider.locator(".noUi-handle").first
+        handle.focus()
+        for key in keys:
+            page.keyboard.press(key)
+        page.wait_for_function(TRACE_CHANGED, arg=[meta, before], timeout=60_000)
+        # every key press is one update in the kernel: let the last one land before reading and the screenshot
+        page.wait_for_function(f"() => ({ALL_CELLS_RAN})() === 'done'", timeout=120_000)
+        page.wait_for_timeout(1000)
+        after = page.evaluate(TRACE, meta)
+        assert slider.locator(".widget-readout").first.inner_text() != readout
+        page.screenshot(path=str(shots / f"{stem}-after.png"))
     assert json.loads(after) != json.loads(before)
     assert (shots / f"{stem}-after.png").stat().st_size > 10_000
