@@ -115,7 +115,7 @@ def test_recovered_adapters_load_with_plain_peft_and_reproduce_the_pruned_update
     for method in ("layer_drop", "prune"):
         run = baseline_runs[method]
         results = run.results()
-        assert set(results["variants"]) == {"zero_shot", "emulator_lora", "transfer_uncorrected"}
+        assert set(results["variants"]) == {"zero_shot", "emulator", "emulator_lora", "transfer_uncorrected"}
         assert results["notes"] == [pipeline.CORRECTION_SKIPPED]
         loaded = PeftModel.from_pretrained(tiny_llama(seed=0, num_layers=4), str(run.adapter_dir("recovered")))
         assert set(get_peft_model_state_dict(loaded)) == expected_keys
