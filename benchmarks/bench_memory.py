@@ -170,7 +170,7 @@ def default_model(steps: int, only: list[str] | None) -> None:
 
     from emloc import pipeline
     run = prepared_run(("calibrate", "build"))
-    if not run.is_done("train_emulator"):  # the correction stage reads this adapter
+    if "correction" in (only or STAGES) and not run.is_done("train_emulator"):  # correction reads this adapter
         pipeline.train(run, "emulator")
     stored = RESULTS / "memory.json"
     kept = []
