@@ -68,7 +68,8 @@ def timed_training(model, features, spec, targets, pad_token_id) -> list[float]:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    train_lora(model, features, spec, targets, pad_token_id, seed=0, progress=False, callbacks=[StepTimer()])
+    train_lora(model, features, spec, targets, pad_token_id, seed=0, progress=False, callbacks=[StepTimer()],
+               small_heap=True)
     return times
 
 

@@ -174,16 +174,19 @@ def checkpointing_arguments(model: nn.Module, enabled: bool) -> dict:
 def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, target_modules: list[str],
                pad_token_id: int, seed: int = 0, on_loss: LossCallback | None = None, progress: bool = True,
                collator: Callable[[list[dict]], dict] | None = None,
-               callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+               callbacks: list[TrainerCallback] | None = None, small_heap: bool = False) -> TrainResult:
     """Train LoRA on ``model`` (emulator or original) for ``spec.steps`` optimizer steps.
 
     ``collator`` batches the features (default: padded token ids); a vision-language model adds images.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. adapter snapshots at given steps).
     Memory: ``spec.gradient_checkpointing`` recomputes each decoder layer in backward, and
     ``spec.micro_batch_size`` splits each batch into accumulated passes (the loss is normalised by the
-    batch's labelled tokens, so the update is the full batch's up to float rounding).
+    batch's labelled tokens, so the update is the full batch's up to float rounding). ``small_heap``: freed
+    activations go back to the OS instead of growing the heap (:func:`emloc.memory.keep_heap_small`; lower
+    peak, more page faults), for runs under a memory budget.
     """
-    keep_heap_small()  # activations freed each step go back to the OS instead of growing the heap
+    if small_heap:
+        keep_heap_small()
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
     device = next(model.parameters()).device

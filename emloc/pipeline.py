@@ -158,7 +158,8 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     run.begin(stage)
     run.save_config()
     result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
-                        run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress)
+                        run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress,
+                        small_heap=run.config.memory_budget is not None)
     return save_training(run, which, result)
 
 
