@@ -159,9 +159,10 @@ def test_lora_scaling():
 
 
 def test_lora_parameters(tiny_run):
-    report = tiny_run.factors().report
+    from emloc.calibration import target_linears
     r = tiny_run.config.lora.r
-    count = int((r * (report["in_features"] + report["out_features"])).sum())  # every compressed linear is adapted
+    adapted = target_linears(tiny_run.model, tiny_run.config.emulator.target_modules)  # compressed or left dense
+    count = sum(r * (linear.in_features + linear.out_features) for linear in adapted.values())
     passes(ex.check_lora_parameters(count, tiny_run))
     fails(ex.check_lora_parameters(count // r, tiny_run), "rank r")
     fails(ex.check_lora_parameters(count + 1, tiny_run))

@@ -481,7 +481,8 @@ def test_interrupted_stage_leaves_nothing_and_is_redone(tmp_path, model_dir, mon
     assert (out / "emulator" / "factors.safetensors").read_bytes() == before  # the old folder is untouched
     monkeypatch.setattr(io, "write_tensors", real_write)
     results = pipeline.run_pipeline(pipeline.Run(out, tiny_config(model_dir), progress=False))
-    assert set(manifests(out)) == {"build", "calibrate", "correct", "evaluate", "train_emulator", "train_original"}
+    assert set(manifests(out)) == {"build", "calibrate", "correct", "evaluate", "fidelity", "train_emulator",
+                                   "train_original"}
     assert results["variants"]["transfer_corrected"]["n"] == TINY["data"]["n_test"]
 
 
@@ -494,7 +495,7 @@ def test_keyboard_interrupt_in_cli(capsys, tmp_path, config_file, monkeypatch):
     assert main(["run", "--out", str(out), "--config", str(config_file)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
-    assert manifests(out) == ["build", "calibrate"] and not (out / "adapters").exists() and leftovers(out) == []
+    assert manifests(out) == ["build", "calibrate", "fidelity"] and not (out / "adapters").exists() and leftovers(out) == []
     monkeypatch.undo()
     stats_written = (out / "calibration" / "stats.safetensors").stat().st_mtime_ns
     assert main(["train", "--out", str(out)]) == 0  # resumes from the finished stages

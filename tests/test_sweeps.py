@@ -72,7 +72,7 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     inodes = {os.stat(p / "adapters" / "full_lora" / "adapter_model.safetensors").st_ino for p in same_seed}
     assert len(inodes) == 1
     summary = sweeps.pd.read_csv(tables / "summary.csv")
-    assert len(summary) == 2 * 5 and (summary["seeds"] == 2).all() and (summary["items"] == 12).all()
+    assert len(summary) == 2 * 6 and (summary["seeds"] == 2).all() and (summary["items"] == 12).all()
     assert ((summary["ci_low"] <= summary["accuracy"] + 1e-12) & (summary["accuracy"] <= summary["ci_high"] + 1e-12)).all()
     zero = summary[summary["variant"] == "zero_shot"]["accuracy"]
     assert zero.nunique() == 1  # the same zero-shot items for both methods

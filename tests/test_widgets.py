@@ -157,7 +157,7 @@ def test_results_board_metric_and_seeds(tiny_run):
     results = tiny_run.results()
     board = widgets.results_board(results)
     variants = list(results["variants"])
-    assert len(board.trace("variants").x) == len(variants) == 5
+    assert len(board.trace("variants").x) == len(variants) == 6
     np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["accuracy"] for v in variants])
     memory = ydata(board.trace("memory"))
     assert memory[1] < memory[0]       # the emulator is smaller

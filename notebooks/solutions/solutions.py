@@ -72,10 +72,10 @@ s = lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
 
 # SOLUTION lora_parameters
 # notebook 03 - defines n_lora; check: check_lora_parameters(n_lora, run)
-from emloc.bundle import load_factors
+from emloc.calibration import target_linears
 
-adapted = load_factors(run).report                 # LoRA wraps every compressed linear
-n_lora = int((run.config.lora.r * (adapted["in_features"] + adapted["out_features"])).sum())
+adapted = target_linears(run.model, run.config.emulator.target_modules)   # LoRA wraps every targeted linear
+n_lora = sum(run.config.lora.r * (linear.in_features + linear.out_features) for linear in adapted.values())
 
 # SOLUTION B_tilde_and_D
 # notebook 04 - defines name, B_tilde, D, Q; check: check_B_tilde_and_D(B_tilde, D, run, name, Q=Q)
