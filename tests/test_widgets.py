@@ -13,6 +13,7 @@ from emloc.config import RunConfig, merge_dicts
 from emloc.errors import EmlocError
 from emloc.models import load_tokenizer, tiny_llama
 from emloc.reports import variant_summary
+from widgets.results import GAP_SHOWN
 
 TINY = {
     "device": "cpu",
@@ -229,13 +230,27 @@ def test_results_board_shows_the_loss_gap_closed(tiny_run):
     assert list(gap.x) == list(board.trace("variants").x) and gap.visible is not False
     expected = [(loss["zero_shot"] - loss[v]) / (loss["zero_shot"] - loss["full_lora"]) for v in variants]
     if loss["full_lora"] < loss["zero_shot"]:
-        np.testing.assert_allclose(ydata(gap), expected)
+        np.testing.assert_allclose(np.asarray(gap.customdata, dtype=float), expected)      # the true shares
+        np.testing.assert_allclose(ydata(gap), np.clip(expected, *GAP_SHOWN))              # the bars, within bounds
         assert ydata(gap)[variants.index("zero_shot")] == 0 and ydata(gap)[variants.index("full_lora")] == 1
     shown_gap = next(t for t in shown(board)["data"] if t.get("meta") == "gap")
     assert len(shown_gap["text"]) == len(variants)
     low, high = shown(board)["layout"]["yaxis"]["range"]
     finite = ydata(gap)[np.isfinite(ydata(gap))]
-    assert low <= min(0, *finite) and high >= max(1, *finite)       # no bar is cut off
+    assert low <= min(0, *finite) and high >= max(1, *finite)       # no drawn bar is cut off
+
+
+def test_results_board_keeps_a_far_off_variant_readable():
+    """An emulator without LoRA far worse than zero-shot is drawn at the axis floor, labelled with its true share."""
+    losses = {"zero_shot": 3.0, "emulator": 9.0, "emulator_lora": 1.2, "full_lora": 1.0}
+    results = {"variants": {v: {"accuracy": 0.0, "loss": loss, "n": 10} for v, loss in losses.items()},
+               "parameters": {"original": 1000, "emulator": 600}, "config": {}}
+    board = widgets.results_board(results)
+    gap = board.trace("gap")
+    assert gap.customdata[1] == pytest.approx(-3.0) and ydata(gap)[1] == GAP_SHOWN[0]
+    assert gap.text[1].startswith("-300%") and gap.text[2] == "90%"
+    low, high = board.figure.layout.yaxis.range
+    assert GAP_SHOWN[0] - 0.5 < low <= GAP_SHOWN[0] and 1 <= high < 1.5     # the other bars keep their height
     assert "loss gap closed" in board.trace("variants").hovertext[0]
     board.metric.value = "loss"                                      # a share does not belong on a loss axis
     assert board.trace("gap").visible is False and shown(board)["layout"]["yaxis"].get("range") is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipywidgets as widgets
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -10,6 +11,9 @@ from widgets._base import COLOURS, TEMPLATE, VARIANT_LABELS, FigureView, stat_li
 
 METRICS = {"accuracy": "exact-match accuracy", "loss": "response-token loss"}
 GAP = "share of the zero-shot → full-LoRA loss gap closed"
+# the gap bars are drawn within these bounds so one far-off variant (the emulator without LoRA can be at -200%)
+# does not squash the others; the label and the hover keep the true value
+GAP_SHOWN = (-0.5, 1.5)
 # the emulator with no adapter would share emulator_lora's orange: a lighter shade of it
 VARIANT_COLOURS = {**COLOURS, "emulator": "#fdbf6f"}
 
@@ -53,10 +57,12 @@ class ResultsBoard(FigureView):
         figure.add_trace(go.Bar(name="accuracy", meta="variants", x=labels, marker_color=colours, offsetgroup="metric",
                                 showlegend=False), row=1, col=1)
         gap = self.summary["loss_gap_closed"].to_numpy(dtype=float)
-        figure.add_trace(go.Bar(name="loss gap closed", meta="gap", x=labels, y=gap, offsetgroup="gap",
+        shown = np.clip(gap, *GAP_SHOWN)
+        labels_gap = [_share(g, 0) + (" ▼" if g < GAP_SHOWN[0] else " ▲" if g > GAP_SHOWN[1] else "") for g in gap]
+        figure.add_trace(go.Bar(name="loss gap closed", meta="gap", x=labels, y=shown, customdata=gap, offsetgroup="gap",
                                 marker=dict(color=colours, opacity=0.55, pattern=dict(shape="/", fgcolor="#333")),
-                                text=[_share(g, 0) for g in gap], textposition="outside",
-                                cliponaxis=False, hovertemplate="%{x}<br>closed %{y:.1%} of the zero-shot → full-LoRA "
+                                text=labels_gap, textposition="outside", constraintext="none", cliponaxis=False,
+                                hovertemplate="%{x}<br>closed %{customdata:.1%} of the zero-shot → full-LoRA "
                                 "loss gap<br>(0 = zero-shot, 1 = LoRA on the original)<extra></extra>",
                                 showlegend=False), row=1, col=1)
         memory = self.memory
@@ -90,13 +96,13 @@ class ResultsBoard(FigureView):
         self.refresh()
 
     def _range(self, metric: str) -> list[float] | None:
-        """Accuracy and the gap share on one axis: at least [0, 1], wider when a variant closed less than none of
-        the gap or more than all of it (room above for the percentage labels)."""
+        """Accuracy and the gap share on one axis: at least [0, 1], wider (up to :data:`GAP_SHOWN`) when a variant
+        closed less than none of the gap or more than all of it, with room for the percentage labels."""
         if metric != "accuracy":
             return None
-        gap = self.summary["loss_gap_closed"].dropna()
-        low = min(0.0, float(gap.min()) * 1.15) if len(gap) else 0.0
-        high = max(1.0, float(gap.max())) * 1.12 if len(gap) else 1.0
+        gap = self.summary["loss_gap_closed"].dropna().clip(*GAP_SHOWN)
+        low = min(0.0, float(gap.min()) - 0.15) if len(gap) else 0.0
+        high = max(1.0, float(gap.max())) + 0.15 if len(gap) else 1.0
         return [low, high]
 
     def _stats_text(self) -> str:
