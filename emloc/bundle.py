@@ -4,7 +4,7 @@ An instructor runs the pipeline ahead of the session (``make class``: standard p
 packs the runs; students unpack the file and the notebooks read the runs instead of computing them.
 
 What a bundle holds, per run (``<run name>/<path in the run>``): ``config.yaml``, ``manifests/``,
-``results.json``, ``training/*.json`` (loss histories), ``emulator/report.csv``,
+``results.json``, ``fidelity.json``, ``training/*.json`` (loss histories), ``emulator/report.csv``,
 ``emulator/spectra.safetensors``, ``correction/report.csv``, ``correction/subspace.safetensors``
 (``Q``, ``B~``, ``D`` per module), ``calibration/stats.json`` and the LoRA adapter folders ``adapters/*``
 (a few MB). Left out unless asked: ``emulator/factors.safetensors`` (``--with-factors``, about half the
@@ -46,7 +46,7 @@ from emloc.errors import EmlocError, report_errors
 FORMAT = "emloc-bundle"
 VERSION = 1
 MANIFEST = "BUNDLE.json"
-SMALL = ["config.yaml", "manifests/*.json", "results.json", "training/*.json", "emulator/report.csv",
+SMALL = ["config.yaml", "manifests/*.json", "results.json", "fidelity.json", "training/*.json", "emulator/report.csv",
          "emulator/spectra.safetensors", "emulator/structured.json", "emulator/indices.safetensors",
          "correction/report.csv", "correction/subspace.safetensors", "calibration/stats.json", "adapters/*/*"]
 FACTORS = "emulator/factors.safetensors"

@@ -13,6 +13,7 @@ from emloc.config import RunConfig, merge_dicts
 from emloc.errors import EmlocError
 from emloc.models import load_tokenizer, tiny_llama
 from emloc.reports import variant_summary
+from widgets.results import GAP_SHOWN
 
 TINY = {
     "device": "cpu",
@@ -157,7 +158,7 @@ def test_results_board_metric_and_seeds(tiny_run):
     results = tiny_run.results()
     board = widgets.results_board(results)
     variants = list(results["variants"])
-    assert len(board.trace("variants").x) == len(variants) == 6
+    assert len(board.trace("variants").x) == len(variants) == len(pipeline.VARIANTS)
     np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["accuracy"] for v in variants])
     memory = ydata(board.trace("memory"))
     assert memory[1] < memory[0]       # the emulator is smaller
@@ -200,3 +201,58 @@ def test_results_board_bootstraps_rescored_items(tiny_run):
     other = make_task_data("addition", 32, 8, 7, seed=99)           # another split: 7 test items, not 6
     with pytest.raises(EmlocError, match="run.data"):
         item_correctness(results, other)
+
+
+def test_variant_summary_loss_gap_closed():
+    """(L_zero - L) / (L_zero - L_full): 0 at zero-shot, 1 at full LoRA, NaN when there is no gap to close."""
+    def results(losses):
+        return {"variants": {v: {"accuracy": 0.0, "loss": loss, "n": 10} for v, loss in losses.items()}}
+
+    summary = variant_summary(results({"zero_shot": 3.0, "emulator": 3.5, "emulator_lora": 1.2, "full_lora": 1.0}))
+    gap = summary["loss_gap_closed"]
+    assert gap["zero_shot"] == 0.0 and gap["full_lora"] == 1.0
+    assert gap["emulator_lora"] == pytest.approx(0.9) and gap["emulator"] == pytest.approx(-0.25)
+    two_seeds = variant_summary([results({"zero_shot": 3.0, "emulator_lora": 2.0, "full_lora": 1.0}),
+                                 results({"zero_shot": 3.0, "emulator_lora": 1.0, "full_lora": 1.0})])
+    assert two_seeds.loc["emulator_lora", "loss_gap_closed"] == pytest.approx(0.75)   # on the mean losses
+    for undefined in ({"zero_shot": 3.0, "emulator_lora": 2.0},                        # no full LoRA
+                      {"zero_shot": 1.0, "emulator_lora": 2.0, "full_lora": 1.0},      # no gap
+                      {"zero_shot": 1.0, "emulator_lora": 2.0, "full_lora": 1.5}):     # full LoRA worse
+        assert variant_summary(results(undefined))["loss_gap_closed"].isna().all()
+
+
+def test_results_board_shows_the_loss_gap_closed(tiny_run):
+    results = tiny_run.results()
+    board = widgets.results_board(results)
+    variants = list(results["variants"])
+    loss = {v: results["variants"][v]["loss"] for v in variants}
+    gap = board.trace("gap")
+    assert list(gap.x) == list(board.trace("variants").x) and gap.visible is not False
+    expected = [(loss["zero_shot"] - loss[v]) / (loss["zero_shot"] - loss["full_lora"]) for v in variants]
+    if loss["full_lora"] < loss["zero_shot"]:
+        np.testing.assert_allclose(np.asarray(gap.customdata, dtype=float), expected)      # the true shares
+        np.testing.assert_allclose(ydata(gap), np.clip(expected, *GAP_SHOWN))              # the bars, within bounds
+        assert ydata(gap)[variants.index("zero_shot")] == 0 and ydata(gap)[variants.index("full_lora")] == 1
+    shown_gap = next(t for t in shown(board)["data"] if t.get("meta") == "gap")
+    assert len(shown_gap["text"]) == len(variants)
+    low, high = shown(board)["layout"]["yaxis"]["range"]
+    finite = ydata(gap)[np.isfinite(ydata(gap))]
+    assert low <= min(0, *finite) and high >= max(1, *finite)       # no drawn bar is cut off
+
+
+def test_results_board_keeps_a_far_off_variant_readable():
+    """An emulator without LoRA far worse than zero-shot is drawn at the axis floor, labelled with its true share."""
+    losses = {"zero_shot": 3.0, "emulator": 9.0, "emulator_lora": 1.2, "full_lora": 1.0}
+    results = {"variants": {v: {"accuracy": 0.0, "loss": loss, "n": 10} for v, loss in losses.items()},
+               "parameters": {"original": 1000, "emulator": 600}, "config": {}}
+    board = widgets.results_board(results)
+    gap = board.trace("gap")
+    assert gap.customdata[1] == pytest.approx(-3.0) and ydata(gap)[1] == GAP_SHOWN[0]
+    assert gap.text[1].startswith("-300%") and gap.text[2] == "90%"
+    low, high = board.figure.layout.yaxis.range
+    assert GAP_SHOWN[0] - 0.5 < low <= GAP_SHOWN[0] and 1 <= high < 1.5     # the other bars keep their height
+    assert "loss gap closed" in board.trace("variants").hovertext[0]
+    board.metric.value = "loss"                                      # a share does not belong on a loss axis
+    assert board.trace("gap").visible is False and shown(board)["layout"]["yaxis"].get("range") is None
+    board.metric.value = "accuracy"
+    assert board.trace("gap").visible is True
