@@ -71,11 +71,14 @@ lora = run.config.lora
 s = lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
 
 # SOLUTION lora_parameters
-# notebook 03 - defines n_lora; check: check_lora_parameters(n_lora, run)
-from emloc.calibration import target_linears
+# notebook 03 - defines linears, n_lora; check: check_lora_parameters(n_lora, run)
+from torch import nn
+from emloc.calibration import matches_target
 
-adapted = target_linears(run.model, run.config.emulator.target_modules)   # LoRA wraps every targeted linear
-n_lora = sum(run.config.lora.r * (linear.in_features + linear.out_features) for linear in adapted.values())
+# LoRA wraps every targeted linear, also the one the emulator keeps dense (not in the emulator's report)
+linears = {name: m for name, m in run.model.named_modules()
+           if isinstance(m, nn.Linear) and matches_target(name, run.config.emulator.target_modules)}
+n_lora = run.config.lora.r * sum(m.in_features + m.out_features for m in linears.values())
 
 # SOLUTION B_tilde_and_D
 # notebook 04 - defines name, B_tilde, D, Q; check: check_B_tilde_and_D(B_tilde, D, run, name, Q=Q)
