@@ -89,8 +89,9 @@ class ErrorMap(FigureView):
         table = self.table().assign(rank_change=lambda t: t["rank"] - t["rank_uniform"])
         errors, ranks, uniform = (layer_grid(table, c) for c in ("error", "rank", "rank_uniform"))
         text = np.char.add(np.char.add("error ", np.char.mod("%.3f", errors.to_numpy())),
-                           np.char.add(" · rank ", ranks.to_numpy().astype(int).astype(str)))
-        text = np.char.add(text, np.char.add(" (uniform ", np.char.add(uniform.to_numpy().astype(int).astype(str), ")")))
+                           np.char.add(" · rank ", _rank_text(ranks)))
+        text = np.char.add(text, np.char.add(" (uniform ", np.char.add(_rank_text(uniform), ")")))
+        text = np.where(ranks.isna().to_numpy(), "left dense (not compressed)", text)
         z = layer_grid(table, show).to_numpy().astype(float)
         saved = table.groupby("layer")["params_saved"].sum().reindex(errors.index) / 1e6
         before, after = int(table["params_before"].sum()), int(table["params_after"].sum())
@@ -117,6 +118,11 @@ def _colour_range(z: np.ndarray, show: str) -> dict:
     if show == "rank_change":
         return {"zmin": -(largest or 1), "zmax": largest or 1}
     return {"zmin": 0, "zmax": largest or 1}
+
+
+def _rank_text(grid) -> np.ndarray:
+    """Ranks as text; a module left dense (no rank, NaN) shows as '-'."""
+    return np.where(grid.isna().to_numpy(), "-", grid.fillna(0).to_numpy().astype(int).astype(str))
 
 
 def error_map(factors: EmulatorFactors, ratio: float | None = None) -> ErrorMap:
