@@ -69,8 +69,8 @@ class CorrectionInspector(FigureView):
         figure.update_xaxes(title_text="layer", row=3, col=1)
         if report["layer"].nunique() <= 12:
             figure.update_xaxes(dtick=1)
-        figure.update_layout(template=TEMPLATE, height=720, margin=dict(l=70, r=20, t=80, b=50),
-                             legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+        figure.update_layout(template=TEMPLATE, height=720, margin=dict(l=70, r=20, t=120, b=50),
+                             legend=dict(orientation="h", y=1.09, x=1, xanchor="right", yanchor="bottom"))
         return figure
 
     def report(self) -> pd.DataFrame:
