@@ -27,7 +27,9 @@ class CorrectionInspector(FigureView):
 
     def __init__(self, report: pd.DataFrame, tensors: dict[str, torch.Tensor], clamp: float | None = 3.0):
         self.saved_report, self.tensors = report, tensors
-        self.lambda_slider = widgets.FloatLogSlider(value=clamp or 3.0, base=10, min=-1, max=2, step=0.05,
+        # base 3 with exponents on a 0.1 grid from -2.1: lambda = 1 and the official 3 are slider positions
+        # (base 10 snapped 3 to 3.16 in the browser); the range is about 0.1 .. 100
+        self.lambda_slider = widgets.FloatLogSlider(value=clamp or 3.0, base=3, min=-2.1, max=4.2, step=0.1,
                                                     description="clamp λ", readout_format=".3g",
                                                     layout=widgets.Layout(width="500px"))
         self.no_clamp = widgets.Checkbox(value=clamp is None, description="no clamp (λ = ∞)")
