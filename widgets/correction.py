@@ -72,7 +72,8 @@ class CorrectionInspector(FigureView):
         if report["layer"].nunique() <= 12:
             figure.update_xaxes(dtick=1)
         figure.update_layout(template=TEMPLATE, height=720, margin=dict(l=70, r=20, t=120, b=50),
-                             legend=dict(orientation="h", y=1.09, x=1, xanchor="right", yanchor="bottom"))
+                             legend=dict(orientation="h", y=1.09, x=1, xanchor="right", yanchor="bottom"),
+                             title=dict(y=0.99, yanchor="top"))  # title at the very top, the legend below it
         return figure
 
     def report(self) -> pd.DataFrame:
