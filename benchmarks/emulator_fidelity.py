@@ -13,6 +13,7 @@ variants (the share of the zero-shot -> full-LoRA gap closed, accuracy and loss)
 from __future__ import annotations
 
 import argparse
+import fcntl
 from pathlib import Path
 
 import pandas as pd
@@ -36,40 +37,69 @@ RESULTS = Path("benchmarks/results/emulator_fidelity")
 def point_config(task: str, ratio: float, seed: int, setting: str, steps: int) -> RunConfig:
     raw = merge_dicts(PRESETS["standard"], {"seed": seed, "data": {"task": task},
                                             "emulator": {"ratio": ratio, **SETTINGS[setting]},
-                                            "lora": {"steps": steps}})
+                                            # same loss and gradients, about a quarter less time per step
+                                            "lora": {"steps": steps, "gradient_checkpointing": False}})
     return RunConfig.from_dict(raw)
 
 
-def measure(run: pipeline.Run, train: bool, donors: list) -> dict:
-    """The point's numbers, computing only the stages that are not finished."""
+def reference_full_lora(sweep: Path, seed: int) -> dict:
+    """LoRA on the original at ``seed`` from a stored sweep of the same task and preset (its accuracy on the
+    same test items; its loss is the sweep's mean over seeds: only the mean is stored). LoRA on the original
+    does not depend on the emulator, so points can share it instead of training it again."""
+    items = pd.read_csv(sweep / "items.csv")
+    accuracy = items[(items["variant"] == "full_lora") & (items["seed"] == seed)].drop_duplicates("item")["correct"]
+    losses = pd.read_csv(sweep / "loss.csv")
+    loss = losses.loc[losses["variant"] == "full_lora", "loss"].iloc[0]
+    if accuracy.empty:
+        raise SystemExit(f"{sweep} has no full_lora items for seed {seed}")
+    return {"accuracy": float(accuracy.mean()), "loss": float(loss)}
+
+
+def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None = None) -> dict:
+    """The point's numbers, computing only the stages that are not finished; ``full_lora`` (accuracy, loss)
+    replaces training and evaluating LoRA on the original."""
     sweeps.adopt_finished_stages(run, donors)
-    stages = ["calibrate", "build", "fidelity"] + (["train_emulator", "train_original", "correct"] if train else [])
-    for name in stages:
+    trained = ["train_emulator", "correct"] + ([] if full_lora else ["train_original"])
+    for name in ["calibrate", "build", "fidelity"] + (trained if train else []):
         if not run.is_done(name):
             STAGE[name].run(run)
-    variants = None if train else ["zero_shot", "emulator"]
-    results = run.results() if run.is_done("evaluate") and (not train or "full_lora" in run.results()["variants"]) \
-        else pipeline.evaluate(run, variants)
+    variants = ["zero_shot", "emulator"]
+    if train:
+        variants += ["emulator_lora", "transfer_uncorrected", "transfer_corrected"] + ([] if full_lora else ["full_lora"])
+    stored = run.results()["variants"] if run.is_done("evaluate") else {}
+    results = stored if set(variants) <= set(stored) else pipeline.evaluate(run, variants)["variants"]
     fidelity = run.fidelity()
     row = {"kl_all": fidelity["kl"]["all"]["mean"], "kl_response": fidelity["kl"]["response"]["mean"],
            "top1_agreement": fidelity["kl"]["all"]["top1_agreement"],
            "drift_last": fidelity["drift"][-1]["relative_error"]}
-    for variant, numbers in results["variants"].items():
+    v = {name: results[name] for name in variants} | ({"full_lora": full_lora} if full_lora else {})
+    for variant, numbers in v.items():
         row[f"{variant}_accuracy"], row[f"{variant}_loss"] = numbers["accuracy"], numbers["loss"]
     if train:
-        v = results["variants"]
+        acc_gap = v["full_lora"]["accuracy"] - v["zero_shot"]["accuracy"]
+        loss_gap = v["zero_shot"]["loss"] - v["full_lora"]["loss"]
         for name in ("emulator_lora", "transfer_uncorrected", "transfer_corrected"):
-            acc_gap = v["full_lora"]["accuracy"] - v["zero_shot"]["accuracy"]
-            loss_gap = v["zero_shot"]["loss"] - v["full_lora"]["loss"]
             row[f"{name}_gap_closed"] = (v[name]["accuracy"] - v["zero_shot"]["accuracy"]) / acc_gap if acc_gap else None
             row[f"{name}_loss_gap_closed"] = (v["zero_shot"]["loss"] - v[name]["loss"]) / loss_gap if loss_gap else None
     return row
 
 
+KEYS = ["task", "ratio", "seed", "setting", "steps", "trained"]
+
+
+def record(row: dict) -> None:
+    """Add ``row`` to ``points.csv`` (replacing the same point), under a lock: several runs may share the file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows_path = RESULTS / "points.csv"
+    with open(RESULTS / ".points.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = pd.read_csv(rows_path) if rows_path.exists() else pd.DataFrame(columns=KEYS)
+        same = (done[KEYS] == pd.Series({k: row[k] for k in KEYS})).all(axis=1)
+        pd.concat([done[~same], pd.DataFrame([row])], ignore_index=True).to_csv(rows_path, index=False)
+
+
 def run_points(args) -> None:
     out = Path(args.out)
-    rows_path = RESULTS / "points.csv"
-    done = pd.read_csv(rows_path) if rows_path.exists() else pd.DataFrame()
     donors: list = []
     for task in args.tasks:
         for ratio in args.ratios:
@@ -79,34 +109,38 @@ def run_points(args) -> None:
                     run = pipeline.Run(out / "points" / name, point_config(task, ratio, seed, setting, args.steps))
                     donors.append(run)
                     print(f"{name} ...", flush=True)
+                    reference = reference_full_lora(Path(args.full_lora_from), seed) if args.full_lora_from else None
                     row = {"task": task, "ratio": ratio, "seed": seed, "setting": setting, "steps": args.steps,
-                           "trained": args.train, **measure(run, args.train, donors)}
+                           "trained": args.train, **measure(run, args.train, donors, reference)}
                     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-                    if not done.empty:
-                        done = done[(done["task"] != task) | (done["ratio"] != ratio) | (done["seed"] != seed)
-                                    | (done["setting"] != setting) | (done["steps"] != args.steps)
-                                    | (done["trained"] != args.train)]
-                    done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-                    RESULTS.mkdir(parents=True, exist_ok=True)
-                    done.to_csv(rows_path, index=False)
+                    record(row)
 
 
-def summarize() -> pd.DataFrame:
-    """Mean and 95% t interval over seeds per (task, ratio, steps, trained, setting)."""
-    points = pd.read_csv(RESULTS / "points.csv")
+def intervals(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval."""
     keys = ["task", "ratio", "steps", "trained", "setting"]
     measures = [c for c in points.columns if c not in keys + ["seed"] and points[c].notna().any()]
     rows = []
     for key, group in points.groupby(keys, sort=False):
-        row = dict(zip(keys, key)) | {"seeds": group["seed"].nunique()}
-        for column in measures:
-            values = group[column].dropna().tolist()
+        for measure in measures:
+            values = group[measure].dropna().tolist()
             if values:
                 low, high = t_interval(values)
-                row[column] = f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]" if len(values) > 1 \
-                    else f"{values[0]:.3f}"
-        rows.append(row)
-    table = pd.DataFrame(rows)
+                rows.append(dict(zip(keys, key)) | {"measure": measure, "mean": sum(values) / len(values),
+                                                    "ci_low": low, "ci_high": high, "seeds": len(values)})
+    return pd.DataFrame(rows)
+
+
+def summarize() -> pd.DataFrame:
+    """``intervals.csv`` (tidy) and ``summary.md`` (one row per setting, "mean [low, high]" per measure)."""
+    tidy = intervals(pd.read_csv(RESULTS / "points.csv"))
+    tidy.to_csv(RESULTS / "intervals.csv", index=False)
+    cells = tidy.assign(text=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if n > 1 else f"{m:.3f}"
+                              for m, lo, hi, n in zip(tidy["mean"], tidy["ci_low"], tidy["ci_high"], tidy["seeds"])])
+    keys = ["task", "ratio", "steps", "trained", "setting"]
+    table = cells.pivot_table(index=keys, columns="measure", values="text", aggfunc="first", sort=False)
+    seeds = tidy.groupby(keys, sort=False)["seeds"].max().rename("seeds")
+    table = table.join(seeds).reset_index()
     (RESULTS / "summary.md").write_text(table.to_markdown(index=False) + "\n", encoding="utf-8")
     return table
 
@@ -119,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--train", action="store_true", help="also LoRA, the correction and the six variants")
+    parser.add_argument("--full-lora-from", help="a stored sweep of the same task and preset (e.g. "
+                        "benchmarks/results/sweep_addition) whose LoRA-on-the-original results replace training it")
     parser.add_argument("--out", default="runs/emulator_fidelity")
     parser.add_argument("--summarize", action="store_true", help="only rewrite summary.md from points.csv")
     args = parser.parse_args(argv)

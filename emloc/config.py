@@ -53,6 +53,11 @@ class EmulatorConfig:
     """'independent' (each layer's statistics from the original model, the paper) or 'sequential' (layer by
     layer: layer l's inputs come from the emulator built so far, and W' minimises ||W X - W' X~||_F, with X
     the original's and X~ the emulator's inputs; about twice the calibration memory). See docs/sequential.md."""
+    sequential_damping: float = 0.01
+    """Sequential calibration only: ridge ``delta = damping * mean(diag C~)`` pulling ``W_ls`` towards ``W``
+    (``min ||W X - W_ls X~||^2 + delta ||W_ls - W||^2``). The calibration inputs are nearly collinear
+    (condition numbers ~1e10 on the default model), and the undamped least-squares map (0) moves ``W`` by
+    ~90% of its norm and breaks the emulator; see docs/sequential.md."""
     skip_last_down_proj: bool = True
     """Leave the last decoder layer's MLP down projection dense, as the official configuration does."""
     allocation: str = "uniform"
@@ -203,6 +208,8 @@ def validate(config: RunConfig) -> None:
         raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
     if emu.calibration not in ("independent", "sequential"):
         raise EmlocError(f"emulator.calibration = {emu.calibration!r}: use 'independent' or 'sequential'")
+    if not isinstance(emu.sequential_damping, (int, float)) or emu.sequential_damping < 0:
+        raise EmlocError(f"emulator.sequential_damping = {emu.sequential_damping!r} must be >= 0: try 0.01")
     if emu.calibration == "sequential" and emu.method != "activation_aware":
         raise EmlocError(f"emulator.calibration = 'sequential' needs emulator.method = 'activation_aware', "
                          f"not {emu.method!r}: set calibration to 'independent'")

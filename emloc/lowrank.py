@@ -121,31 +121,37 @@ def calibration_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor
     return float((numerator / denominator).sqrt())
 
 
-def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor,
+def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, damping: float = 0.0,
                          rtol: float | None = None) -> torch.Tensor:
-    """``W_ls = W + W (P - C~) C~^+`` (``out x in``): the map closest to ``W`` among the minimisers of
-    ``||W X - W_ls X~||_F``, with ``C~ = X~ X~^T`` and ``P = X X~^T`` (both ``in x in``).
+    """``W_ls`` (``out x in``) minimising ``||W X - W_ls X~||_F^2 + delta ||W_ls - W||_F^2``, with
+    ``C~ = X~ X~^T``, ``P = X X~^T`` (both ``in x in``) and ``delta = damping * mean(diag C~)``.
 
-    ``W_ls`` solves the normal equations ``W_ls C~ = W P``; its deviation from ``W`` lies in the range of
-    ``C~``, so where ``C~`` is singular it keeps ``W``. ``X~ = X`` gives ``P = C~`` and ``W_ls = W`` exactly.
-    ``rtol`` (default: float32 epsilon, the precision of the accumulated statistics) cuts the pseudo-inverse.
+    The normal equations ``W_ls (C~ + delta I) = W P + delta W`` give ``W_ls = W + W (P - C~) (C~ + delta I)^-1``.
+    ``damping = 0`` is the plain least-squares map closest to ``W``: ``W + W (P - C~) C~^+`` (its deviation
+    from ``W`` lies in the range of ``C~``; ``rtol``, default float32 epsilon, cuts the pseudo-inverse).
+    ``X~ = X`` gives ``P = C~`` and ``W_ls = W`` exactly, for any damping.
     """
+    C_sym = (C_tilde + C_tilde.T) / 2
+    if damping > 0:
+        delta = damping * C_sym.diagonal().mean()
+        eye = torch.eye(C_sym.shape[0], dtype=C_sym.dtype, device=C_sym.device)
+        # X (C~ + delta I) = W (P - C~), solved from the right through the symmetric system
+        return W + torch.linalg.solve(C_sym + delta * eye, (W @ (P - C_tilde)).T).T
     if rtol is None:
         rtol = torch.finfo(torch.float32).eps
-    C_pinv = torch.linalg.pinv((C_tilde + C_tilde.T) / 2, rtol=rtol, hermitian=True)
-    return W + W @ (P - C_tilde) @ C_pinv
+    return W + W @ (P - C_tilde) @ torch.linalg.pinv(C_sym, rtol=rtol, hermitian=True)
 
 
-def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int,
+def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int, damping: float = 0.0,
                           rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``r`` factors ``(u, v)`` minimising ``||W X - u v X~||_F`` and the spectrum ``sigma`` of ``W_ls``
-    whitened by ``C~`` (see :func:`least_squares_target`).
+    whitened by ``C~`` (see :func:`least_squares_target`, which ``damping`` regularises).
 
-    ``||W X - W' X~||^2 = ||W X - W_ls X~||^2 + ||(W_ls - W') X~||^2``, so ``W'`` is the activation-aware
-    truncation of ``W_ls`` under ``C~``: ``u = U_r``, ``v = U_r^T W_ls``, ``U_r`` the top eigenvectors of
-    ``W_ls C~ W_ls^T``.
+    ``||W X - W' X~||^2 = ||W X - W_ls X~||^2 + ||(W_ls - W') X~||^2`` (undamped), so ``W'`` is the
+    activation-aware truncation of ``W_ls`` under ``C~``: ``u = U_r``, ``v = U_r^T W_ls``, ``U_r`` the top
+    eigenvectors of ``W_ls C~ W_ls^T``.
     """
-    return whitened_truncation(least_squares_target(W, C_tilde, P, rtol), C_tilde, r)
+    return whitened_truncation(least_squares_target(W, C_tilde, P, damping, rtol), C_tilde, r)
 
 
 def sequential_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor, P: torch.Tensor,

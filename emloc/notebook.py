@@ -55,3 +55,13 @@ def ensure(run: pipeline.Run, stage: str, on_loss: Callable[[str, int, float], N
         ran.append(name)
     return ran
 
+
+
+def benchmark_results() -> Path:
+    """``benchmarks/results`` of the repository: beside the notebook's folder, its parent, or where emloc lives
+    (a notebook copy run elsewhere); a one-line error when none has it."""
+    candidates = (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1])
+    found = next((p / "benchmarks" / "results" for p in candidates if (p / "benchmarks" / "results").is_dir()), None)
+    if found is None:
+        raise EmlocError("benchmarks/results was not found: open the notebook from the repository's notebooks/ folder")
+    return found

@@ -194,3 +194,22 @@ def memory_table(results: dict) -> pd.DataFrame:
     table["megabytes"] = table["parameters"] * size / 2**20
     table["share_of_original"] = table["parameters"] / params["original"]
     return table
+
+
+MEMORY_STAGES = {"inference_original": "inference, original", "lora_original": "LoRA on the original",
+                 "lora_emulator": "LoRA on the emulator",
+                 "lora_original_no_checkpointing": "LoRA on the original, no checkpointing",
+                 "lora_emulator_no_checkpointing": "LoRA on the emulator, no checkpointing"}
+
+
+def measured_memory(memory: dict) -> pd.DataFrame:
+    """The training and inference rows of ``benchmarks/bench_memory.py``'s ``memory.json``: peak resident memory
+    (MB, fresh process), its ratio to inference with the original, the ledger's prediction and seconds per step."""
+    rows = {r["stage"]: r for r in memory["stages"] + memory.get("variants", []) if r["stage"] in MEMORY_STAGES}
+    inference = rows["inference_original"]["peak_rss_mb"]
+    table = pd.DataFrame([{"stage": MEMORY_STAGES[name], "peak_rss_mb": rows[name]["peak_rss_mb"],
+                           "over_inference": rows[name]["peak_rss_mb"] / inference,
+                           "predicted_peak_mb": rows[name].get("predicted_peak_mb", float("nan")),
+                           "s_per_step": rows[name].get("s_per_step", float("nan"))}
+                          for name in MEMORY_STAGES if name in rows])
+    return table.set_index("stage")

@@ -50,7 +50,14 @@ PROVENANCE = "emloc_provenance.json"
 
 # ---- fingerprints ------------------------------------------------------------------------------
 
+SEQUENTIAL_ONLY = ("sequential_damping",)
+"""Emulator options that only sequential calibration reads: left out of independent runs' fingerprints, so
+adding one keeps every finished independent stage valid."""
+
+
 def _stage_parts(c: dict, stage: Stage) -> dict:
+    if c["emulator"].get("calibration") != "sequential":
+        c = c | {"emulator": {k: v for k, v in c["emulator"].items() if k not in SEQUENTIAL_ONLY}}
     if stage.config is None:
         return c
     data = c["data"] if stage.uses_calibration else {k: v for k, v in c["data"].items() if k != "n_calibration"}

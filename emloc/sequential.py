@@ -1,9 +1,10 @@
 """Sequential calibration: the emulator built layer by layer (``emulator.calibration: sequential``).
 
 Two streams of hidden states walk the decoder: the original model's and the emulator's built so far.
-For decoder layer ``l`` the original layer runs on both streams with the calibration hooks on, giving
-``X`` and ``X~`` for each distinct linear input, accumulated as ``C = X X^T``, ``C~ = X~ X~^T`` and
-``P = X X~^T`` (:class:`emloc.calibration.PairedStats`). Each linear's ``W'`` then minimises
+For decoder layer ``l`` the original layer gives ``X`` for each distinct linear input; the emulator's stream
+gives ``X~``, group by group in forward order with the groups already built swapped in
+(:func:`build_layer_sequentially`), accumulated as ``C = X X^T``, ``C~ = X~ X~^T`` and ``P = X X~^T``
+(:class:`emloc.calibration.PairedStats`). Each linear's ``W'`` then minimises
 ``||W X - W' X~||_F`` (:func:`emloc.lowrank.sequential_truncation`). The original stream moves on
 through the original layer, the emulator's through the layer with its low-rank linears swapped in.
 The derivation and the cost are in ``docs/sequential.md``. The same per-layer steps serve the
@@ -85,23 +86,6 @@ def embedded_batches(model: nn.Module, decoder: nn.Module, features: list[dict],
     return batches
 
 
-@torch.no_grad()
-def paired_layer_statistics(layer: nn.Module, layer_linears: dict[str, nn.Module], batches: list,
-                            emulated: list[torch.Tensor], device: torch.device, n_samples: int) -> PairedStats:
-    """``C``, ``C~``, ``P`` of the layer's linears: the original layer runs on each batch's original hidden
-    states (``X``) and on the emulator's (``emulated[i]``, ``X~``). The original stream moves on
-    (``batch.hidden`` becomes the layer's output); the emulator's is left to :func:`advance`."""
-    with recording_inputs(layer_linears, device) as accumulator:
-        for batch, hidden_tilde in zip(batches, emulated):
-            X = accumulator.capture(batch.token_mask)
-            output = through_layer(layer, batch.hidden, batch)
-            X_tilde = accumulator.capture(batch.token_mask)
-            through_layer(layer, hidden_tilde, batch)
-            accumulator.add_pair(X, X_tilde)
-            batch.hidden = output
-    return paired_stats_from_accumulator(accumulator, n_samples)
-
-
 @contextlib.contextmanager
 def low_rank_swapped(layer: nn.Module, u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
     """``layer`` with the named linears (names relative to ``layer``) replaced by ``u v``, restored on exit."""
@@ -137,6 +121,58 @@ def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorCon
     return u, v, spectra, rows
 
 
+@dataclass
+class SequentialLayer:
+    """One decoder layer built sequentially: its factors, spectra and report rows, the statistics of every
+    linear group, and the emulator's hidden states after it."""
+
+    u: dict
+    v: dict
+    spectra: dict
+    rows: list
+    stats: PairedStats
+    emulated: list
+
+
+@torch.no_grad()
+def build_layer_sequentially(layer: nn.Module, prefix: str, layer_linears: dict[str, nn.Module], batches: list,
+                             emulated: list[torch.Tensor], device: torch.device, n_samples: int,
+                             config: EmulatorConfig, skip: set[str], ranks: dict[str, int] | None = None
+                             ) -> SequentialLayer:
+    """Factor one layer's linears group by group, in the order the forward pass reaches them.
+
+    A group is the linears sharing one input (q/k/v, then o, then gate/up, then down). The original layer
+    gives every group's ``X`` in one pass (the original stream then moves on: ``batch.hidden`` becomes the
+    layer's output). A group's ``X~`` comes from the layer with the groups before it already replaced by
+    their factors, so a later linear sees the inputs the emulator will really give it; with ``X~`` from the
+    original upstream linears it would also correct drift that those linears already removed.
+    """
+    relative = lambda factors: {name[len(prefix) + 1:]: tensor for name, tensor in factors.items()}
+    with recording_inputs(layer_linears, device) as accumulator:
+        originals = []
+        for batch in batches:
+            originals.append(accumulator.capture(batch.token_mask))
+            batch.hidden = through_layer(layer, batch.hidden, batch)
+        accumulator.captured = None
+        input_of = dict(accumulator.input_of)
+    u, v, spectra, rows = {}, {}, {}, []
+    stats = PairedStats({}, {}, {}, n_samples)
+    for leader in list(originals[0]):
+        members = {name: module for name, module in layer_linears.items() if input_of.get(name) == leader}
+        with recording_inputs({leader: layer_linears[leader]}, device) as paired, \
+                low_rank_swapped(layer, relative(u), relative(v)):
+            for batch, hidden, X in zip(batches, emulated, originals):
+                X_tilde = paired.capture(batch.token_mask)
+                through_layer(layer, hidden, batch)
+                paired.add_pair({leader: X[leader]}, X_tilde)
+        group = paired_stats_from_accumulator(paired, n_samples)
+        group.input_of = {name: leader for name in members}
+        merge_paired(stats, group)
+        group_u, group_v, group_spectra, group_rows = factor_layer(members, group, config, skip, ranks)
+        u.update(group_u), v.update(group_v), spectra.update(group_spectra), rows.extend(group_rows)
+    return SequentialLayer(u, v, spectra, rows, stats, advance(layer, prefix, u, v, batches, emulated))
+
+
 @torch.no_grad()
 def build_sequential(model: nn.Module, features: list[dict], config: EmulatorConfig, pad_token_id: int,
                      batch_size: int = 8, progress: bool = True,
@@ -160,12 +196,12 @@ def build_sequential(model: nn.Module, features: list[dict], config: EmulatorCon
     for index, layer in enumerate(tqdm(decoder.layers, desc="sequential emulator", disable=not progress)):
         prefix = f"{layers_prefix}.{index}"
         layer_linears = {name: module for name, module in linears.items() if name.startswith(prefix + ".")}
-        stats = paired_layer_statistics(layer, layer_linears, batches, emulated, device, len(features))
-        u, v, layer_spectra, layer_rows = factor_layer(layer_linears, stats, config, skip, ranks)
-        emulated = advance(layer, prefix, u, v, batches, emulated)
+        built = build_layer_sequentially(layer, prefix, layer_linears, batches, emulated, device, len(features),
+                                         config, skip, ranks)
+        emulated = built.emulated
         if keep_statistics:
-            merge_paired(kept, stats)
-        u_all.update(u), v_all.update(v), spectra.update(layer_spectra), rows.extend(layer_rows)
+            merge_paired(kept, built.stats)
+        u_all.update(built.u), v_all.update(built.v), spectra.update(built.spectra), rows.extend(built.rows)
     return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method), kept if keep_statistics else None
 
 

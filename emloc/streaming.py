@@ -214,13 +214,14 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
         layer_linears = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
         if emulated is None:
             stats = _calibrate_layer(layer, layer_linears, batches, device, len(features))
+            u, v, layer_spectra, layer_rows = sequential.factor_layer(layer_linears, stats, config, skip)
         else:
-            stats = sequential.paired_layer_statistics(layer, layer_linears, batches, emulated, device, len(features))
-        u, v, layer_spectra, layer_rows = sequential.factor_layer(layer_linears, stats, config, skip)
+            built = sequential.build_layer_sequentially(layer, prefix, layer_linears, batches, emulated, device,
+                                                        len(features), config, skip)
+            u, v, layer_spectra, layer_rows, stats, emulated = (built.u, built.v, built.spectra, built.rows,
+                                                                built.stats, built.emulated)
         spectra.update(layer_spectra)
         rows.extend(layer_rows)
-        if emulated is not None:
-            emulated = sequential.advance(layer, prefix, u, v, batches, emulated)
         io.write_tensors(parts_dir / f"layer_{index:05d}.safetensors", factor_tensors(u, v))
         if keep_statistics:
             _merge_stats(kept, stats)

@@ -89,6 +89,20 @@ def test_rank_deficient_emulator_inputs_keep_W_outside_their_span():
     assert objective(W, u @ v, X, X_tilde) <= brute_force(W, X, X_tilde, 2) * (1 + 1e-8) + 1e-10
 
 
+def test_damping_solves_the_ridge_problem_and_pulls_towards_W():
+    W, X, X_tilde = problem(8, out_features=6, in_features=5, tokens=12)
+    C_tilde, P = X_tilde @ X_tilde.T, X @ X_tilde.T
+    delta = 0.1 * float(C_tilde.diagonal().mean())
+    W_ridge = least_squares_target(W, C_tilde, P, damping=0.1)
+    torch.testing.assert_close(W_ridge @ (C_tilde + delta * torch.eye(5, dtype=F64)), W @ P + delta * W)
+    ridge = lambda M: objective(W, M, X, X_tilde) + delta * float((M - W).norm() ** 2)
+    W_plain = least_squares_target(W, C_tilde, P)
+    assert ridge(W_ridge) < min(ridge(W), ridge(W_plain))                 # the ridge optimum beats both ends
+    moves = [float((least_squares_target(W, C_tilde, P, damping=d) - W).norm()) for d in (0.0, 0.01, 0.1, 1.0, 1e6)]
+    assert all(a > b for a, b in zip(moves, moves[1:])) and moves[-1] < 1e-4 * float(W.norm())
+    assert torch.equal(least_squares_target(W, C_tilde, C_tilde, damping=0.1), W)
+
+
 # --- the layer-by-layer builds on tiny models ------------------------------------------------------
 
 from emloc import sequential, streaming                                          # noqa: E402
@@ -113,8 +127,9 @@ def calibration_features(n=6, seed=0):
 SEQUENTIAL = EmulatorConfig(ratio=0.4, calibration="sequential")
 
 
-def test_one_layer_sequential_equals_independent():
-    """With one decoder layer the emulator built so far is the original: X~ = X."""
+def test_one_layer_first_group_equals_independent_and_later_groups_see_the_built_ones():
+    """With one decoder layer, q/k/v (the first group) see X~ = X and match the independent build; o_proj,
+    gate/up and down see the layer with the groups before them already compressed."""
     model, features = tiny_llama(seed=1, num_layers=1), calibration_features()
     stats = collect_statistics(model, features, LLAMA_PROJECTIONS, pad_token_id=2, batch_size=4, progress=False)
     independent = build_factors(model, stats, EmulatorConfig(ratio=0.4), progress=False)
@@ -122,9 +137,12 @@ def test_one_layer_sequential_equals_independent():
                                                   progress=False, keep_statistics=True)
     assert list(factors.u) == list(independent.u)
     for name in factors.u:
-        torch.testing.assert_close(paired.C_tilde(name), stats.C(name), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(paired.P(name), stats.C(name), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(factors.W_emulated(name), independent.W_emulated(name), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(paired.C(name), stats.C(name), rtol=1e-5, atol=1e-5)
+        first_group = name.endswith(("q_proj", "k_proj", "v_proj"))
+        assert torch.allclose(paired.C_tilde(name), stats.C(name), rtol=1e-5, atol=1e-5) == first_group, name
+        if first_group:
+            torch.testing.assert_close(paired.P(name), stats.C(name), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(factors.W_emulated(name), independent.W_emulated(name), rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_build_leaves_the_model_alone_and_keeps_the_original_stream():
