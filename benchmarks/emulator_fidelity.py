@@ -63,9 +63,11 @@ def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None
     for name in ["calibrate", "build", "fidelity"] + (trained if train else []):
         if not run.is_done(name):
             STAGE[name].run(run)
-    variants = ["zero_shot", "emulator"]
+    # the zero-shot model does not depend on the emulator: trained points evaluate it for their gaps
+    variants = ["emulator"]
     if train:
-        variants += ["emulator_lora", "transfer_uncorrected", "transfer_corrected"] + ([] if full_lora else ["full_lora"])
+        variants += ["zero_shot", "emulator_lora", "transfer_uncorrected", "transfer_corrected"] + \
+            ([] if full_lora else ["full_lora"])
     stored = run.results()["variants"] if run.is_done("evaluate") else {}
     results = stored if set(variants) <= set(stored) else pipeline.evaluate(run, variants)["variants"]
     fidelity = run.fidelity()

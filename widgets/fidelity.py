@@ -36,8 +36,10 @@ class FidelityView(FigureView):
         self.scale.observe(self.update, "value")
 
     def _empty_figure(self) -> go.Figure:
-        figure = new_figure(height=420, legend=dict(orientation="h", y=-0.2),
+        # the legend sits below the x-axis title, not on it
+        figure = new_figure(height=460, legend=dict(orientation="h", y=-0.22, yanchor="top"),
                             xaxis_title="decoder layer", yaxis_title="relative error")
+        figure.update_layout(margin_b=120)
         figure.add_trace(go.Scatter(name="end-to-end drift of the residual stream ‖h−h̃‖/‖h‖", meta="drift",
                                     mode="lines+markers", line_color=COLOURS["emulator"],
                                     hovertemplate="after layer %{x}: drift %{y:.4f}<extra></extra>"))
