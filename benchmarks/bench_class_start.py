@@ -63,12 +63,12 @@ def notebook_to_board(clone: Path) -> tuple[float, float]:
         if cell_index == board_cell:
             reached["board"] = time.perf_counter()
 
-    os.environ["PYTHONPATH"] = str(clone)  # the kernel imports the clone's emloc, which finds the clone's runs/
     client = NotebookClient(notebook, kernel_name="python3", timeout=900,
                             resources={"metadata": {"path": str(clone / "notebooks")}},
                             on_cell_executed=on_cell_executed)
     start = time.perf_counter()
-    client.execute()
+    # the kernel imports the clone's emloc, which finds the clone's runs/
+    client.execute(env={**os.environ, "PYTHONPATH": str(clone)})
     return reached["board"] - start, time.perf_counter() - start
 
 

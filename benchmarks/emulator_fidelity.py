@@ -87,6 +87,8 @@ def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None
 
 
 KEYS = ["task", "ratio", "seed", "setting", "steps", "trained"]
+GROUP = ["task", "ratio", "steps", "trained", "setting"]
+"""A point is KEYS; the seeds of one GROUP are summarised together."""
 
 
 def record(row: dict) -> None:
@@ -120,15 +122,14 @@ def run_points(args) -> None:
 
 def intervals(points: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval."""
-    keys = ["task", "ratio", "steps", "trained", "setting"]
-    measures = [c for c in points.columns if c not in keys + ["seed"] and points[c].notna().any()]
+    measures = [c for c in points.columns if c not in KEYS and points[c].notna().any()]
     rows = []
-    for key, group in points.groupby(keys, sort=False):
+    for key, group in points.groupby(GROUP, sort=False):
         for measure in measures:
             values = group[measure].dropna().tolist()
             if values:
                 low, high = t_interval(values)
-                rows.append(dict(zip(keys, key)) | {"measure": measure, "mean": sum(values) / len(values),
+                rows.append(dict(zip(GROUP, key)) | {"measure": measure, "mean": sum(values) / len(values),
                                                     "ci_low": low, "ci_high": high, "seeds": len(values)})
     return pd.DataFrame(rows)
 
@@ -139,9 +140,8 @@ def summarize() -> pd.DataFrame:
     tidy.to_csv(RESULTS / "intervals.csv", index=False)
     cells = tidy.assign(text=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if n > 1 else f"{m:.3f}"
                               for m, lo, hi, n in zip(tidy["mean"], tidy["ci_low"], tidy["ci_high"], tidy["seeds"])])
-    keys = ["task", "ratio", "steps", "trained", "setting"]
-    table = cells.pivot_table(index=keys, columns="measure", values="text", aggfunc="first", sort=False)
-    seeds = tidy.groupby(keys, sort=False)["seeds"].max().rename("seeds")
+    table = cells.pivot_table(index=GROUP, columns="measure", values="text", aggfunc="first", sort=False)
+    seeds = tidy.groupby(GROUP, sort=False)["seeds"].max().rename("seeds")
     table = table.join(seeds).reset_index()
     (RESULTS / "summary.md").write_text(table.to_markdown(index=False) + "\n", encoding="utf-8")
     return table

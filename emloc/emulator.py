@@ -181,8 +181,8 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     S_cache = {} if S_cache is None else S_cache
     if isinstance(stats, PairedStats):
         C_tilde, P = stats.C_tilde(name).to(W.device, compute), stats.P(name).to(W.device, compute)
-        u, v, sigma = _factorise(least_squares_target(W, C_tilde, P, config.sequential_damping), C_tilde, S_cache, stats.input_of[name], r,
-                                 config.method)
+        W_ls = least_squares_target(W, C_tilde, P, config.sequential_damping)
+        u, v, sigma = _factorise(W_ls, C_tilde, S_cache, stats.input_of[name], r, config.method)
         error = sequential_error(W, u @ v, C, P, C_tilde)
     else:
         u, v, sigma = _factorise(W, C, S_cache, stats.input_of[name], r, config.method)

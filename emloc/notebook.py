@@ -56,7 +56,6 @@ def ensure(run: pipeline.Run, stage: str, on_loss: Callable[[str, int, float], N
     return ran
 
 
-
 def benchmark_results() -> Path:
     """``benchmarks/results`` of the repository: beside the notebook's folder, its parent, or where emloc lives
     (a notebook copy run elsewhere); a one-line error when none has it."""
