@@ -120,8 +120,22 @@ def run_points(args) -> None:
                     record(row)
 
 
+NO_ADAPTER = ["kl_all", "kl_response", "top1_agreement", "drift_last", "emulator_accuracy", "emulator_loss"]
+"""Measures of the emulator alone: the same whether or not its point also trained LoRA."""
+
+
 def intervals(points: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval."""
+    """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval.
+
+    The emulator-alone measures of trained and untrained points are pooled per emulator (task, ratio, seed,
+    setting) and reported under ``trained = False``; trained groups carry the adapters' measures."""
+    emulators = points.groupby(["task", "ratio", "seed", "setting"], sort=False).first().reset_index()
+    adapters = points[points["trained"]].drop(columns=NO_ADAPTER)
+    return pd.concat([seed_intervals(emulators.assign(trained=False)[KEYS + NO_ADAPTER]), seed_intervals(adapters)],
+                     ignore_index=True)
+
+
+def seed_intervals(points: pd.DataFrame) -> pd.DataFrame:
     measures = [c for c in points.columns if c not in KEYS and points[c].notna().any()]
     rows = []
     for key, group in points.groupby(GROUP, sort=False):
