@@ -1,6 +1,6 @@
 """Peak memory of each stage, each measured in a fresh process, beside the analytic ledger's prediction.
 
-Peak resident memory (``ru_maxrss``) of a child process that imports the suite and runs one stage;
+Peak resident memory (``VmHWM``) of a child process that imports the suite and runs one stage;
 with a CUDA device the allocator peak is recorded too. "above_import" subtracts the resident memory
 right after the imports and the tokenised data (torch and transformers alone take a few hundred MB).
 
@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from emloc.memory import process_rss_bytes  # noqa: E402
+
 STAGES = ["inference_original", "lora_original", "construction", "lora_emulator", "correction"]
 VARIANTS = ["lora_original_no_checkpointing", "lora_emulator_no_checkpointing"]
 BIG_STAGES = ["big_build", "big_inference_original", "big_lora_emulator"]
@@ -41,12 +42,11 @@ MB = 2 ** 20
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return process_rss_bytes() / MB
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return process_rss_bytes(peak=True) / MB
 
 
 def step_seconds(history_times: list[float]) -> float:

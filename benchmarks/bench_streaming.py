@@ -1,6 +1,6 @@
 """Peak memory of layer-streamed emulator construction vs the model's size.
 
-Each construction runs in a fresh subprocess, which reports its peak resident memory (``ru_maxrss``).
+Each construction runs in a fresh subprocess, which reports its peak resident memory (``VmHWM``).
 For the default model the in-memory path runs too, and the two emulators are compared.
 
     python benchmarks/make_big_model.py runs/big-llama         # once: a random 1.5B+ Llama in shards
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ def worker(mode: str, out: str, raw_config: str) -> None:
     import torch
     torch.set_num_threads(1)
     from emloc import pipeline, streaming
+    from emloc.memory import process_rss_bytes
     from emloc.config import RunConfig
     run = pipeline.Run(out, RunConfig.from_dict(json.loads(raw_config)), progress=False)
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def worker(mode: str, out: str, raw_config: str) -> None:
         pipeline.build(run, pipeline.calibrate(run))
     else:
         run.features("calibration")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_rss_bytes(peak=True)
     print(json.dumps({"mode": mode, "peak_rss_bytes": peak, "seconds": time.perf_counter() - start}))
 
 

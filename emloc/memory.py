@@ -279,11 +279,14 @@ def plan_for_budget(config, settings: LedgerSettings, budget: str) -> MemoryPlan
                      f"or lower data.max_length")
 
 
-def process_rss_bytes() -> float:
-    """This process's resident memory now (Linux ``/proc``; 0 elsewhere): the runtime share of a budget."""
+def process_rss_bytes(peak: bool = False) -> float:
+    """This process's resident memory now, or with ``peak`` its high-water mark (Linux ``/proc``; 0 elsewhere).
+
+    The peak is ``VmHWM``, not ``ru_maxrss``: after a vfork + exec ``ru_maxrss`` starts from the parent's peak."""
+    field = "VmHWM" if peak else "VmRSS"
     try:
         with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024.0
+            return next(int(line.split()[1]) for line in status if line.startswith(field)) * 1024.0
     except (OSError, StopIteration):
         return 0.0
 

@@ -135,3 +135,25 @@ def test_notebook_run_directory_and_reuse(tmp_path, monkeypatch):
         ensure(run, "bogus")
     with pytest.raises(EmlocError):
         notebook_run(preset="huge")
+
+
+def _stage(name: str, peak: float, **extra) -> dict:
+    return {"stage": name, "peak_rss_mb": peak, **extra}
+
+
+def test_measured_memory_and_headline_ratios():
+    from emloc.reports import measured_memory, memory_headline
+    memory = {"stages": [_stage("inference_original", 1000.0), _stage("lora_original", 1100.0, s_per_step=2.0),
+                         _stage("construction", 5000.0), _stage("lora_emulator", 850.0, s_per_step=1.0)],
+              "variants": [_stage("lora_emulator_no_checkpointing", 1400.0)]}
+    table = measured_memory(memory)
+    assert "construction" not in " ".join(table.index)  # only the training and inference rows
+    assert table.loc["LoRA on the emulator", "over_inference"] == pytest.approx(0.85)
+    assert table.loc["LoRA on the emulator, no checkpointing", "over_inference"] == pytest.approx(1.4)
+    big = {"parameters": 1.523e9, "dtype": "bfloat16",
+           "stages": [_stage("big_build", 9000.0), _stage("big_inference_original", 4000.0),
+                      _stage("big_lora_emulator", 3000.0)]}
+    headline = memory_headline(memory, big)
+    assert list(headline["model"].unique()) == ["default model, float32", "1.5B random Llama, bfloat16"]
+    assert headline["over_inference"].tolist() == pytest.approx([1.0, 0.85, 1.0, 0.75])
+    assert len(memory_headline(memory)) == 2
