@@ -8,14 +8,19 @@ Default model (float32, CPU, batch 8, the same training examples for every train
 
 - ``inference_original``: a test batch through the original model (loss + greedy generation);
 - ``lora_original`` / ``lora_emulator``: ``train_lora`` (the pipeline's training, checkpointing on, the
-  default) on the original model / on the emulator loaded lean (the original is never in the process);
+  default) on the original model / on the emulator loaded lean (the original is never in the process), with
+  the small heap a memory budget sets (``small_heap``);
 - ``*_no_checkpointing``: the same without activation checkpointing (under ``variants`` in memory.json);
-- ``construction`` (original + statistics -> factors) and ``correction``.
+- ``construction`` (original + statistics -> factors) and ``correction``;
+- ``step_original`` / ``step_emulator`` (under ``timing``): the pipeline's default training (checkpointing
+  on, glibc's own heap), timed over ``--timing-steps`` steps: the step-time ratio emulator / original at
+  the run's ratio (0.5). The small heap costs page faults on every step, so the memory stages' step
+  times are reported but are not the training speed.
 
-Each training stage also reports its median step time (emulator / original at the run's ratio, 0.5) and
-each stage the ledger's predicted peak (its tensors plus the measured after-import memory).
+Each training stage reports its median step time, and each stage the ledger's predicted peak (its tensors
+plus the measured after-import memory).
 
-    python benchmarks/bench_memory.py [--steps 4] [--only STAGE ...]
+    python benchmarks/bench_memory.py [--steps 4] [--timing-steps 8] [--only STAGE ...]
     python benchmarks/bench_memory.py --big runs/big-llama [--big-steps 2]   # the weights-dominated model
 
 ``--big``: a model written by ``make_big_model.py`` (bfloat16): a streamed build (``emloc build --stream``),
@@ -37,6 +42,8 @@ from emloc.memory import process_rss_bytes  # noqa: E402
 
 STAGES = ["inference_original", "lora_original", "construction", "lora_emulator", "correction"]
 VARIANTS = ["lora_original_no_checkpointing", "lora_emulator_no_checkpointing"]
+STEP_STAGES = ["step_original", "step_emulator"]  # the pipeline's default training, timed
+ALL_STAGES = STAGES + VARIANTS + STEP_STAGES
 BIG_STAGES = ["big_build", "big_inference_original", "big_lora_emulator"]
 MB = 2 ** 20
 
@@ -49,13 +56,14 @@ def peak_mb() -> float:
     return process_rss_bytes(peak=True) / MB
 
 
-def step_seconds(history_times: list[float]) -> float:
-    """Median step time without the first step (allocations, lazy initialisation)."""
-    return statistics.median(history_times[1:] or history_times)
+def step_seconds(history_times: list[float], warmup: int = 1) -> float:
+    """Median step time without the first ``warmup`` steps (allocations, lazy initialisation)."""
+    return statistics.median(history_times[warmup:] or history_times)
 
 
-def timed_training(model, features, spec, targets, pad_token_id) -> list[float]:
-    """``train_lora`` (the pipeline's training) with a callback that times each optimizer step."""
+def timed_training(model, features, spec, targets, pad_token_id, small_heap: bool = True) -> list[float]:
+    """``train_lora`` (the pipeline's training) with a callback that times each optimizer step. ``small_heap``
+    (as under a memory budget) keeps the heap from growing but costs page faults on every step."""
     from transformers import TrainerCallback
 
     from emloc.lora import train_lora
@@ -69,7 +77,7 @@ def timed_training(model, features, spec, targets, pad_token_id) -> list[float]:
             times.append(time.perf_counter() - self.start)
 
     train_lora(model, features, spec, targets, pad_token_id, seed=0, progress=False, callbacks=[StepTimer()],
-               small_heap=True)
+               small_heap=small_heap)
     return times
 
 
@@ -125,6 +133,12 @@ def child(stage: str, steps: int) -> dict:
         times = timed_training(model, train_features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id)
         result |= {"s_per_step": step_seconds(times), "checkpointing": checkpointing, "steps": steps,
                    "seq_len": seq_len, "predicted_peak_mb": predict(which, seq_len, window)}
+    elif stage in STEP_STAGES:
+        model = run.fresh_model() if stage == "step_original" else lean_emulator_for_training(run)
+        times = timed_training(model, train_features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id,
+                               small_heap=False)
+        result |= {"s_per_step": step_seconds(times, warmup=2), "checkpointing": True, "steps": steps,
+                   "seq_len": seq_len}
     elif stage == "construction":
         from emloc.emulator import build_factors
         build_factors(run.fresh_model(), run.stats(), cfg.emulator, progress=False)
@@ -153,20 +167,23 @@ def summarise(rows: list[dict]) -> dict:
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
     steps = {r["stage"]: r["s_per_step"] for r in rows if "s_per_step" in r}
     summary = {"stages": [r for r in rows if r["stage"] in STAGES], "variants": [r for r in rows if r["stage"] in VARIANTS],
+               "timing": [r for r in rows if r["stage"] in STEP_STAGES],
                "lora_emulator_over_inference_original": peaks["lora_emulator"] / peaks["inference_original"],
                "lora_emulator_over_lora_original": peaks["lora_emulator"] / peaks["lora_original"]}
     if "lora_emulator_no_checkpointing" in peaks:
         summary["lora_emulator_no_checkpointing_over_inference_original"] = (
             peaks["lora_emulator_no_checkpointing"] / peaks["inference_original"])
-    if {"lora_emulator", "lora_original"} <= set(steps):
-        summary["step_time_emulator_over_original"] = steps["lora_emulator"] / steps["lora_original"]
-    if {"lora_emulator_no_checkpointing", "lora_original_no_checkpointing"} <= set(steps):
-        summary["step_time_emulator_over_original_no_checkpointing"] = (
-            steps["lora_emulator_no_checkpointing"] / steps["lora_original_no_checkpointing"])
+    ratios = {"step_time_emulator_over_original": ("step_emulator", "step_original"),
+              "step_time_emulator_over_original_small_heap": ("lora_emulator", "lora_original"),
+              "step_time_emulator_over_original_no_checkpointing": ("lora_emulator_no_checkpointing",
+                                                                    "lora_original_no_checkpointing")}
+    for key, (emulator, original) in ratios.items():
+        if {emulator, original} <= set(steps):
+            summary[key] = steps[emulator] / steps[original]
     return summary
 
 
-def default_model(steps: int, only: list[str] | None) -> None:
+def default_model(steps: int, timing_steps: int, only: list[str] | None) -> None:
     from common import RESULTS, prepared_run
 
     from emloc import pipeline
@@ -177,16 +194,15 @@ def default_model(steps: int, only: list[str] | None) -> None:
     kept = []
     if only and stored.exists():
         old = json.loads(stored.read_text())
-        kept = [r for r in old["stages"] + old.get("variants", []) if r["stage"] not in only]
+        kept = [r for r in old["stages"] + old.get("variants", []) + old.get("timing", []) if r["stage"] not in only]
     rows = list(kept)
-    for stage in only or STAGES + VARIANTS:
-        rows.append(measure(stage, "--steps", str(steps)))
+    for stage in only or ALL_STAGES:
+        rows.append(measure(stage, "--steps", str(timing_steps if stage in STEP_STAGES else steps)))
         row = rows[-1]
         predicted = f", ledger {row['predicted_peak_mb']:.0f} MB ({row['prediction_error']:+.0%})" if "predicted_peak_mb" in row else ""
         timing = f", {row['s_per_step']:.2f} s/step" if "s_per_step" in row else ""
         print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB ({row['above_import_mb']:.0f} MB above import){predicted}{timing}", flush=True)
-    order = STAGES + VARIANTS
-    rows.sort(key=lambda r: order.index(r["stage"]))
+    rows.sort(key=lambda r: ALL_STAGES.index(r["stage"]))
     summary = summarise(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -265,9 +281,11 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=4, help="LoRA steps per training stage (the first is not timed)")
-    parser.add_argument("--stage", choices=STAGES + VARIANTS + BIG_STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=ALL_STAGES + BIG_STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--big-out", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=STAGES + VARIANTS,
+    parser.add_argument("--timing-steps", type=int, default=8,
+                        help="LoRA steps of each step-time stage (the first two are not timed)")
+    parser.add_argument("--only", nargs="+", choices=ALL_STAGES,
                         help="re-measure these stages, keep the others from memory.json")
     parser.add_argument("--big", help="a model folder from make_big_model.py: measure it instead of the default model")
     parser.add_argument("--big-steps", type=int, default=3)
@@ -280,7 +298,7 @@ def main() -> None:
     elif args.big:
         big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration)
     else:
-        default_model(args.steps, args.only)
+        default_model(args.steps, args.timing_steps, args.only)
 
 
 if __name__ == "__main__":
