@@ -23,9 +23,11 @@ plus the measured after-import memory).
     python benchmarks/bench_memory.py [--steps 4] [--timing-steps 8] [--only STAGE ...]
     python benchmarks/bench_memory.py --big runs/big-llama [--big-steps 2]   # the weights-dominated model
 
-``--big``: a model written by ``make_big_model.py`` (bfloat16): a streamed build (``emloc build --stream``),
+``--big``: a model written by ``make_big_model.py`` (bfloat16 files): a streamed build (``emloc build --stream``),
 LoRA steps on its lean emulator, and inference with the original on the same prompt lengths; writes
-``memory_big.json``.
+``memory_big.json``. Both load and train in float32 by default (``--big-dtype``): on a CPU without native
+bfloat16 (AVX2 only) a bfloat16 backward pass runs below 1 GFLOPS, so one LoRA step of the 1.5B emulator
+would take over an hour.
 """
 import argparse
 import dataclasses
@@ -211,8 +213,8 @@ def default_model(steps: int, timing_steps: int, only: list[str] | None) -> None
 
 # ---- the weights-dominated model ---------------------------------------------------------------
 
-def big_config(model: str, max_length: int, n_calibration: int) -> dict:
-    return {"model": model, "device": "cpu", "dtype": "bfloat16",
+def big_config(model: str, max_length: int, n_calibration: int, dtype: str) -> dict:
+    return {"model": model, "device": "cpu", "dtype": dtype,
             "data": {"n_train": 64, "n_calibration": n_calibration, "n_test": 16, "max_length": max_length},
             "emulator": {"compute_dtype": "float32"}, "lora": {"batch_size": 8, "warmup_steps": 0}}
 
@@ -250,14 +252,14 @@ def big_child(stage: str, out: str, steps: int) -> dict:
     return result
 
 
-def big_model(folder: str, steps: int, max_length: int, n_calibration: int) -> None:
+def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
     from common import RESULTS
 
     from emloc import io, pipeline
     from emloc.config import RunConfig
     from emloc.streaming import model_size
-    out = Path("benchmarks/out/big_memory")
-    config = RunConfig.from_dict(big_config(folder, max_length, n_calibration))
+    out = Path(f"benchmarks/out/big_memory_{dtype}")
+    config = RunConfig.from_dict(big_config(folder, max_length, n_calibration, dtype))
     run = pipeline.Run(out, config, progress=False)
     run.save_config()
     rows = []
@@ -291,12 +293,14 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=3)
     parser.add_argument("--big-max-length", type=int, default=64)
     parser.add_argument("--big-calibration", type=int, default=8)
+    parser.add_argument("--big-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype the big model is loaded and trained in (its files are bfloat16)")
     args = parser.parse_args()
     if args.stage:
         result = big_child(args.stage, args.big_out, args.steps) if args.big_out else child(args.stage, args.steps)
         print(json.dumps(result))
     elif args.big:
-        big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration)
+        big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype)
     else:
         default_model(args.steps, args.timing_steps, args.only)
 

@@ -100,7 +100,8 @@ def execute(notebook, folder: Path, timeout: int = 1800):
     try:
         client.execute()
     except CellExecutionError as error:
-        last = [line for line in str(error).strip().splitlines() if line.strip()]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the kernel colours its traceback
+        last = [line for line in plain.strip().splitlines() if line.strip()]
         raise EmlocError(f"a cell failed while executing the notebook in {folder} ({last[-1][:200] if last else 'error'}): "
                          f"fix it or export the notebook with --no-execute") from None
     return notebook

@@ -126,3 +126,12 @@ def test_exported_page_draws_offline_in_chromium(exported, tmp_path):
             browser.close()
     assert drawn[0] == [3] and sorted(drawn[1]) == [2, 3]
     assert not [url for url in blocked if "plot" in url or url.endswith(".js")], blocked
+
+
+def test_failing_cell_is_one_plain_line(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("open('no_such_results.json')")])
+    with pytest.raises(EmlocError) as error:
+        export.execute(notebook, tmp_path, timeout=120)
+    message = str(error.value)
+    assert "FileNotFoundError" in message and "no_such_results.json" in message
+    assert "\x1b" not in message and "\n" not in message
