@@ -165,6 +165,12 @@ def measure(mode: str, *extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def ledger_text(row: dict) -> str:
+    if "predicted_peak_mb" not in row:
+        return ""
+    return f", ledger {row['predicted_peak_mb']:.0f} MB ({row['prediction_error']:+.0%})"
+
+
 def summarise(rows: list[dict]) -> dict:
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
     steps = {r["stage"]: r["s_per_step"] for r in rows if "s_per_step" in r}
@@ -201,9 +207,8 @@ def default_model(steps: int, timing_steps: int, only: list[str] | None) -> None
     for stage in only or ALL_STAGES:
         rows.append(measure(stage, "--steps", str(timing_steps if stage in STEP_STAGES else steps)))
         row = rows[-1]
-        predicted = f", ledger {row['predicted_peak_mb']:.0f} MB ({row['prediction_error']:+.0%})" if "predicted_peak_mb" in row else ""
         timing = f", {row['s_per_step']:.2f} s/step" if "s_per_step" in row else ""
-        print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB ({row['above_import_mb']:.0f} MB above import){predicted}{timing}", flush=True)
+        print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB ({row['above_import_mb']:.0f} MB above import){ledger_text(row)}{timing}", flush=True)
     rows.sort(key=lambda r: ALL_STAGES.index(r["stage"]))
     summary = summarise(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -236,20 +241,32 @@ def big_child(stage: str, out: str, steps: int) -> dict:
     elif stage == "big_inference_original":
         from emloc.evaluation import response_loss
         from emloc.data import IGNORE_INDEX
-        # the training examples' lengths, as prompts: the same token counts go through the original model
+        # the training examples as prompts, in the same batches: the same token counts go through the original model
         prompts = [{"input_ids": f["input_ids"], "labels": [IGNORE_INDEX] * (len(f["input_ids"]) - 1) + f["input_ids"][-1:]}
-                   for f in features[: cfg.lora.batch_size]]
+                   for f in features]
         with torch.no_grad():
             response_loss(run.fresh_model(), prompts, run.tokenizer.pad_token_id, cfg.lora.batch_size)
+        result["predicted_peak_mb"] = big_prediction(cfg, "inference", prompts, baseline)
     elif stage == "big_lora_emulator":
         spec = dataclasses.replace(cfg.lora, steps=steps, warmup_steps=0)
         times = timed_training(lean_emulator_for_training(run), features, spec, cfg.emulator.target_modules,
                                run.tokenizer.pad_token_id)
         result["s_per_step"] = step_seconds(times)
+        result["predicted_peak_mb"] = big_prediction(cfg, "lora_emulator", features, baseline)
     result |= {"peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline, "seconds": time.perf_counter() - start,
                "seq_len": lengths(features)[0]}
     result["above_import_mb"] = result["peak_rss_mb"] - baseline
+    if "predicted_peak_mb" in result:
+        result["prediction_error"] = result["predicted_peak_mb"] / result["peak_rss_mb"] - 1
     return result
+
+
+def big_prediction(cfg, stage: str, features: list[dict], baseline_mb: float) -> float:
+    """The ledger's peak (MB) for the big model's ``stage`` on ``features`` (checkpointing on, as trained)."""
+    from emloc.memory import model_config
+    seq_len, window = lengths(features)
+    return ledger_prediction(model_config(cfg.model), stage, cfg.lora.batch_size, seq_len, window, cfg.dtype,
+                             cfg.emulator.ratio, cfg.lora.gradient_checkpointing, baseline_mb)
 
 
 def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
@@ -268,7 +285,8 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
             print("big_build: reusing the finished streamed build", flush=True)
             continue
         rows.append(measure(stage, "--steps", str(steps), "--big-out", str(out)))
-        print(f"{stage}: peak {rows[-1]['peak_rss_mb']:.0f} MB in {rows[-1]['seconds']:.0f} s", flush=True)
+        row = rows[-1]
+        print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB in {row['seconds']:.0f} s{ledger_text(row)}", flush=True)
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
     size = model_size(folder)
     manifest = io.read_json(run.manifest_path("build"))
