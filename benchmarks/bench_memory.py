@@ -244,21 +244,37 @@ def big_child(stage: str, out: str, steps: int) -> dict:
         # the training examples as prompts, in the same batches: the same token counts go through the original model
         prompts = [{"input_ids": f["input_ids"], "labels": [IGNORE_INDEX] * (len(f["input_ids"]) - 1) + f["input_ids"][-1:]}
                    for f in features]
+        model = run.fresh_model()
+        result["load_peak_mb"] = peak_after_loading()
         with torch.no_grad():
-            response_loss(run.fresh_model(), prompts, run.tokenizer.pad_token_id, cfg.lora.batch_size)
+            response_loss(model, prompts, run.tokenizer.pad_token_id, cfg.lora.batch_size)
         result["predicted_peak_mb"] = big_prediction(cfg, "inference", prompts, baseline)
     elif stage == "big_lora_emulator":
         spec = dataclasses.replace(cfg.lora, steps=steps, warmup_steps=0)
-        times = timed_training(lean_emulator_for_training(run), features, spec, cfg.emulator.target_modules,
-                               run.tokenizer.pad_token_id)
+        model = lean_emulator_for_training(run)
+        result["load_peak_mb"] = peak_after_loading()
+        times = timed_training(model, features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id)
         result["s_per_step"] = step_seconds(times)
         result["predicted_peak_mb"] = big_prediction(cfg, "lora_emulator", features, baseline)
     result |= {"peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline, "seconds": time.perf_counter() - start,
                "seq_len": lengths(features)[0]}
+    if "load_peak_mb" in result:  # the whole process's peak, and the running peak once the model was in memory
+        result["running_peak_mb"] = result["peak_rss_mb"]
+        result["peak_rss_mb"] = max(result["load_peak_mb"], result["running_peak_mb"])
+        result["prediction_error"] = result["predicted_peak_mb"] / result["running_peak_mb"] - 1
     result["above_import_mb"] = result["peak_rss_mb"] - baseline
-    if "predicted_peak_mb" in result:
-        result["prediction_error"] = result["predicted_peak_mb"] / result["peak_rss_mb"] - 1
     return result
+
+
+def peak_after_loading() -> float:
+    """The peak so far (MB), which loading set, then a fresh peak count from now on (Linux ``clear_refs`` 5).
+
+    transformers loads a sharded checkpoint shard by shard, and each shard's file pages and converted copy
+    are resident together for a moment: a transient of the loader, not of inference or training."""
+    peak = peak_mb()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return peak
 
 
 def big_prediction(cfg, stage: str, features: list[dict], baseline_mb: float) -> float:
@@ -267,6 +283,13 @@ def big_prediction(cfg, stage: str, features: list[dict], baseline_mb: float) ->
     seq_len, window = lengths(features)
     return ledger_prediction(model_config(cfg.model), stage, cfg.lora.batch_size, seq_len, window, cfg.dtype,
                              cfg.emulator.ratio, cfg.lora.gradient_checkpointing, baseline_mb)
+
+
+def stored_rows(path: Path, stage: str) -> list[dict]:
+    """``stage``'s row of an earlier ``memory_big.json``, if there is one."""
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["stages"] if r["stage"] == stage]
 
 
 def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
@@ -282,18 +305,22 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     rows = []
     for stage in BIG_STAGES:
         if stage == "big_build" and run.is_done("build"):
-            print("big_build: reusing the finished streamed build", flush=True)
+            print("big_build: reusing the finished streamed build (and its stored measurement)", flush=True)
+            rows += stored_rows(RESULTS / "memory_big.json", stage)
             continue
         rows.append(measure(stage, "--steps", str(steps), "--big-out", str(out)))
         row = rows[-1]
         print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB in {row['seconds']:.0f} s{ledger_text(row)}", flush=True)
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
+    running = {r["stage"]: r["running_peak_mb"] for r in rows if "running_peak_mb" in r}
     size = model_size(folder)
     manifest = io.read_json(run.manifest_path("build"))
     summary = {"model": Path(folder).name, "parameters": size["parameters"], "dtype": config.dtype,
                "emulator_parameters": manifest.get("params_emulator"), "ratio": config.emulator.ratio,
                "batch_size": config.lora.batch_size, "lora_steps": steps, "stages": rows,
-               "lora_emulator_over_inference_original": peaks["big_lora_emulator"] / peaks["big_inference_original"]}
+               "lora_emulator_over_inference_original": running["big_lora_emulator"] / running["big_inference_original"],
+               "lora_emulator_over_inference_original_whole_process": (peaks["big_lora_emulator"]
+                                                                       / peaks["big_inference_original"])}
     (RESULTS / "memory_big.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print({k: v for k, v in summary.items() if k != "stages"})
 

@@ -3,6 +3,7 @@
 # points; from nothing they take several hours on 2 CPU cores (see benchmarks/README.md for measured times).
 #   bash benchmarks/run_all.sh                # everything
 #   SKIP_SWEEP=1 bash benchmarks/run_all.sh   # benchmarks only; sweep tables from the finished points
+#   SKIP_BIG=1 ...                            # without the 1.5B memory point (about 25 minutes, 6 GB of disk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -22,5 +23,9 @@ fi
 $PY benchmarks/bench_construction.py
 $PY benchmarks/bench_training_step.py --ratio 0.5
 $PY benchmarks/bench_memory.py
+if [ -z "${SKIP_BIG:-}" ]; then
+  [ -f runs/big-llama/config.json ] || $PY benchmarks/make_big_model.py runs/big-llama
+  $PY benchmarks/bench_memory.py --big runs/big-llama
+fi
 $PY benchmarks/bench_memory_ledger.py
 $PY benchmarks/summarize.py

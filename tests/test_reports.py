@@ -151,8 +151,8 @@ def test_measured_memory_and_headline_ratios():
     assert table.loc["LoRA on the emulator", "over_inference"] == pytest.approx(0.85)
     assert table.loc["LoRA on the emulator, no checkpointing", "over_inference"] == pytest.approx(1.4)
     big = {"parameters": 1.523e9, "dtype": "bfloat16",
-           "stages": [_stage("big_build", 9000.0), _stage("big_inference_original", 4000.0),
-                      _stage("big_lora_emulator", 3000.0)]}
+           "stages": [_stage("big_build", 9000.0), _stage("big_inference_original", 6000.0, running_peak_mb=4000.0),
+                      _stage("big_lora_emulator", 3000.0, running_peak_mb=3000.0)]}
     headline = memory_headline(memory, big)
     assert list(headline["model"].unique()) == ["default model, float32", "1.5B random Llama, bfloat16"]
     assert headline["over_inference"].tolist() == pytest.approx([1.0, 0.85, 1.0, 0.75])

@@ -1,0 +1,33 @@
+"""The README's first page quotes the measured memory headline: it must say what the result files say."""
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def first_page() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## ", 1)[0]  # everything before the first section
+
+
+def peaks(memory: dict, inference: str, lora: str) -> tuple[float, float]:
+    """Peak MB of two stages: once the model is loaded where that was measured, else the whole process."""
+    rows = {r["stage"]: r.get("running_peak_mb", r["peak_rss_mb"]) for r in memory["stages"]}
+    return rows[inference], rows[lora]
+
+
+def test_readme_quotes_the_default_model_measurement():
+    memory = json.loads((RESULTS / "memory.json").read_text())
+    inference, lora = peaks(memory, "inference_original", "lora_emulator")
+    text = first_page()
+    assert f"{lora / inference:.2f}x" in text and f"{lora:.0f} MB against {inference:.0f} MB" in text
+    assert f"{memory['step_time_emulator_over_original']:.2f}x" in text
+
+
+def test_readme_quotes_the_weights_dominated_measurement():
+    big = json.loads((RESULTS / "memory_big.json").read_text())
+    inference, lora = peaks(big, "big_inference_original", "big_lora_emulator")
+    text = first_page()
+    assert f"{lora / inference:.2f}x" in text and f"{lora:.0f} MB against {inference:.0f} MB" in text
+    assert f"{big['parameters'] / 1e9:.1f}B" in text and big["dtype"] in text
