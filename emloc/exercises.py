@@ -264,15 +264,15 @@ def check_error_curve(error_fn, sigma=None) -> str:
         expected = float(reference[k])
         if math.isclose(answer, expected, rel_tol=1e-6, abs_tol=1e-9):
             continue
-        if math.isclose(answer, float(sigma[k:].sum() / sigma.sum()), rel_tol=1e-6):
+        if math.isclose(answer, float(sigma[k:].sum() / sigma.sum()), rel_tol=1e-6, abs_tol=1e-9):
             hint = "use the energies sigma_i^2, and take the square root at the end"
-        elif math.isclose(answer, expected ** 2, rel_tol=1e-6):
+        elif math.isclose(answer, expected ** 2, rel_tol=1e-6, abs_tol=1e-9):
             hint = "that is the squared error: take the square root"
-        elif k < n and math.isclose(answer, float(reference[k + 1]), rel_tol=1e-6):
+        elif k < n and math.isclose(answer, float(reference[k + 1]), rel_tol=1e-6, abs_tol=1e-9):
             hint = "keeping k values drops sigma_k, sigma_k+1, ... (0-based): sum from index k, not k+1"
-        elif k > 0 and math.isclose(answer, float(reference[k - 1]), rel_tol=1e-6):
+        elif k > 0 and math.isclose(answer, float(reference[k - 1]), rel_tol=1e-6, abs_tol=1e-9):
             hint = "keeping k values drops sigma[k:] (0-based), not sigma[k-1:]"
-        elif math.isclose(answer, 1 - expected ** 2, rel_tol=1e-6):
+        elif math.isclose(answer, 1 - expected ** 2, rel_tol=1e-6, abs_tol=1e-9):
             hint = "that is the kept energy: the error is about what you drop"
         else:
             hint = "error(k) = sqrt(sum of sigma_i^2 for i >= k / sum of all sigma_i^2)"
