@@ -402,7 +402,7 @@ def check_lora_parameters(value, run, which: str = "emulator") -> str:
 
 # ---- notebook 04: the correction -------------------------------------------------------------
 
-@exercise("B_tilde_and_D", "Q = orthonormal basis of A's rows (QR of A^T); B~ = B A Q; D = (W - W') Q / s")
+@exercise("B_tilde_and_D", "Q = orthonormal basis of A's rows (SVD of A^T, as the official code); B~ = B A Q; D = (W - W') Q / s")
 def check_B_tilde_and_D(B_tilde, D, run, name: str, Q=None) -> str:
     """``B_tilde = B A Q`` and ``D = (W - W') Q / s`` (both ``out x r``) for module ``name``, compared with the
     run's saved correction tensors. A ``Q`` other than the library's (e.g. from an SVD) is fine: pass it as

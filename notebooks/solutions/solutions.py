@@ -91,7 +91,7 @@ adapter = load_file(run.adapter_dir("emulator") / "adapter_model.safetensors")
 A = next(t for k, t in adapter.items() if f"{name}.lora_A" in k).double()   # r x in
 B = next(t for k, t in adapter.items() if f"{name}.lora_B" in k).double()   # out x r
 s = lora_scaling(run.config.lora.alpha, run.config.lora.r, run.config.lora.use_rslora)
-Q, _ = torch.linalg.qr(A.T)                        # in x r, orthonormal basis of A's rows
+Q = torch.linalg.svd(A.T, full_matrices=False)[0] # in x r, orthonormal basis of A's rows (the official basis)
 B_tilde = B @ A @ Q                                # B A = B~ Q^T
 W = run.model.get_submodule(name).weight.detach().double()
 W_emulated = run.factors().W_emulated(name).double()
