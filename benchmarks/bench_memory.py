@@ -25,9 +25,10 @@ plus the measured after-import memory).
 
 ``--big``: a model written by ``make_big_model.py`` (bfloat16 files): a streamed build (``emloc build --stream``),
 LoRA steps on its lean emulator, and inference with the original on the same prompt lengths; writes
-``memory_big.json``. Both load and train in float32 by default (``--big-dtype``): on a CPU without native
-bfloat16 (AVX2 only) a bfloat16 backward pass runs below 1 GFLOPS, so one LoRA step of the 1.5B emulator
-would take over an hour.
+``memory_big.json`` (float32) or ``memory_big_bfloat16.json``. Both load and train in float32 by default
+(``--big-dtype``): on a CPU without native bfloat16 (AVX2 only) a bfloat16 backward pass runs below 1 GFLOPS,
+so one LoRA step of the 1.5B emulator would take over an hour; with AVX-512 BF16 or AMX, bfloat16 is the
+faster of the two.
 """
 import argparse
 import dataclasses
@@ -285,6 +286,12 @@ def big_prediction(cfg, stage: str, features: list[dict], baseline_mb: float) ->
                              cfg.emulator.ratio, cfg.lora.gradient_checkpointing, baseline_mb)
 
 
+def big_results_file(dtype: str) -> Path:
+    """``memory_big.json`` for float32 (the first measured), ``memory_big_<dtype>.json`` for another dtype."""
+    from common import RESULTS
+    return RESULTS / ("memory_big.json" if dtype == "float32" else f"memory_big_{dtype}.json")
+
+
 def stored_rows(path: Path, stage: str) -> list[dict]:
     """``stage``'s row of an earlier ``memory_big.json``, if there is one."""
     if not path.exists():
@@ -306,7 +313,7 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     for stage in BIG_STAGES:
         if stage == "big_build" and run.is_done("build"):
             print("big_build: reusing the finished streamed build (and its stored measurement)", flush=True)
-            rows += stored_rows(RESULTS / "memory_big.json", stage)
+            rows += stored_rows(big_results_file(dtype), stage)
             continue
         rows.append(measure(stage, "--steps", str(steps), "--big-out", str(out)))
         row = rows[-1]
@@ -321,7 +328,8 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
                "lora_emulator_over_inference_original": running["big_lora_emulator"] / running["big_inference_original"],
                "lora_emulator_over_inference_original_whole_process": (peaks["big_lora_emulator"]
                                                                        / peaks["big_inference_original"])}
-    (RESULTS / "memory_big.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    big_results_file(dtype).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print({k: v for k, v in summary.items() if k != "stages"})
 
 

@@ -215,17 +215,17 @@ def measured_memory(memory: dict) -> pd.DataFrame:
     return table.set_index("stage")
 
 
-def memory_headline(memory: dict, memory_big: dict | None = None) -> pd.DataFrame:
+def memory_headline(memory: dict, *memory_big: dict) -> pd.DataFrame:
     """EMLoC's headline, measured: peak resident memory (MB, fresh process) of inference with the original and of
     LoRA on the emulator, per model, with the ratio to inference. ``memory`` is ``bench_memory.py``'s
-    ``memory.json`` (the default model); ``memory_big`` its ``memory_big.json`` (the weights-dominated model),
-    whose peaks are counted once the model is loaded (``running_peak_mb``: the sharded loader's transient is
-    not the stage's)."""
+    ``memory.json`` (the default model); each ``memory_big`` one of its ``memory_big*.json`` (the weights-dominated
+    model, one per dtype), whose peaks are counted once the model is loaded (``running_peak_mb``: the sharded
+    loader's transient is not the stage's)."""
     rows = {r["stage"]: r for r in memory["stages"]}
     models = [("default model, float32", rows["inference_original"], rows["lora_emulator"])]
-    if memory_big is not None:
-        big = {r["stage"]: r for r in memory_big["stages"]}
-        name = f"{memory_big['parameters'] / 1e9:.1f}B random Llama, {memory_big['dtype']}"
+    for big_run in memory_big:
+        big = {r["stage"]: r for r in big_run["stages"]}
+        name = f"{big_run['parameters'] / 1e9:.1f}B random Llama, {big_run['dtype']}"
         models.append((name, big["big_inference_original"], big["big_lora_emulator"]))
     peak = lambda row: row.get("running_peak_mb", row["peak_rss_mb"])
     table = pd.DataFrame([{"model": model, "stage": stage, "peak_rss_mb": peak(row),

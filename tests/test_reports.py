@@ -157,3 +157,7 @@ def test_measured_memory_and_headline_ratios():
     assert list(headline["model"].unique()) == ["default model, float32", "1.5B random Llama, bfloat16"]
     assert headline["over_inference"].tolist() == pytest.approx([1.0, 0.85, 1.0, 0.75])
     assert len(memory_headline(memory)) == 2
+    big_float32 = {**big, "dtype": "float32"}
+    both = memory_headline(memory, big_float32, big)
+    assert both["model"].unique().tolist()[1:] == ["1.5B random Llama, float32", "1.5B random Llama, bfloat16"]
+    assert len(both) == 6
