@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import yaml
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,16 @@ def prepare_bundle(folder: Path, preset: str, seeds: list[int]) -> tuple[Path, f
     subprocess.run([sys.executable, "-m", "emloc.bundle", "pack", *map(str, runs), "--out", str(bundle)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return bundle, time.perf_counter() - start
+
+
+def bundle_runs(clone: Path) -> list[dict]:
+    """What the unpacked bundle holds: each run's seed, LoRA steps and training-set size (from its config)."""
+    runs = []
+    for config_file in sorted((clone / "runs" / "class").glob("*/config.yaml")):
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        runs.append({"run": config_file.parent.name, "seed": config["seed"], "lora_steps": config["lora"]["steps"],
+                     "n_train": config["data"]["n_train"]})
+    return runs
 
 
 def notebook_to_board(clone: Path) -> tuple[float, float]:
@@ -91,6 +102,7 @@ def main(argv=None) -> int:
         figures["clone_s"] = timed(["git", "clone", "--quiet", str(ROOT), str(clone)], cwd=scratch)
         figures["unpack_s"] = timed([sys.executable, "-m", "emloc.bundle", "unpack", str(bundle)], cwd=clone,
                                     env={**os.environ, "PYTHONPATH": str(clone)})
+        figures["bundle_runs"] = bundle_runs(clone)
         figures["notebook_to_board_s"], figures["notebook_total_s"] = notebook_to_board(clone)
     figures["clone_to_board_s"] = figures["clone_s"] + figures["unpack_s"] + figures["notebook_to_board_s"]
     figures["target_s"] = 60

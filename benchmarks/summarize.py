@@ -79,7 +79,9 @@ def _big_detail(memory_big: dict) -> str:
             f"{memory_big['lora_emulator_over_inference_original_whole_process']:.2f}x")
 
 def _class_detail(class_start: dict) -> str:
-    preset = f"{class_start['preset']} preset, seeds {class_start['seeds']}, " if "preset" in class_start else ""
+    runs = class_start.get("bundle_runs", [])
+    preset = (f"{len(runs)} runs of {runs[0]['lora_steps']} LoRA steps (seeds {', '.join(str(r['seed']) for r in runs)}), "
+              if runs else "")
     return (f"bench_class_start.py: {preset}bundle {class_start['bundle_mb']:.0f} MB; clone {class_start['clone_s']:.1f} s, "
             f"unpack {class_start['unpack_s']:.1f} s, notebook 00 to the board {class_start['notebook_to_board_s']:.1f} s; "
             f"{class_start['cpu_threads']} CPU threads")
