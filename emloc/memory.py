@@ -164,7 +164,7 @@ def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote
 
     from emloc.emulator import LowRankLinear
     from emloc.errors import EmlocError
-    from emloc.models import resolve_dtype, resolve_model_path
+    from emloc.models import contiguous_output_layer_input, resolve_dtype, resolve_model_path
     path = Path(resolve_model_path(model))
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -197,6 +197,7 @@ def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote
     left = [n for n, t in [*emulator.named_parameters(), *emulator.named_buffers()] if t.is_meta]
     if left:
         raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: use Run.emulator() for this model")
+    contiguous_output_layer_input(emulator)
     return emulator.eval()
 
 

@@ -102,7 +102,23 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_re
     except (OSError, ValueError, SafetensorError) as exc:
         raise EmlocError(f"cannot load model {model!r} ({_first_line(exc)}): check the id or path, or use 'default'") from None
     check_finite_weights(loaded, model)
+    contiguous_output_layer_input(loaded)
     return loaded.to(resolve_device(device) if isinstance(device, str) else device).eval()
+
+
+def contiguous_output_layer_input(model: torch.nn.Module) -> bool:
+    """In bfloat16/float16, hand the output layer a contiguous input; returns whether a hook was added.
+
+    transformers slices the loss window (``logits_to_keep``) as a non-contiguous view of the hidden states
+    ``(batch, window, h)``; for a reduced-precision dtype the CPU ``linear`` then materialises the ``V x h``
+    weight once per sequence (1.5 GB for a 49152 x 2048 output layer at batch 8), a transient that no
+    ledger counts. float32 does not, and keeps the view so its stored results stay bitwise the same.
+    """
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_layer is None or output_layer.weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    output_layer.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    return True
 
 
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
