@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -25,8 +27,9 @@ def test_readme_quotes_the_default_model_measurement():
     assert f"{memory['step_time_emulator_over_original']:.2f}x" in text
 
 
-def test_readme_quotes_the_weights_dominated_measurement():
-    big = json.loads((RESULTS / "memory_big.json").read_text())
+@pytest.mark.parametrize("result_file", ["memory_big.json", "memory_big_bfloat16.json"])
+def test_readme_quotes_the_weights_dominated_measurement(result_file):
+    big = json.loads((RESULTS / result_file).read_text())
     inference, lora = peaks(big, "big_inference_original", "big_lora_emulator")
     text = first_page()
     assert f"{lora / inference:.2f}x" in text and f"{lora:.0f} MB against {inference:.0f} MB" in text
