@@ -41,7 +41,7 @@ class ResultsBoard(FigureView):
         self.summary = variant_summary(self.results, correct)
         self.memory = memory_table(self.results[0])
         self.metric = widgets.ToggleButtons(options=[(label, key) for key, label in METRICS.items()], value="accuracy",
-                                            description="metric")
+                                            description="metric", style={"button_width": "auto"})  # full labels
         self.stats = stat_line(self._stats_text())
         super().__init__(self._figure(), [self.metric, self.stats])
         self.update()
