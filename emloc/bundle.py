@@ -199,6 +199,15 @@ def class_run(name: str = "seed0", directory: str | Path | None = None):
     return Run(run_dir)
 
 
+def class_runs(directory: str | Path | None = None) -> list:
+    """Every unpacked bundle run under ``directory`` (default ``runs/class``), by name: one per seed for the
+    instructor's multi-seed bundle; an empty list when none was unpacked."""
+    from emloc.notebook import notebook_run_dir
+    folder = Path(directory) if directory else notebook_run_dir().parent / "class"
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return [run for run in (class_run(name, folder) for name in names) if run is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m emloc.bundle pack RUN... --out FILE`` / ``python -m emloc.bundle unpack FILE [--into DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m emloc.bundle", description="pack or unpack a class bundle")

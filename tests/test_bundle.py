@@ -80,6 +80,10 @@ def test_unpack_round_trip_and_reads_without_factors(runs, tmp_path):
     torch.testing.assert_close(factors.spectra[MODULES[0]]["whitened"], torch.linspace(4, 0.5, 8) + 1)
     view = spectrum_explorer(factors)
     assert view.rank_slider.max == 8
+    # notebook 05 opens every seed of the bundle
+    opened = bundle.class_runs(target)
+    assert [run.dir.name for run in opened] == ["seed0", "seed1"] and [run.config.seed for run in opened] == [0, 1]
+    assert bundle.class_runs(tmp_path / "no_bundle") == []
     # unpacking again replaces the runs whole
     (target / "seed0" / "stray.txt").write_text("old")
     bundle.unpack(tmp_path / "class.tar.gz", target)
