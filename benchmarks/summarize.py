@@ -78,6 +78,7 @@ def _big_detail(memory_big: dict) -> str:
             f"vs {inference['running_peak_mb']:.0f} MB; whole process (loader transient included) "
             f"{memory_big['lora_emulator_over_inference_original_whole_process']:.2f}x")
 
+
 def _class_detail(class_start: dict) -> str:
     runs = class_start.get("bundle_runs", [])
     preset = (f"{len(runs)} runs of {runs[0]['lora_steps']} LoRA steps (seeds {', '.join(str(r['seed']) for r in runs)}), "
@@ -85,6 +86,11 @@ def _class_detail(class_start: dict) -> str:
     return (f"bench_class_start.py: {preset}bundle {class_start['bundle_mb']:.0f} MB; clone {class_start['clone_s']:.1f} s, "
             f"unpack {class_start['unpack_s']:.1f} s, notebook 00 to the board {class_start['notebook_to_board_s']:.1f} s; "
             f"{class_start['cpu_threads']} CPU threads")
+
+
+def big_result_files(results: Path = RESULTS) -> list[str]:
+    """The 1.5B memory results, one file per dtype (``bench_memory.py --big``): float32 first."""
+    return sorted(path.name for path in results.glob("memory_big*.json"))
 
 
 def claims(results: Path = RESULTS) -> pd.DataFrame:
@@ -106,7 +112,7 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
         rows.append({"claim": "peak memory of LoRA on the emulator <= inference with the original (default model)",
                      "measured": memory["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",
                      "detail": f"float32, checkpointing on; LoRA emulator / LoRA original = {memory['lora_emulator_over_lora_original']:.2f}"})
-    for memory_big in filter(None, map(_json, ("memory_big.json", "memory_big_bfloat16.json"))):
+    for memory_big in map(_json, big_result_files()):
         rows.append({"claim": f"peak memory of LoRA on the emulator <= inference with the original "
                               f"({memory_big['parameters'] / 1e9:.2f}B {memory_big['dtype']}, weights dominate)",
                      "measured": memory_big["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",

@@ -187,13 +187,17 @@ def load_factors(run):
     return light_factors(run.dir)
 
 
+def _class_folder(directory: str | Path | None) -> Path:
+    """Where bundle runs are unpacked: ``directory``, or ``runs/class`` beside the shared notebook run."""
+    from emloc.notebook import notebook_run_dir
+    return Path(directory) if directory else notebook_run_dir().parent / "class"
+
+
 def class_run(name: str = "seed0", directory: str | Path | None = None):
     """The unpacked bundle run ``directory/name`` (default ``runs/class/seed0`` in the repository) opened with
     its own stored config, or ``None`` when no bundle was unpacked there (then compute as usual)."""
-    from emloc.notebook import notebook_run_dir
     from emloc.pipeline import Run
-    folder = Path(directory) if directory else notebook_run_dir().parent / "class"
-    run_dir = folder / name
+    run_dir = _class_folder(directory) / name
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "manifests").is_dir():
         return None
     return Run(run_dir)
@@ -202,8 +206,7 @@ def class_run(name: str = "seed0", directory: str | Path | None = None):
 def class_runs(directory: str | Path | None = None) -> list:
     """Every unpacked bundle run under ``directory`` (default ``runs/class``), by name: one per seed for the
     instructor's multi-seed bundle; an empty list when none was unpacked."""
-    from emloc.notebook import notebook_run_dir
-    folder = Path(directory) if directory else notebook_run_dir().parent / "class"
+    folder = _class_folder(directory)
     names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     return [run for run in (class_run(name, folder) for name in names) if run is not None]
 
