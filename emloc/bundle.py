@@ -33,11 +33,13 @@ import hashlib
 import io as bytes_io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from emloc import io
@@ -97,24 +99,106 @@ def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = 
     return manifest
 
 
-def _safe_members(tar: tarfile.TarFile, file: Path) -> list[tarfile.TarInfo]:
+MAX_TOTAL_BYTES = 4 * 2**30
+"""The largest unpacked size a bundle may declare (the standard three-seed bundle holds about 130 MB)."""
+MAX_MANIFEST_BYTES = 16 * 2**20
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_run_name(name, file: Path) -> str:
+    """A run name is one plain path component: a folder directly inside ``--into``, nothing else."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or CONTROL_CHARACTERS.search(name) or Path(name).is_absolute() or Path(name).name != name):
+        raise EmlocError(f"{file} names a run {name!r}, which is not a plain folder name: the bundle is not safe to "
+                         f"unpack; ask for a bundle made with `emloc bundle pack`")
+    return name
+
+
+def _check_file_entry(rel, entry, runs: set[str], file: Path) -> int:
+    """A listed file lies inside one of the runs and declares a size and a sha256; returns its size."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (len(parts) < 2 or parts[0] not in runs or any(p in ("", ".", "..") for p in parts)
+            or "\\" in rel or CONTROL_CHARACTERS.search(rel)):
+        raise EmlocError(f"{file} lists a file {rel!r} outside its runs: the bundle is not safe to unpack; "
+                         f"ask for a bundle made with `emloc bundle pack`")
+    size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+        raise EmlocError(f"{file} declares no size or checksum for {rel}: the bundle is altered; copy it again")
+    return size
+
+
+def check_manifest(manifest, file: Path) -> dict:
+    """Refuse a manifest whose run names or file paths could reach outside the target, or that is malformed."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise EmlocError(f"{file} is not an emloc bundle of version {VERSION}: pack it again with this suite")
+    runs, files = manifest.get("runs"), manifest.get("files")
+    if not isinstance(runs, list) or not runs or not isinstance(files, dict):
+        raise EmlocError(f"{file} has a {MANIFEST} without runs or files: the bundle is altered; copy it again")
+    names = [check_run_name(name, file) for name in runs]
+    if len(set(names)) != len(names):
+        raise EmlocError(f"{file} names the run {_first_repeat(names)!r} twice: the bundle is altered; copy it again")
+    declared = sum(_check_file_entry(rel, entry, set(names), file) for rel, entry in files.items())
+    empty = [name for name in names if not any(rel.startswith(name + "/") for rel in files)]
+    if empty:
+        raise EmlocError(f"{file} lists no file of the run {empty[0]!r}: the bundle is altered; copy it again")
+    partial = manifest.get("partial") or {}
+    if not isinstance(partial, dict) or not all(isinstance(v, list) for v in partial.values()):
+        raise EmlocError(f"{file} has a malformed 'partial' entry in {MANIFEST}: the bundle is altered; copy it again")
+    if declared > MAX_TOTAL_BYTES:
+        raise EmlocError(f"{file} declares {declared / 2**30:.1f} GiB of files, over the {MAX_TOTAL_BYTES // 2**30} GiB "
+                         f"a class bundle may hold: it is not a class bundle; pack fewer or smaller runs")
+    return manifest
+
+
+def _first_repeat(items: list[str]) -> str:
+    seen: set[str] = set()
+    return next(item for item in items if item in seen or seen.add(item))
+
+
+def _read_members(tar: tarfile.TarFile, file: Path) -> tuple[dict, list[tarfile.TarInfo]]:
+    """The bundle's manifest (read before anything is extracted) and its members, every one checked: regular
+    files and folders only, each name once, each file listed in the manifest with the size it declares."""
     members = tar.getmembers()
     for member in members:
         parts = Path(member.name).parts
-        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in parts:
-            raise EmlocError(f"{file} holds {member.name!r}, which is not a plain file inside the bundle: not an emloc bundle")
-    return members
+        if not (member.isreg() or member.isdir()) or member.name.startswith("/") or ".." in parts:
+            raise EmlocError(f"{file} holds {member.name!r}, which is not a plain file inside the bundle: "
+                             f"not an emloc bundle")
+    names = [m.name.rstrip("/") for m in members]
+    if len(set(names)) != len(names):
+        raise EmlocError(f"{file} holds {_first_repeat(names)!r} twice: the bundle is altered; copy it again")
+    manifest = check_manifest(_manifest_of(tar, members, file), file)
+    for member in members:
+        _check_member(member, manifest, file)
+    return manifest, members
 
 
-def _read_manifest(folder: Path, file: Path) -> dict:
+def _manifest_of(tar: tarfile.TarFile, members: list[tarfile.TarInfo], file: Path):
+    member = next((m for m in members if m.name == MANIFEST and m.isreg()), None)
+    no_manifest = EmlocError(f"{file} has no readable {MANIFEST}: it is not an emloc bundle (make one with "
+                             f"`emloc bundle pack`)")
+    if member is None or member.size > MAX_MANIFEST_BYTES:
+        raise no_manifest
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise EmlocError(f"{file} has no readable {MANIFEST}: it is not an emloc bundle (make one with "
-                         f"`python -m emloc.bundle pack`)") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise EmlocError(f"{file} is not an emloc bundle of version {VERSION}: pack it again with this suite")
-    return manifest
+        return json.loads(tar.extractfile(member).read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise no_manifest from None
+
+
+def _check_member(member: tarfile.TarInfo, manifest: dict, file: Path) -> None:
+    if member.name == MANIFEST:
+        return
+    name = member.name.rstrip("/")
+    if member.isdir():
+        if name.split("/")[0] not in manifest["runs"]:
+            raise EmlocError(f"{file} has an unlisted folder {name}: the bundle is incomplete or altered; copy it again")
+        return
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise EmlocError(f"{file} has an unlisted file {name}: the bundle is incomplete or altered; copy it again")
+    if member.size != entry["bytes"]:
+        raise EmlocError(f"{file}: {name} holds {member.size} bytes where {MANIFEST} declares {entry['bytes']}: "
+                         f"the bundle is altered; copy it again")
 
 
 def verify(folder: Path, manifest: dict, file: Path) -> None:
@@ -130,32 +214,142 @@ def verify(folder: Path, manifest: dict, file: Path) -> None:
             raise EmlocError(f"{file}: {rel} does not match its checksum (corrupt copy): copy the bundle again")
 
 
-def unpack(file: str | Path, target: str | Path = DEFAULT_TARGET) -> list[Path]:
-    """Verify the bundle and put each run at ``target/<run name>`` (replacing an older copy whole).
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder at or above ``path`` that exists (where a new ``path`` would be created)."""
+    path = path.absolute()
+    while not path.exists() and not path.is_symlink():
+        path = path.parent
+    return path
 
-    A corrupt, truncated or foreign file is a one-line :class:`EmlocError` and changes nothing on disk.
-    Returns the unpacked run directories.
+
+def check_target(target: Path, manifest: dict, file: Path, replace: bool) -> dict[str, list[str]]:
+    """Everything about ``--into`` that can be refused before a byte is written: it is a folder (or can be
+    made one) with room for the bundle; each run lands directly inside it; an existing run is replaced only
+    when asked. Returns, per run being replaced, its files the bundle does not hold (they are kept)."""
+    ancestor = _existing_ancestor(target)
+    if not ancestor.is_dir():
+        raise EmlocError(f"--into {target}: {ancestor} is a file, not a folder: give --into a folder path")
+    declared = sum(entry["bytes"] for entry in manifest["files"].values())
+    free = shutil.disk_usage(ancestor).free
+    if declared > free:
+        raise EmlocError(f"{file} unpacks to {declared / 2**20:.0f} MB but {ancestor} has {free / 2**20:.0f} MB free: "
+                         f"free some space or unpack elsewhere with --into")
+    root = target.resolve()
+    kept = {}
+    for name in manifest["runs"]:
+        destination = target / name
+        if destination.is_symlink() or destination.resolve().parent != root:
+            raise EmlocError(f"{destination} is a link to another place: remove it, or unpack elsewhere with --into")
+        if destination.exists():
+            kept[name] = _files_kept(destination, name, manifest, replace)
+    return kept
+
+
+def _files_kept(destination: Path, name: str, manifest: dict, replace: bool) -> list[str]:
+    if not replace:
+        raise EmlocError(f"{destination} already exists: pass --replace to replace it with the bundle's copy "
+                         f"(files of yours the bundle lacks are kept), or unpack elsewhere with --into")
+    if not destination.is_dir():
+        raise EmlocError(f"{destination} is a file, not a run folder: move it away, or unpack elsewhere with --into")
+    bundled = {rel.split("/", 1)[1] for rel in manifest["files"] if rel.split("/", 1)[0] == name}
+    folders = {"/".join(rel.split("/")[:i]) for rel in bundled for i in range(1, rel.count("/") + 1)}
+    own = sorted(p.relative_to(destination).as_posix() for p in destination.rglob("*")
+                 if p.is_file() or p.is_symlink())
+    clash = [rel for rel in own if rel in folders]
+    if clash:
+        raise EmlocError(f"{destination / clash[0]} is a file where the bundle has a folder: move it away, "
+                         f"or unpack elsewhere with --into")
+    return [rel for rel in own if rel not in bundled]
+
+
+def _make_folders(target: Path) -> list[Path]:
+    """Create ``target`` and its missing parents; returns the folders created, outermost first."""
+    created = []
+    for folder in reversed([target, *target.parents]):
+        if not folder.exists():
+            folder.mkdir()
+            created.append(folder)
+    return created
+
+
+def _place(staged: Path, destination: Path, kept: list[str] | None) -> None:
+    """Move a verified run into place; an existing run is swapped out whole after its kept files are copied."""
+    if kept is None:
+        os.replace(staged, destination)
+        return
+    for rel in kept:
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(destination / rel, staged / rel, follow_symlinks=False)
+    old = staged.with_name(staged.name + ".old")
+    os.replace(destination, old)
+    try:
+        os.replace(staged, destination)
+    except OSError:
+        os.replace(old, destination)
+        raise
+    shutil.rmtree(old)
+
+
+@dataclass
+class Unpacked:
+    """What :func:`unpack` did: the run folders placed, and per replaced run the files of its own it kept."""
+
+    runs: list[Path]
+    kept: dict[str, list[str]]
+    partial: dict[str, list[str]]
+    """Runs packed unfinished (``pack --partial``): run name -> stages missing."""
+
+    def lines(self) -> list[str]:
+        """What the command line prints: one line per run, one per replaced run with kept files."""
+        out = [str(path) for path in self.runs]
+        out += [f"{name}: kept {len(files)} file(s) of yours the bundle does not hold: {', '.join(files)}"
+                for name, files in self.kept.items() if files]
+        out += [f"{name} was packed unfinished (missing {', '.join(stages)}): its notebooks may compute those stages"
+                for name, stages in self.partial.items()]
+        return out
+
+
+def unpack(file: str | Path, target: str | Path = DEFAULT_TARGET, replace: bool = False) -> Unpacked:
+    """Verify the bundle and put each run at ``target/<run name>``.
+
+    The bundle is untrusted: its manifest, member types, names and sizes are checked before anything is
+    written, then it is extracted into a temporary folder and checked against its checksums. A corrupt,
+    truncated, foreign or crafted file is a one-line :class:`EmlocError` and changes nothing on disk (not even
+    an empty ``target``). An existing run is refused unless ``replace``; then it is replaced by the bundle's
+    copy, keeping (and reporting) the files of its own the bundle does not hold.
     """
     file, target = Path(file), Path(target)
     if not file.is_file():
         raise EmlocError(f"bundle {file} does not exist: check the path (the instructor's `make class` writes it)")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(file, "r:gz") as tar:
+            manifest, members = _read_members(tar, file)
+            kept = check_target(target, manifest, file, replace)
+            created = _make_folders(target)
+            try:
+                placed = _extract_and_place(tar, members, manifest, file, target, kept)
+            except BaseException:
+                for folder in reversed(created):
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise EmlocError(f"{file} is corrupted or partial ({type(exc).__name__}): copy the bundle again") from None
+    return Unpacked(placed, kept, dict(manifest.get("partial") or {}))
+
+
+def _extract_and_place(tar, members, manifest: dict, file: Path, target: Path, kept: dict) -> list[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".bundle.", suffix=".tmp", dir=target))
     try:
         try:
-            with tarfile.open(file, "r:gz") as tar:
-                tar.extractall(staging, members=_safe_members(tar, file), filter="data")
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            raise EmlocError(f"{file} is corrupted or partial ({type(exc).__name__}): copy the bundle again") from None
-        manifest = _read_manifest(staging, file)
+            tar.extractall(staging, members=members, filter="data")
+        except OSError as exc:
+            raise EmlocError(f"{file} could not be unpacked into {target} ({exc.strerror or type(exc).__name__}): "
+                             f"free some space or unpack elsewhere with --into") from None
         verify(staging, manifest, file)
         placed = []
         for name in manifest["runs"]:
-            destination = target / name
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(staging / name, destination)
-            placed.append(destination)
+            _place(staging / name, target / name, kept.get(name))
+            placed.append(target / name)
         return placed
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -223,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     unpack_p = sub.add_parser("unpack", help="verify a bundle and unpack its runs")
     unpack_p.add_argument("file")
     unpack_p.add_argument("--into", default=str(DEFAULT_TARGET), help="folder for the runs (default runs/class)")
+    unpack_p.add_argument("--replace", action="store_true",
+                          help="replace runs that already exist there (files of yours the bundle lacks are kept)")
     args = parser.parse_args(argv)
 
     def command() -> None:
@@ -231,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             size = sum(entry["bytes"] for entry in manifest["files"].values())
             print(f"{args.out}: {len(manifest['runs'])} run(s), {len(manifest['files'])} files, {size / 2**20:.1f} MB unpacked")
         else:
-            for path in unpack(args.file, args.into):
-                print(path)
+            print("\n".join(unpack(args.file, args.into, args.replace).lines()))
 
     return report_errors(command)
 

@@ -7,17 +7,25 @@ import pytest
 import torch
 
 from emloc import bundle, io
+from emloc.config import RunConfig
 from emloc.errors import EmlocError
+from emloc.rundir import PROVENANCE, RunDir, fingerprint
+from emloc.stages import STAGES
 from widgets import spectrum_explorer
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
 
 
-def fake_run(folder, seed=0):
-    """A finished run's files (tiny tensors, no model), including the big ones a bundle leaves out."""
-    io.write_yaml(folder / "config.yaml", {"model": "default", "seed": seed})
-    for stage in ("calibrate", "build", "train_emulator", "correct", "evaluate"):
-        io.write_json(folder / "manifests" / f"{stage}.json", {"stage": stage, "fingerprint": "x", "method": "activation_aware"})
+def fake_run(folder, seed=0, stages=tuple(s.name for s in STAGES)):
+    """A run's files (tiny tensors, no model) with ``stages`` finished (all by default): their manifests carry
+    the config's fingerprints and the adapters their provenance. Includes the big files a bundle leaves out."""
+    run = RunDir(folder, RunConfig(seed=seed))
+    run.save_config()
+    for stage in stages:
+        run.finish(stage, 0.0, method="activation_aware")
+    for which in ("emulator", "original", "corrected"):
+        io.write_json(run.adapter_dir(which) / PROVENANCE,
+                      {"fingerprint": fingerprint(run.config, "train_original" if which == "original" else "train_emulator")})
     io.write_json(folder / "results.json", {"variants": {"zero_shot": {"accuracy": 0.0, "loss": 3.0, "n": 4}}})
     io.write_json(folder / "training" / "emulator_lora.json", {"history": [[1, 2.0], [2, 1.5]]})
     report = pd.DataFrame({"module": MODULES, "layer": [0, 0], "type": ["q_proj", "down_proj"], "rank": [2, 3],
@@ -35,7 +43,6 @@ def fake_run(folder, seed=0):
     pd.DataFrame({"module": MODULES}).to_csv(folder / "correction" / "report.csv", index=False)
     io.write_tensors(folder / "correction" / "subspace.safetensors", {f"{m}.D": torch.ones(8, 2) for m in MODULES})
     adapter = folder / "adapters" / "emulator_lora"
-    adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     io.write_tensors(adapter / "adapter_model.safetensors", {"a": torch.ones(2, 8)})
     (folder / "emulator" / ".factors.safetensors.abc.tmp").write_text("an interrupted write")
@@ -67,8 +74,8 @@ def test_pack_holds_the_small_files_and_a_checksum_per_file(runs, tmp_path):
 def test_unpack_round_trip_and_reads_without_factors(runs, tmp_path):
     bundle.pack(runs, tmp_path / "class.tar.gz")
     target = tmp_path / "students" / "class"
-    placed = bundle.unpack(tmp_path / "class.tar.gz", target)
-    assert placed == [target / "seed0", target / "seed1"]
+    unpacked = bundle.unpack(tmp_path / "class.tar.gz", target)
+    assert unpacked.runs == [target / "seed0", target / "seed1"] and unpacked.kept == {} == unpacked.partial
     for run in runs:
         for rel in bundle.run_files(run):
             assert (target / run.name / rel).read_bytes() == (run / rel).read_bytes()
@@ -84,10 +91,17 @@ def test_unpack_round_trip_and_reads_without_factors(runs, tmp_path):
     opened = bundle.class_runs(target)
     assert [run.dir.name for run in opened] == ["seed0", "seed1"] and [run.config.seed for run in opened] == [0, 1]
     assert bundle.class_runs(tmp_path / "no_bundle") == []
-    # unpacking again replaces the runs whole
-    (target / "seed0" / "stray.txt").write_text("old")
-    bundle.unpack(tmp_path / "class.tar.gz", target)
-    assert not (target / "seed0" / "stray.txt").exists()
+    # unpacking again needs --replace, which keeps the student's own files and says so
+    (target / "seed0" / "mynotes.txt").write_text("mine")
+    (target / "seed0" / "results.json").write_text("edited")
+    with pytest.raises(EmlocError, match="already exists: pass --replace"):
+        bundle.unpack(tmp_path / "class.tar.gz", target)
+    again = bundle.unpack(tmp_path / "class.tar.gz", target, replace=True)
+    assert again.kept == {"seed0": ["mynotes.txt"], "seed1": []}
+    assert (target / "seed0" / "mynotes.txt").read_text() == "mine"
+    assert (target / "seed0" / "results.json").read_bytes() == (runs[0] / "results.json").read_bytes()
+    assert any("kept 1 file(s)" in line and "mynotes.txt" in line for line in again.lines())
+    assert sorted(p.name for p in target.iterdir()) == ["seed0", "seed1"]  # no staging or old copy left
 
 
 def _assert_untouched(target, before):
