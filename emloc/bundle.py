@@ -22,13 +22,15 @@ What each notebook can then do without computing (the default model must still b
   exercise, all from the saved subspace tensors.
 - Evaluating again (``emloc evaluate``) needs ``--with-factors``.
 
-The archive starts with ``BUNDLE.json``: the run names and a sha256 and size per file. :func:`unpack`
-checks every file against it in a temporary folder beside the target and moves the runs into place only
-when all match, so a corrupt or partial download never leaves a half-unpacked run.
+The archive starts with ``BUNDLE.json``: the run names, a sha256 and size per file, and the stages of runs
+packed unfinished (``--partial``). A bundle is untrusted input: :func:`unpack` checks the manifest, the run
+names (each one plain folder name), the members' types and sizes and the target before writing anything, then
+checks every file against its checksum in a temporary folder inside the target and moves the runs into place
+only when all match, so a corrupt, partial or crafted file never writes outside ``--into`` nor leaves a
+half-unpacked run. An existing run is replaced only with ``--replace`` (the user's own files in it are kept).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io as bytes_io
 import json
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emloc import io
+from emloc.arguments import OneLineParser
 from emloc.errors import EmlocError, report_errors
 
 FORMAT = "emloc-bundle"
@@ -74,21 +77,40 @@ def run_files(run_dir: str | Path, with_factors: bool = False, with_stats: bool 
     return sorted(path for path in found if not Path(path).name.startswith("."))  # atomic writers' temporaries
 
 
-def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = False, with_stats: bool = False) -> dict:
-    """Write one ``.tar.gz`` holding the small artifacts of ``run_dirs`` (each under its folder name).
+def missing_stages(run_dir: str | Path) -> list[str]:
+    """The stages a run's config needs that are not finished (and still valid) in ``run_dir``."""
+    from emloc.rundir import RunDir
+    from emloc.stages import STAGES
+    run = RunDir(run_dir)
+    return [stage.name for stage in STAGES if not run.is_done(stage.name)]
 
-    Returns the bundle manifest ``{"format", "version", "runs", "files": {path: {"sha256", "bytes"}}}``.
+
+def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = False, with_stats: bool = False,
+         partial: bool = False) -> dict:
+    """Write one ``.tar.gz`` (mode 0644) holding the small artifacts of ``run_dirs`` (each under its folder name).
+
+    Every run must be finished (each stage its config needs done), unless ``partial``: then the missing stages
+    are recorded per run under ``"partial"``. Returns the bundle manifest
+    ``{"format", "version", "runs", "files": {path: {"sha256", "bytes"}}, "partial": {run: [stage, ...]}}``.
     """
     runs = [Path(d) for d in run_dirs]
     if not runs:
         raise EmlocError("no run directory given: pass the finished runs to pack")
+    if Path(out_file).is_dir():
+        raise EmlocError(f"--out {out_file} is a folder: give the bundle's file name, e.g. runs/class_bundle.tar.gz")
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise EmlocError(f"two runs share a folder name ({', '.join(names)}): give each run its own name, e.g. seed0, seed1")
     files = {f"{name}/{rel}": run / rel for run, name in zip(runs, names)
              for rel in run_files(run, with_factors, with_stats)}
+    unfinished = {name: missing for run, name in zip(runs, names) if (missing := missing_stages(run))}
+    if unfinished and not partial:
+        name, missing = next(iter(unfinished.items()))
+        raise EmlocError(f"run {name} is unfinished (missing {', '.join(missing)}): finish it with "
+                         f"`emloc run --out {runs[names.index(name)]}`, or pass --partial to pack it as it is")
     manifest = {"format": FORMAT, "version": VERSION, "runs": names,
-                "files": {arc: {"sha256": sha256(path), "bytes": path.stat().st_size} for arc, path in files.items()}}
+                "files": {arc: {"sha256": sha256(path), "bytes": path.stat().st_size} for arc, path in files.items()},
+                "partial": unfinished}
     text = json.dumps(manifest, indent=1).encode()
     with io.atomic_path(out_file) as tmp, tarfile.open(tmp, "w:gz") as tar:
         info = tarfile.TarInfo(MANIFEST)
@@ -160,10 +182,10 @@ def _read_members(tar: tarfile.TarFile, file: Path) -> tuple[dict, list[tarfile.
     files and folders only, each name once, each file listed in the manifest with the size it declares."""
     members = tar.getmembers()
     for member in members:
-        parts = Path(member.name).parts
-        if not (member.isreg() or member.isdir()) or member.name.startswith("/") or ".." in parts:
-            raise EmlocError(f"{file} holds {member.name!r}, which is not a plain file inside the bundle: "
-                             f"not an emloc bundle")
+        what = _unsafe_kind(member)
+        if what:
+            raise EmlocError(f"{file} holds {member.name!r}, {what}, which is not a plain file inside the bundle: "
+                             f"not an emloc bundle; ask for one made with `emloc bundle pack`")
     names = [m.name.rstrip("/") for m in members]
     if len(set(names)) != len(names):
         raise EmlocError(f"{file} holds {_first_repeat(names)!r} twice: the bundle is altered; copy it again")
@@ -171,6 +193,17 @@ def _read_members(tar: tarfile.TarFile, file: Path) -> tuple[dict, list[tarfile.
     for member in members:
         _check_member(member, manifest, file)
     return manifest, members
+
+
+def _unsafe_kind(member: tarfile.TarInfo) -> str | None:
+    """What makes an archive member unsafe to extract (``None``: a regular file or folder with a relative name)."""
+    if member.issym() or member.islnk():
+        return f"a {'symbolic' if member.issym() else 'hard'} link to {member.linkname!r}"
+    if not (member.isreg() or member.isdir()):
+        return "a device, pipe or other special file"
+    if member.name.startswith("/") or ".." in Path(member.name).parts:
+        return "a path leading out of the target"
+    return None
 
 
 def _manifest_of(tar: tarfile.TarFile, members: list[tarfile.TarInfo], file: Path):
@@ -216,7 +249,6 @@ def verify(folder: Path, manifest: dict, file: Path) -> None:
 
 def _existing_ancestor(path: Path) -> Path:
     """The nearest folder at or above ``path`` that exists (where a new ``path`` would be created)."""
-    path = path.absolute()
     while not path.exists() and not path.is_symlink():
         path = path.parent
     return path
@@ -228,7 +260,8 @@ def check_target(target: Path, manifest: dict, file: Path, replace: bool) -> dic
     when asked. Returns, per run being replaced, its files the bundle does not hold (they are kept)."""
     ancestor = _existing_ancestor(target)
     if not ancestor.is_dir():
-        raise EmlocError(f"--into {target}: {ancestor} is a file, not a folder: give --into a folder path")
+        where = "" if ancestor == target else f" ({ancestor} is a file)"
+        raise EmlocError(f"--into {target} is a file, not a folder{where}: give --into a folder path")
     declared = sum(entry["bytes"] for entry in manifest["files"].values())
     free = shutil.disk_usage(ancestor).free
     if declared > free:
@@ -406,26 +439,30 @@ def class_runs(directory: str | Path | None = None) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m emloc.bundle pack RUN... --out FILE`` / ``python -m emloc.bundle unpack FILE [--into DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m emloc.bundle", description="pack or unpack a class bundle")
+    """``emloc bundle pack RUN... --out FILE`` / ``emloc bundle unpack FILE [--into DIR] [--replace]``."""
+    parser = OneLineParser(prog="emloc bundle", description="pack or unpack a class bundle")
     sub = parser.add_subparsers(dest="command", required=True)
     pack_p = sub.add_parser("pack", help="pack finished runs into one .tar.gz")
     pack_p.add_argument("runs", nargs="+", help="finished run directories (their folder names become the run names)")
     pack_p.add_argument("--out", required=True, help="bundle file to write, e.g. runs/class_bundle.tar.gz")
     pack_p.add_argument("--with-factors", action="store_true", help="also the emulator's factors (large)")
     pack_p.add_argument("--with-stats", action="store_true", help="also the calibration covariances (larger)")
+    pack_p.add_argument("--partial", action="store_true",
+                        help="pack unfinished runs too (the missing stages are recorded in the bundle)")
     unpack_p = sub.add_parser("unpack", help="verify a bundle and unpack its runs")
     unpack_p.add_argument("file")
     unpack_p.add_argument("--into", default=str(DEFAULT_TARGET), help="folder for the runs (default runs/class)")
     unpack_p.add_argument("--replace", action="store_true",
                           help="replace runs that already exist there (files of yours the bundle lacks are kept)")
-    args = parser.parse_args(argv)
 
     def command() -> None:
+        args = parser.parse_args(argv)
         if args.command == "pack":
-            manifest = pack(args.runs, args.out, args.with_factors, args.with_stats)
+            manifest = pack(args.runs, args.out, args.with_factors, args.with_stats, args.partial)
             size = sum(entry["bytes"] for entry in manifest["files"].values())
             print(f"{args.out}: {len(manifest['runs'])} run(s), {len(manifest['files'])} files, {size / 2**20:.1f} MB unpacked")
+            for name, stages in manifest["partial"].items():
+                print(f"{name} packed unfinished (missing {', '.join(stages)})")
         else:
             print("\n".join(unpack(args.file, args.into, args.replace).lines()))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from emloc import io
+from emloc.arguments import OneLineParser, lower_case
 from emloc.config import CORRECTION_METHODS, EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 from emloc.stages import STAGE, STAGES
@@ -37,6 +38,8 @@ FLAGS = (
     Flag("--model", "model", "'default', a Hugging Face id, or a local model folder"),
     Flag("--data", "data.path", "your JSONL or CSV file with prompt and response fields"),
     Flag("--task", "data.task", "a built-in task (instead of --data)"),
+    Flag("--keep-duplicates", "data.keep_duplicates", "keep the data file's duplicate records and test records whose "
+         "prompt is also in training (removed and counted by default)"),
     Flag("--ratio", "emulator.ratio", "parameter-retention ratio rho in (0, 1)"),
     Flag("--method", "emulator.method", "emulator construction (or a baseline)", choices=EMULATOR_METHODS),
     Flag("--lora-r", "lora.r", "LoRA rank"),
@@ -80,21 +83,22 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             p.add_argument(flag.name, action="store_true", default=None, help=flag.help)
         else:
-            p.add_argument(flag.name, type=kind, choices=list(flag.choices) if flag.choices else None, help=flag.help)
+            p.add_argument(flag.name, type=lower_case if flag.choices else kind,
+                           choices=list(flag.choices) if flag.choices else None, help=flag.help)
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune within the inference memory budget.")
+    main = OneLineParser(prog="emloc", description="EMLoC: fine-tune within the inference memory budget.")
     sub = main.add_subparsers(dest="command", required=True)
     helps = {"run": "the whole pipeline"} | {s.cli_command: s.help for s in reversed(STAGES)}
     for name in dict.fromkeys(["run", *(s.cli_command for s in STAGES)]):
         p = sub.add_parser(name, help=helps[name])
         p.add_argument("--out", required=True, help="run directory (created if missing)")
         p.add_argument("--config", help="YAML file with RunConfig fields")
-        p.add_argument("--preset", choices=sorted(PRESETS), help="quick (CI-sized) or standard")
+        p.add_argument("--preset", type=lower_case, choices=sorted(PRESETS), help="quick (CI-sized) or standard")
         add_config_flags(p)
         if name == "train":
-            p.add_argument("--on", choices=["emulator", "original", "both"], default="emulator",
+            p.add_argument("--on", type=lower_case, choices=["emulator", "original", "both"], default="emulator",
                            help="train LoRA on the emulator, the original model, or both")
             p.add_argument("--processes", type=int, default=1,
                            help="training processes (DDP through torchrun; gloo on CPU)")
@@ -232,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
-    args = parser().parse_args(argv)
     try:
-        return execute(args)
+        return execute(parser().parse_args(argv))
     except EmlocError as error:
         print(f"emloc: error: {error}", file=sys.stderr)
         return 2

@@ -32,7 +32,10 @@ class DataConfig:
     n_test: int = 100
     """Held-out test examples."""
     max_length: int = 128
-    """Token budget per example; longer examples are truncated from the left of the prompt."""
+    """Token budget per example; longer examples are truncated from the left of the prompt (and counted)."""
+    keep_duplicates: bool = False
+    """Keep exact duplicate records of a data file, and test records whose prompt also occurs in training
+    (both are removed and counted by default; the built-in tasks have none)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ plotly.js once, inline, and no ``<script src>`` pointing at a CDN, so it opens w
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
 import html
 import os
@@ -23,6 +23,7 @@ from pathlib import Path
 import plotly.io as pio
 
 from emloc import io
+from emloc.arguments import OneLineParser
 from emloc.errors import EmlocError, report_errors
 
 PLOTLY = "application/vnd.plotly.v1+json"
@@ -90,8 +91,9 @@ def static_notebook(notebook):
     return notebook
 
 
-def execute(notebook, folder: Path, timeout: int = 1800):
-    """Run every cell in a fresh ``python3`` kernel started in ``folder``; the widget state is kept."""
+def execute(notebook, folder: Path, timeout: int = 1800, name: str | None = None):
+    """Run every cell in a fresh ``python3`` kernel started in ``folder``; the widget state is kept.
+    ``name`` (the notebook's file) is what a failing cell's one-line error names."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # the kernel inherits it: figures as plotly JSON
@@ -102,8 +104,9 @@ def execute(notebook, folder: Path, timeout: int = 1800):
     except CellExecutionError as error:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the kernel colours its traceback
         last = [line for line in plain.strip().splitlines() if line.strip()]
-        raise EmlocError(f"a cell failed while executing the notebook in {folder} ({last[-1][:200] if last else 'error'}): "
-                         f"fix it or export the notebook with --no-execute") from None
+        raise EmlocError(f"a cell of {name or 'the notebook'} failed (run in {folder}: "
+                         f"{last[-1][:200] if last else 'error'}): fix it or export the notebook with --no-execute; "
+                         f"no page was written") from None
     return notebook
 
 
@@ -119,36 +122,56 @@ def page_html(notebook) -> str:
     return body
 
 
-def export_notebook(source: str | Path, out_dir: str | Path, run_cells: bool = True) -> Path:
-    """Write ``out_dir/<name>.html`` for one notebook (executed first unless ``run_cells`` is False)."""
+def notebook_page(source: str | Path, run_cells: bool = True) -> str:
+    """The HTML page of one notebook (executed first unless ``run_cells`` is False); writes nothing."""
     import nbformat
     source = Path(source)
     if not source.is_file():
-        raise EmlocError(f"notebook {source} does not exist: check the path")
+        raise EmlocError(f"notebook {source} does not exist: check the path; no page was written")
     try:
         notebook = nbformat.read(source, as_version=4)
     except Exception as exc:  # nbformat raises several unrelated types for a broken file
-        raise EmlocError(f"{source} is not a readable notebook ({type(exc).__name__}): check the file") from None
+        raise EmlocError(f"{source} is not a readable notebook ({type(exc).__name__}): check the file; "
+                         f"no page was written") from None
     if run_cells:
-        notebook = execute(notebook, source.resolve().parent)
-    target = Path(out_dir) / f"{source.stem}.html"
-    with io.atomic_path(target) as tmp:
-        tmp.write_text(page_html(notebook), encoding="utf-8")
-    return target
+        notebook = execute(notebook, source.resolve().parent, name=str(source))
+    return page_html(notebook)
+
+
+def export_notebooks(sources: list[str | Path], out_dir: str | Path, run_cells: bool = True) -> list[Path]:
+    """Write ``out_dir/<name>.html`` for every notebook, or none: every page is made before the first is
+    written, and a failure while writing removes the pages of this call that were not yet in place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EmlocError(f"--out {out_dir} is a file: give --out a folder for the HTML pages")
+    stems = [Path(source).stem for source in sources]
+    if len(set(stems)) != len(stems):
+        raise EmlocError(f"two notebooks are named {next(s for s in stems if stems.count(s) > 1)}.ipynb: their pages "
+                         f"would overwrite each other; export them into separate --out folders")
+    pages = {out_dir / f"{Path(source).stem}.html": notebook_page(source, run_cells) for source in sources}
+    with contextlib.ExitStack() as stack:
+        for target, text in pages.items():
+            stack.enter_context(io.atomic_path(target)).write_text(text, encoding="utf-8")
+    return list(pages)
+
+
+def export_notebook(source: str | Path, out_dir: str | Path, run_cells: bool = True) -> Path:
+    """Write ``out_dir/<name>.html`` for one notebook (executed first unless ``run_cells`` is False)."""
+    return export_notebooks([source], out_dir, run_cells)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m emloc.export --out DIR [--no-execute] NOTEBOOK...``"""
-    parser = argparse.ArgumentParser(prog="python -m emloc.export",
+    parser = OneLineParser(prog="emloc export",
                                      description="executed notebooks as static HTML with interactive plotly figures")
     parser.add_argument("notebooks", nargs="+", help="notebooks to export")
     parser.add_argument("--out", required=True, help="folder for the HTML pages")
     parser.add_argument("--no-execute", action="store_true", help="keep the notebooks' saved outputs instead of running them")
-    args = parser.parse_args(argv)
 
     def command() -> None:
-        for notebook in args.notebooks:
-            print(export_notebook(notebook, args.out, run_cells=not args.no_execute), flush=True)
+        args = parser.parse_args(argv)
+        for page in export_notebooks(args.notebooks, args.out, run_cells=not args.no_execute):
+            print(page, flush=True)
 
     return report_errors(command)
 

@@ -18,7 +18,7 @@ import pandas as pd
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
-from emloc.data import IGNORE_INDEX, TaskData, encode_examples, load_task_data
+from emloc.data import IGNORE_INDEX, TaskData, count_truncated, encode_examples, hygiene_line, load_task_data
 from emloc.emulator import count_parameters
 from emloc.emulators import Emulator, as_emulator
 from emloc.errors import EmlocError
@@ -64,6 +64,18 @@ class Run(RunDir):
             self._data = load_task_data(self.config.data, self.config.seed)
         return self._data
 
+    def data_report(self) -> dict:
+        """The data's duplicate and test-overlap counts (user files) and how many records are longer than
+        ``data.max_length`` (cut); printed as one line when any is non-zero."""
+        cfg = self.config.data
+        report = {"duplicates": 0, "test_overlap": 0, "removed": True} | self.data.source.get("hygiene", {})
+        report |= {"truncated": count_truncated(self.tokenizer, self.data.task, self.data.train + self.data.test,
+                                                cfg.max_length), "max_length": cfg.max_length}
+        line = hygiene_line(report)
+        if line:
+            print(line, flush=True)
+        return report
+
     def features(self, split: str) -> list[dict]:
         return encode_examples(self.tokenizer, self.data.task, getattr(self.data, split), self.config.data.max_length)
 
@@ -98,7 +110,7 @@ def calibrate(run: Run) -> CalibrationStats:
     run.save_config()
     stats, seconds = _timed(lambda: collect_statistics(run.model, features, run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
-    save_stats(run, stats, seconds)
+    save_stats(run, stats, seconds, run.data_report())
     return stats
 
 

@@ -55,9 +55,16 @@ SEQUENTIAL_ONLY = ("sequential_damping",)
 adding one keeps every finished independent stage valid."""
 
 
+DATA_FILE_ONLY = ("keep_duplicates",)
+"""Data options that only a user's data file reads: left out of built-in tasks' fingerprints (their splits have
+no duplicates), so adding one keeps every finished built-in-task stage valid."""
+
+
 def _stage_parts(c: dict, stage: Stage) -> dict:
     if c["emulator"].get("calibration") != "sequential":
         c = c | {"emulator": {k: v for k, v in c["emulator"].items() if k not in SEQUENTIAL_ONLY}}
+    if not c["data"].get("path"):
+        c = c | {"data": {k: v for k, v in c["data"].items() if k not in DATA_FILE_ONLY}}
     if stage.config is None:
         return c
     data = c["data"] if stage.uses_calibration else {k: v for k, v in c["data"].items() if k != "n_calibration"}
@@ -213,12 +220,13 @@ class RunDir:
 
 # ---- writers: each writes its folder whole, then the stage's manifest ----------------------------
 
-def save_stats(run: RunDir, stats: CalibrationStats, seconds: float) -> None:
-    """Write the calibration artifacts (one atomic folder) and the 'calibrate' manifest."""
+def save_stats(run: RunDir, stats: CalibrationStats, seconds: float, data_report: dict | None = None) -> None:
+    """Write the calibration artifacts (one atomic folder) and the 'calibrate' manifest; ``data_report``: the
+    data's duplicate, overlap and truncation counts."""
     with io.atomic_dir(run.dir / "calibration") as folder:
         io.write_tensors(folder / "stats.safetensors", stats.covariances)
         io.write_json(folder / "stats.json", {"input_of": stats.input_of, "token_counts": stats.token_counts,
-                                             "n_samples": stats.n_samples})
+                                             "n_samples": stats.n_samples, "data": data_report or {}})
     run.finish("calibrate", seconds, n_samples=stats.n_samples, distinct_inputs=len(stats.covariances))
 
 

@@ -264,7 +264,7 @@ def stream_build(run: Run, batch_size: int = 8, keep_statistics: bool = False) -
                                run.tokenizer.pad_token_id, parts_dir, cfg.dtype, run.device, batch_size,
                                keep_statistics, run.progress, cfg.trust_remote_code)
         if result.stats is not None:
-            save_stats(run, result.stats, result.seconds)
+            save_stats(run, result.stats, result.seconds, run.data_report())
         parts = sorted(parts_dir.glob("layer_*.safetensors"))
         save_emulator(run, lambda path: io.concat_safetensors(parts, path), result.spectra, result.report,
                       cfg.emulator.method, result.params_original, result.seconds)

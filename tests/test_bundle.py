@@ -175,3 +175,26 @@ def test_command_line(runs, tmp_path, capsys):
     assert (tmp_path / "class" / "seed1" / "results.json").exists()
     assert bundle.main(["unpack", str(tmp_path / "missing.tar.gz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pack_refuses_an_unfinished_run_unless_partial(tmp_path, capsys):
+    """A run stopped after 4 of its 7 stages: refused in one line naming the missing stages; --partial packs it and
+    records them, and unpacking says so. The bundle file is readable by others (0644)."""
+    done = [s.name for s in STAGES][:4]
+    run = fake_run(tmp_path / "made" / "seed0", stages=done)
+    out = tmp_path / "class.tar.gz"
+    assert bundle.main(["pack", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run seed0 is unfinished (missing train_original, correct, evaluate)" in err
+    assert "--partial" in err and not out.exists()
+    assert bundle.main(["pack", str(run), "--out", str(out), "--partial"]) == 0
+    assert "seed0 packed unfinished (missing train_original, correct, evaluate)" in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o644 & ~io.UMASK
+    unpacked = bundle.unpack(out, tmp_path / "class")
+    assert unpacked.partial == {"seed0": ["train_original", "correct", "evaluate"]}
+    assert any("was packed unfinished" in line for line in unpacked.lines())
+
+
+def test_pack_into_a_folder_is_one_line(runs, tmp_path):
+    with pytest.raises(EmlocError, match="is a folder: give the bundle's file name"):
+        bundle.pack(runs, tmp_path)

@@ -4,6 +4,7 @@ import argparse
 import pytest
 
 from emloc import cli
+from emloc.arguments import lower_case
 from emloc.config import EMULATOR_METHODS, RunConfig
 from emloc.errors import EmlocError
 from emloc.stages import STAGES
@@ -35,8 +36,9 @@ def test_every_flag_maps_to_a_run_config_field_of_its_type(flag):
     assert action.dest == flag.dest and action.default is None  # an absent flag overrides nothing
     if kind is bool:
         assert action.const is True and action.type is None
-    else:
-        assert action.type is kind
+    else:  # choices are read case-insensitively (--allocation Global), into the field's type
+        assert action.type is (lower_case if flag.choices else kind)
+        assert not flag.choices or kind is str
     value = flag.choices[-1] if flag.choices else TEXT[flag.field] if kind is str else SAMPLE[kind]
     args = argparse.Namespace(**{f.dest: None for f in cli.FLAGS} | {flag.dest: value})
     overrides = cli.flag_overrides(args)

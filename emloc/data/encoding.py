@@ -35,13 +35,37 @@ def response_text(tokenizer, task: Task, example: Example) -> str:
     return example.response + (tokenizer.eos_token or "")
 
 
-def encode_example(tokenizer, task: Task, example: Example, max_length: int) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` with the prompt masked (``-100``); the prompt is cut from the left."""
+def _token_ids(tokenizer, task: Task, example: Example) -> tuple[list[int], list[int]]:
+    """The prompt's and the response's token ids, uncut."""
     prompt_ids = tokenizer(prompt_text(tokenizer, task, example.prompt), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(response_text(tokenizer, task, example), add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids
+
+
+def encode_example(tokenizer, task: Task, example: Example, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` with the prompt masked (``-100``); the prompt is cut from the left."""
+    prompt_ids, answer_ids = _token_ids(tokenizer, task, example)
     answer_ids = answer_ids[:max_length - 1]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def count_truncated(tokenizer, task: Task, examples: list[Example], max_length: int) -> int:
+    """How many ``examples`` are longer than ``max_length`` tokens (:func:`encode_example` cuts them)."""
+    return sum(sum(map(len, _token_ids(tokenizer, task, example))) > max_length for example in examples)
+
+
+def hygiene_line(report: dict) -> str | None:
+    """One line for the data report of a run (``None`` when there is nothing to say)."""
+    parts = []
+    verb = "removed" if report.get("removed", True) else "kept (data.keep_duplicates)"
+    if report.get("duplicates") or report.get("test_overlap"):
+        parts.append(f"{report['duplicates']} exact duplicate record(s) and {report['test_overlap']} test record(s) "
+                     f"whose prompt is also in training {verb}")
+    if report.get("truncated"):
+        parts.append(f"{report['truncated']} record(s) longer than data.max_length = {report['max_length']} tokens cut "
+                     f"(the prompt's start dropped)")
+    return f"data: {'; '.join(parts)}" if parts else None
 
 
 def encode_examples(tokenizer, task: Task, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:

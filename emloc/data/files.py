@@ -99,21 +99,40 @@ def _to_example(record, path: Path, number: int, line: int) -> Example:
 
 
 def load_user_data(path: str | Path, n_calibration: int = 64, n_test: int = 100, seed: int = 0,
-                   n_train: int | None = None) -> TaskData:
-    """Shuffle the file's records with ``seed``; hold out ``n_test`` (at most a fifth) for testing."""
+                   n_train: int | None = None, keep_duplicates: bool = False) -> TaskData:
+    """Shuffle the file's records with ``seed``; hold out ``n_test`` (at most a fifth) for testing.
+
+    Exact duplicate records, and test records whose prompt also occurs in the training split (and so in the
+    calibration subset), are removed unless ``keep_duplicates``; ``source`` records how many there were.
+    """
     examples = read_examples(path)
+    duplicates = len(examples) - len(set(examples))
+    if not keep_duplicates:
+        examples = list(dict.fromkeys(examples))
     if len(examples) < 2:
-        raise EmlocError(f"data file {path} has {len(examples)} record(s): it needs at least 2 (train and test)")
+        distinct = f" ({duplicates} exact duplicate(s) removed)" if duplicates and not keep_duplicates else ""
+        raise EmlocError(f"data file {path} has {len(examples)} record(s){distinct}: it needs at least 2 distinct "
+                         f"ones (train and test)")
     rng = random.Random(f"user-{seed}")
     shuffled = rng.sample(examples, len(examples))
     n_test = max(1, min(n_test, len(shuffled) // 5))
     test, train = shuffled[:n_test], shuffled[n_test:]
     train = train[:n_train] if n_train else train
-    return TaskData(USER_TASK, train, calibration_subset(train, n_calibration, seed), test, {"path": str(path), "seed": seed})
+    trained_prompts = {example.prompt for example in train}
+    overlap = sum(example.prompt in trained_prompts for example in test)
+    if not keep_duplicates:
+        test = [example for example in test if example.prompt not in trained_prompts]
+    if not test:
+        raise EmlocError(f"data file {path}: every test record's prompt also occurs in training: give more distinct "
+                         f"prompts (or set data.keep_duplicates to test on them anyway)")
+    hygiene = {"duplicates": duplicates, "test_overlap": overlap, "removed": not keep_duplicates}
+    return TaskData(USER_TASK, train, calibration_subset(train, n_calibration, seed), test,
+                    {"path": str(path), "seed": seed, "hygiene": hygiene})
 
 
 def load_task_data(data_config, seed: int) -> TaskData:
     """The splits a run uses: the user's file when ``data_config.path`` is set, else a built-in task."""
     if data_config.path:
-        return load_user_data(data_config.path, data_config.n_calibration, data_config.n_test, seed, data_config.n_train)
+        return load_user_data(data_config.path, data_config.n_calibration, data_config.n_test, seed, data_config.n_train,
+                              data_config.keep_duplicates)
     return make_task_data(data_config.task, data_config.n_train, data_config.n_calibration, data_config.n_test, seed)
