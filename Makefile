@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export PLOTLY_RENDERER := plotly_mimetype
 
-.PHONY: setup lab demo test test-fast class html clean
+.PHONY: setup lab demo test test-fast lint class html clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,15 @@ lab: setup
 demo: setup
 	$(VENV)/bin/emloc run --out runs/demo --preset standard
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=25
 
-test-fast: setup
+# The floors of docs/architecture.md (import-linter) and ruff's checks, line length 110.
+lint: setup
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/lint-imports
+
+test-fast: setup lint
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
 
 # Before a class: the standard preset for each seed, packed into one file students unpack

@@ -108,7 +108,8 @@ def child(stage: str, steps: int) -> dict:
     import torch
 
     from common import prepared_run
-    from emloc.memory import lean_emulator_for_training, model_config
+    from emloc.memory import model_config
+    from emloc.pipeline import lean_emulator_for_training
     torch.set_num_threads(int(os.environ.get("EMLOC_BENCH_THREADS", "1")))
     run = prepared_run(())  # artifacts were prepared by the parent; nothing is computed here
     cfg = run.config
@@ -229,7 +230,7 @@ def big_child(stage: str, out: str, steps: int) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("EMLOC_BENCH_THREADS", "1")))
     from emloc import pipeline
-    from emloc.memory import lean_emulator_for_training
+    from emloc.pipeline import lean_emulator_for_training
     run = pipeline.Run(out, progress=False)
     cfg = run.config
     features = training_features(run, steps)

@@ -20,7 +20,6 @@ import pandas as pd
 
 from emloc import pipeline, sweeps
 from emloc.config import PRESETS, RunConfig, merge_dicts
-from emloc.stages import STAGE
 from emloc.statistics import t_interval
 
 SETTINGS = {
@@ -60,9 +59,7 @@ def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None
     replaces training and evaluating LoRA on the original."""
     sweeps.adopt_finished_stages(run, donors)
     trained = ["train_emulator", "correct"] + ([] if full_lora else ["train_original"])
-    for name in ["calibrate", "build", "fidelity"] + (trained if train else []):
-        if not run.is_done(name):
-            STAGE[name].run(run)
+    pipeline.run_stages(run, ["calibrate", "build", "fidelity"] + (trained if train else []))
     # the zero-shot model does not depend on the emulator: trained points evaluate it for their gaps
     variants = ["emulator"]
     if train:

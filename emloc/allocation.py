@@ -5,11 +5,13 @@ Two rules under the same parameter budget (config ``emulator.allocation``):
 - ``uniform`` (the official rule): every module keeps ``r = floor(rho * out * in / (out + in))``.
 - ``global``: choose the ranks ``r_m`` that minimise the summed relative squared calibration error
 
-      E(r) = sum_m w_m * tail_m(r_m) / total_m,   tail_m(r) = sum_{i>r} sigma_{m,i}^2,   total_m = sum_i sigma_{m,i}^2
+      E(r) = sum_m w_m * tail_m(r_m) / total_m,
+      tail_m(r) = sum_{i>r} sigma_{m,i}^2,   total_m = sum_i sigma_{m,i}^2
 
   subject to ``sum_m r_m (out_m + in_m) <= budget`` (the uniform rule's total at that ``rho``),
-  ``1 <= r_m <= break-even rank``. ``sigma_{m,i}^2`` are the eigenvalues of ``M = W C W^T`` (docs/architecture.md),
-  so ``tail_m(r) / total_m`` is exactly the squared relative calibration error ``||(W - W')X||^2 / ||WX||^2``.
+  ``1 <= r_m <= break-even rank``. ``sigma_{m,i}^2`` are the eigenvalues of ``M = W C W^T``
+  (docs/architecture.md), so ``tail_m(r) / total_m`` is exactly the squared relative calibration error
+  ``||(W - W')X||^2 / ||WX||^2``.
 
 Why relative by default: modules have very different output energies (``total_m`` spans orders of
 magnitude across q/k/v/o/MLP and depth), so an absolute objective would spend the whole budget on the
@@ -32,11 +34,11 @@ from tqdm.auto import tqdm
 
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig
-from emloc.emulator import excluded_modules, layer_index, module_type, ratio_for
 from emloc.errors import EmlocError
 from emloc.lowrank import break_even_rank, rank_from_ratio, whitening_factor
+from emloc.models import last_decoder_layer
+from emloc.targets import excluded_modules, layer_index, module_type, ratio_for
 
-ALLOCATIONS = ("uniform", "global")
 
 
 def max_rank(out_features: int, in_features: int, n_values: int | None = None) -> int:
@@ -45,8 +47,10 @@ def max_rank(out_features: int, in_features: int, n_values: int | None = None) -
     return cap if n_values is None else max(1, min(cap, n_values))
 
 
-def uniform_ranks(shapes: dict[str, tuple[int, int]], rho: float, ratio_patterns: dict | None = None) -> dict[str, int]:
-    """The official rule per module: ``r = floor(rho_m * out * in / (out + in))``, ``rho_m`` from ``ratio_patterns``.
+def uniform_ranks(shapes: dict[str, tuple[int, int]], rho: float,
+                  ratio_patterns: dict | None = None) -> dict[str, int]:
+    """The official rule per module: ``r = floor(rho_m * out * in / (out + in))``, ``rho_m`` from
+    ``ratio_patterns``.
 
     ``shapes``: module -> ``(out, in)``.
     """
@@ -73,13 +77,16 @@ def allocation_error(spectra_sq: dict[str, torch.Tensor], ranks: dict[str, int],
     return _objective({name: _tail_shares(spectra_sq[name]) for name in ranks}, ranks, weights)
 
 
-def _objective(shares: dict[str, np.ndarray], ranks: dict[str, int], weights: dict[str, float] | None) -> float:
-    return sum((1.0 if weights is None else float(weights[name])) * shares[name][min(rank, len(shares[name]) - 1)]
+def _objective(shares: dict[str, np.ndarray], ranks: dict[str, int],
+               weights: dict[str, float] | None) -> float:
+    return sum((1.0 if weights is None else float(weights[name]))
+               * shares[name][min(rank, len(shares[name]) - 1)]
                for name, rank in ranks.items())
 
 
 def global_ranks(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int,
-                 weights: dict[str, float] | None = None, reference: dict[str, int] | None = None) -> dict[str, int]:
+                 weights: dict[str, float] | None = None,
+                 reference: dict[str, int] | None = None) -> dict[str, int]:
     """Ranks minimising ``E(r)`` (module docstring) with ``sum_m r_m (out_m + in_m) <= budget``.
 
     ``spectra_sq``: module -> whitened ``sigma^2`` (``n_m``, any order); ``shapes``: module -> ``(out, in)``.
@@ -113,7 +120,8 @@ def global_ranks(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     first_miss = len(order) if fits.all() else int(np.argmin(fits))
     np.add.at(ranks, order[:first_miss], 1)
     left -= int(cost[order[:first_miss]].sum())
-    for m in order[first_miss:]:   # a module that missed once misses again: its cost is fixed, ``left`` shrinks
+    # a module that missed once misses again: its cost is fixed, ``left`` shrinks
+    for m in order[first_miss:]:
         if cost[m] <= left:
             ranks[m] += 1
             left -= int(cost[m])
@@ -158,7 +166,8 @@ def whitened_spectra_sq(model: nn.Module, stats: CalibrationStats, config: Emula
     compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
     spectra, shapes, S_of = {}, {}, {}
     linears = target_linears(model, config.target_modules)
-    for name in excluded_modules(model, linears, config):  # left dense: not part of the budget
+    # left dense: not part of the budget
+    for name in excluded_modules(linears, config, last_decoder_layer(model)):
         del linears[name]
     for name, linear in tqdm(linears.items(), desc="allocation", disable=not progress):
         W = linear.weight.detach().to(compute)
@@ -189,7 +198,8 @@ def allocation_at_ratio(report: pd.DataFrame, spectra: dict[str, dict[str, torch
                         ratio_patterns: dict | None = None) -> pd.DataFrame:
     """:func:`rank_table` at any ``rho`` from a built emulator's cached spectra (``factors.spectra``) and
     report (for the shapes): no decomposition, so a widget can call it on every slider move."""
-    shapes = {m: (int(o), int(i)) for m, o, i in zip(report["module"], report["out_features"], report["in_features"])}
+    shapes = {m: (int(o), int(i))
+              for m, o, i in zip(report["module"], report["out_features"], report["in_features"])}
     spectra_sq = {m: spectra[m]["whitened"].double().pow(2) for m in shapes}
     uniform = uniform_ranks(shapes, rho, ratio_patterns)
     ranks = global_ranks(spectra_sq, shapes, parameter_count(shapes, uniform), reference=uniform)

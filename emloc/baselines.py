@@ -30,15 +30,21 @@ from torch import nn
 from emloc import io
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig, LoraConfigSpec
-from emloc.emulator import count_parameters, layer_index, module_type
+from emloc.emulator import count_parameters
+from emloc.targets import layer_index, module_type
 from emloc.errors import EmlocError
 from emloc.lora import add_lora
+from emloc.models import find_decoder_layers
 
 METHODS = ("layer_drop", "prune")
 ROW_PRUNED = ("q_proj", "gate_proj", "up_proj")
 """Linears whose output rows are pruned (their LoRA ``B`` is zero filled)."""
 COL_PRUNED = ("o_proj", "down_proj")
 """Linears whose input columns are pruned (their LoRA ``A`` is zero filled)."""
+PRUNE_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj")
+"""What ``prune`` reads of every decoder layer (Llama-style layers have them)."""
+DECODER_REMEDY = "layer_drop and prune support Llama-style models; use method activation_aware or plain"
+"""The end of the error when a model's decoder layers cannot be found."""
 
 
 def is_structured(method: str) -> bool:
@@ -67,7 +73,8 @@ class StructuredEmulator:
     corrects: ClassVar[bool] = False
     """No LoRA correction: these emulators have no dense ``W'`` to correct against."""
     transfer_adapter: ClassVar[str] = "recovered"
-    """The emulator-trained adapter zero filled / completed to the original shapes (:meth:`recover_adapter`)."""
+    """The emulator-trained adapter zero filled / completed to the original shapes
+    (:meth:`recover_adapter`)."""
 
     @classmethod
     def build(cls, model: nn.Module, stats: CalibrationStats, config: EmulatorConfig,
@@ -112,7 +119,8 @@ def channel_importance(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def head_importance(W_o: torch.Tensor, C_o: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Per query head ``h``: ``sqrt(sum_{j in h} C_jj ||W_o[:, j]||^2)`` from ``o_proj``'s input (``n_heads``)."""
+    """Per query head ``h``: ``sqrt(sum_{j in h} C_jj ||W_o[:, j]||^2)`` from ``o_proj``'s input
+    (``n_heads``)."""
     scores = channel_importance(W_o, C_o).pow(2)
     return scores.view(-1, head_dim).sum(1).sqrt()
 
@@ -135,7 +143,8 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def zero_fill(A: torch.Tensor, B: torch.Tensor, out_features: int, in_features: int,
-              rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              rows: torch.Tensor | None = None,
+              cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA ``(A, B)`` of a pruned linear -> the original shapes ``A: (r, in)``, ``B: (out, r)``.
 
     ``B A`` lands on the kept rows/columns and the pruned ones get zero, so the recovered update is the
@@ -150,31 +159,26 @@ def zero_fill(A: torch.Tensor, B: torch.Tensor, out_features: int, in_features: 
 
 # ---- building the artifacts -------------------------------------------------------------------
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise EmlocError("this model has no `model.layers` list of decoder layers: layer_drop and prune "
-                         "support Llama-style models; use method activation_aware or plain")
-    return layers
-
-
 def _targeted_report(model: nn.Module, config: EmulatorConfig, params_after) -> pd.DataFrame:
     rows = []
     for name, linear in target_linears(model, config.target_modules).items():
         before = linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
         rows.append({"module": name, "layer": layer_index(name), "type": module_type(name),
                      "out_features": linear.out_features, "in_features": linear.in_features,
-                     "ratio": config.ratio, "params_before": before, "params_after": params_after(name, linear)})
+                     "ratio": config.ratio, "params_before": before,
+                     "params_after": params_after(name, linear)})
     return pd.DataFrame(rows)
 
 
 def build_layer_drop(model: nn.Module, config: EmulatorConfig) -> StructuredEmulator:
     """Keep ``round(rho * L)`` decoder layers (at least the first and last)."""
-    n_layers = len(decoder_layers(model))
+    n_layers = len(find_decoder_layers(model, DECODER_REMEDY).layers)
     kept = uniform_layer_subset(n_layers, round(config.ratio * n_layers))
-    after = lambda name, linear: (linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
-                                  if layer_index(name) in kept else 0)
+
+    def after(name, linear):
+        if layer_index(name) not in kept:
+            return 0
+        return linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
     return StructuredEmulator("layer_drop", n_layers, kept, report=_targeted_report(model, config, after))
 
 
@@ -185,7 +189,8 @@ def _attention_shapes(attention: nn.Module) -> tuple[int, int, int]:
     return head_dim, n_heads, n_kv
 
 
-def prune_sizes(ratio: float, hidden: int, intermediate: int, head_dim: int, n_heads: int, n_kv: int) -> tuple[int, int]:
+def prune_sizes(ratio: float, hidden: int, intermediate: int, head_dim: int, n_heads: int,
+                n_kv: int) -> tuple[int, int]:
     """``(query heads per group, MLP channels)`` so one layer's q/k/v/o/gate/up/down keep about ``ratio``
     of their weights: heads first (whole heads, at least one per group), the MLP takes the rest."""
     groups = n_heads // n_kv
@@ -198,23 +203,33 @@ def prune_sizes(ratio: float, hidden: int, intermediate: int, head_dim: int, n_h
 
 def build_prune(model: nn.Module, stats: CalibrationStats, config: EmulatorConfig) -> StructuredEmulator:
     """Keep the most important query heads and MLP channels of every layer (activation-aware scores)."""
-    layers = decoder_layers(model)
+    found = find_decoder_layers(model, DECODER_REMEDY)
+    layers = found.layers
     rows, cols, groups = {}, {}, {}
     for i, layer in enumerate(layers):
+        names = {name for name, _ in layer.named_modules()}
+        missing = [part for part in PRUNE_PARTS if part not in names]
+        if missing:
+            raise EmlocError(f"prune needs Llama-style decoder layers ({', '.join(PRUNE_PARTS)}); "
+                             f"{type(layer).__name__} has no {missing[0]}: use method layer_drop, "
+                             f"activation_aware or plain")
         attention, mlp = layer.self_attn, layer.mlp
-        prefix = f"model.layers.{i}"
+        prefix = f"{found.prefix}.{i}"
         for name in (f"{prefix}.self_attn.o_proj", f"{prefix}.mlp.down_proj"):
             if name not in stats.input_of:
-                raise EmlocError(f"prune needs calibration statistics of {name}: keep o_proj and down_proj in "
-                                 f"emulator.target_modules and re-run `emloc calibrate`")
+                raise EmlocError(f"prune needs calibration statistics of {name}: keep o_proj and down_proj "
+                                 f"in emulator.target_modules and re-run `emloc calibrate`")
         head_dim, n_heads, n_kv = _attention_shapes(attention)
-        per_group, channels = prune_sizes(config.ratio, attention.q_proj.in_features, mlp.down_proj.in_features,
-                                          head_dim, n_heads, n_kv)
+        per_group, channels = prune_sizes(config.ratio, attention.q_proj.in_features,
+                                          mlp.down_proj.in_features, head_dim, n_heads, n_kv)
         W_o, W_down = attention.o_proj.weight.detach().double(), mlp.down_proj.weight.detach().double()
-        heads = heads_to_keep(head_importance(W_o, stats.C(f"{prefix}.self_attn.o_proj").double(), head_dim), n_kv, per_group)
+        heads = heads_to_keep(head_importance(W_o, stats.C(f"{prefix}.self_attn.o_proj").double(), head_dim),
+                              n_kv, per_group)
         q_rows = head_rows(heads, head_dim)
-        mlp_kept = top_k_sorted(channel_importance(W_down, stats.C(f"{prefix}.mlp.down_proj").double()), channels)
-        rows |= {f"{prefix}.self_attn.q_proj": q_rows, f"{prefix}.mlp.gate_proj": mlp_kept, f"{prefix}.mlp.up_proj": mlp_kept}
+        mlp_kept = top_k_sorted(channel_importance(W_down, stats.C(f"{prefix}.mlp.down_proj").double()),
+                                channels)
+        rows |= {f"{prefix}.self_attn.q_proj": q_rows, f"{prefix}.mlp.gate_proj": mlp_kept,
+                 f"{prefix}.mlp.up_proj": mlp_kept}
         cols |= {f"{prefix}.self_attn.o_proj": q_rows, f"{prefix}.mlp.down_proj": mlp_kept}
         groups[i] = per_group
 
@@ -267,29 +282,33 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
 
 def apply_structured(model: nn.Module, emulator: StructuredEmulator) -> nn.Module:
     """Turn ``model`` (in place) into the baseline emulator; module names of kept parts do not change."""
-    layers = decoder_layers(model)
+    layers = find_decoder_layers(model, DECODER_REMEDY).layers
     if len(layers) != emulator.n_layers:
-        raise EmlocError(f"the {emulator.method} emulator was built for {emulator.n_layers} layers, this model has "
-                         f"{len(layers)}: rebuild it with `emloc build`")
+        raise EmlocError(f"the {emulator.method} emulator was built for {emulator.n_layers} layers, this "
+                         f"model has {len(layers)}: rebuild it with `emloc build`")
     for i in range(len(layers)):
         if i not in emulator.kept_layers:
             layers[i] = SkippedLayer()
     for name in sorted(set(emulator.rows) | set(emulator.cols)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, _sliced_linear(getattr(parent, child), emulator.rows.get(name), emulator.cols.get(name)))
+        setattr(parent, child, _sliced_linear(getattr(parent, child), emulator.rows.get(name),
+                                              emulator.cols.get(name)))
     for i, per_group in emulator.kv_groups.items():
         layers[i].self_attn.num_key_value_groups = per_group
     return model
 
 
 def save_structured(emulator: StructuredEmulator, folder: Path) -> None:
-    io.write_json(folder / "structured.json", {"method": emulator.method, "n_layers": emulator.n_layers,
-                                               "kept_layers": emulator.kept_layers,
-                                               "kv_groups": {str(k): v for k, v in emulator.kv_groups.items()}})
-    # the same index tensor serves several linears (q rows = o cols): store copies, safetensors refuses shared memory
-    io.write_tensors(folder / "indices.safetensors", {**{f"{n}.rows": t.clone() for n, t in emulator.rows.items()},
-                                                      **{f"{n}.cols": t.clone() for n, t in emulator.cols.items()}})
+    io.write_json(folder / "structured.json",
+                  {"method": emulator.method, "n_layers": emulator.n_layers,
+                   "kept_layers": emulator.kept_layers,
+                   "kv_groups": {str(k): v for k, v in emulator.kv_groups.items()}})
+    # the same index tensor serves several linears (q rows = o cols): store copies, safetensors refuses
+    # shared memory
+    io.write_tensors(folder / "indices.safetensors",
+                     {**{f"{n}.rows": t.clone() for n, t in emulator.rows.items()},
+                      **{f"{n}.cols": t.clone() for n, t in emulator.cols.items()}})
     with io.atomic_path(folder / "report.csv") as tmp:
         emulator.report.to_csv(tmp, index=False)
 
@@ -300,7 +319,8 @@ def load_structured(folder: Path) -> StructuredEmulator:
     rows = {k[:-5]: t for k, t in tensors.items() if k.endswith(".rows")}
     cols = {k[:-5]: t for k, t in tensors.items() if k.endswith(".cols")}
     return StructuredEmulator(meta["method"], meta["n_layers"], meta["kept_layers"], rows, cols,
-                              pd.read_csv(folder / "report.csv"), {int(k): v for k, v in meta["kv_groups"].items()})
+                              pd.read_csv(folder / "report.csv"),
+                              {int(k): v for k, v in meta["kv_groups"].items()})
 
 
 # ---- recovering the adapter for the original model --------------------------------------------
@@ -332,14 +352,15 @@ def recover_state_dict(trained: dict[str, torch.Tensor], initial: dict[str, torc
     return recovered
 
 
-def recover_adapter(trained: PeftModel, original: nn.Module, spec: LoraConfigSpec, target_modules: list[str], seed: int,
-                    emulator: StructuredEmulator) -> PeftModel:
+def recover_adapter(trained: PeftModel, original: nn.Module, spec: LoraConfigSpec, target_modules: list[str],
+                    seed: int, emulator: StructuredEmulator) -> PeftModel:
     """A peft model on ``original`` carrying the emulator-trained adapter in the original shapes.
 
     Modules the emulator lacks (dropped layers) keep the fresh initialisation from ``seed`` (``B = 0``).
     """
     recovered = add_lora(original, spec, target_modules, seed)
-    state = recover_state_dict(get_peft_model_state_dict(trained), get_peft_model_state_dict(recovered), emulator)
+    state = recover_state_dict(get_peft_model_state_dict(trained), get_peft_model_state_dict(recovered),
+                               emulator)
     set_peft_model_state_dict(recovered, state)
     recovered.eval()
     return recovered

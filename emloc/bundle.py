@@ -51,9 +51,10 @@ from emloc.errors import EmlocError, report_errors
 FORMAT = "emloc-bundle"
 VERSION = 1
 MANIFEST = "BUNDLE.json"
-SMALL = ["config.yaml", "manifests/*.json", "results.json", "fidelity.json", "training/*.json", "emulator/report.csv",
-         "emulator/spectra.safetensors", "emulator/structured.json", "emulator/indices.safetensors",
-         "correction/report.csv", "correction/subspace.safetensors", "calibration/stats.json", "adapters/*/*"]
+SMALL = ["config.yaml", "manifests/*.json", "results.json", "fidelity.json", "training/*.json",
+         "emulator/report.csv", "emulator/spectra.safetensors", "emulator/structured.json",
+         "emulator/indices.safetensors", "correction/report.csv", "correction/subspace.safetensors",
+         "calibration/stats.json", "adapters/*/*"]
 FACTORS = "emulator/factors.safetensors"
 STATS = "calibration/stats.safetensors"
 DEFAULT_TARGET = Path("runs") / "class"
@@ -71,10 +72,13 @@ def run_files(run_dir: str | Path, with_factors: bool = False, with_stats: bool 
     """The paths (relative, ``/``-separated, sorted) of a run's files a bundle carries."""
     run_dir = Path(run_dir)
     if not (run_dir / "manifests").is_dir() or not any((run_dir / "manifests").glob("*.json")):
-        raise EmlocError(f"{run_dir} has no finished stage (no manifests/*.json): run `emloc run --out {run_dir}` first")
+        raise EmlocError(f"{run_dir} has no finished stage (no manifests/*.json): "
+                         f"run `emloc run --out {run_dir}` first")
     patterns = SMALL + [FACTORS] * with_factors + [STATS] * with_stats
-    found = {p.relative_to(run_dir).as_posix() for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()}
-    return sorted(path for path in found if not Path(path).name.startswith("."))  # atomic writers' temporaries
+    found = {p.relative_to(run_dir).as_posix() for pattern in patterns for p in run_dir.glob(pattern)
+             if p.is_file()}
+    return sorted(path for path in found
+                  if not Path(path).name.startswith("."))  # atomic writers' temporaries
 
 
 def missing_stages(run_dir: str | Path) -> list[str]:
@@ -85,9 +89,10 @@ def missing_stages(run_dir: str | Path) -> list[str]:
     return [stage.name for stage in STAGES if not run.is_done(stage.name)]
 
 
-def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = False, with_stats: bool = False,
-         partial: bool = False) -> dict:
-    """Write one ``.tar.gz`` (mode 0644) holding the small artifacts of ``run_dirs`` (each under its folder name).
+def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = False,
+         with_stats: bool = False, partial: bool = False) -> dict:
+    """Write one ``.tar.gz`` (mode 0644) holding the small artifacts of ``run_dirs`` (each under its folder
+    name).
 
     Every run must be finished (each stage its config needs done), unless ``partial``: then the missing stages
     are recorded per run under ``"partial"``. Returns the bundle manifest
@@ -97,19 +102,23 @@ def pack(run_dirs: list[str | Path], out_file: str | Path, with_factors: bool = 
     if not runs:
         raise EmlocError("no run directory given: pass the finished runs to pack")
     if Path(out_file).is_dir():
-        raise EmlocError(f"--out {out_file} is a folder: give the bundle's file name, e.g. runs/class_bundle.tar.gz")
+        raise EmlocError(f"--out {out_file} is a folder: give the bundle's file name, "
+                         f"e.g. runs/class_bundle.tar.gz")
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
-        raise EmlocError(f"two runs share a folder name ({', '.join(names)}): give each run its own name, e.g. seed0, seed1")
+        raise EmlocError(f"two runs share a folder name ({', '.join(names)}): give each run its own name, "
+                         f"e.g. seed0, seed1")
     files = {f"{name}/{rel}": run / rel for run, name in zip(runs, names)
              for rel in run_files(run, with_factors, with_stats)}
     unfinished = {name: missing for run, name in zip(runs, names) if (missing := missing_stages(run))}
     if unfinished and not partial:
         name, missing = next(iter(unfinished.items()))
         raise EmlocError(f"run {name} is unfinished (missing {', '.join(missing)}): finish it with "
-                         f"`emloc run --out {runs[names.index(name)]}`, or pass --partial to pack it as it is")
+                         f"`emloc run --out {runs[names.index(name)]}`, "
+                         f"or pass --partial to pack it as it is")
     manifest = {"format": FORMAT, "version": VERSION, "runs": names,
-                "files": {arc: {"sha256": sha256(path), "bytes": path.stat().st_size} for arc, path in files.items()},
+                "files": {arc: {"sha256": sha256(path), "bytes": path.stat().st_size}
+                          for arc, path in files.items()},
                 "partial": unfinished}
     text = json.dumps(manifest, indent=1).encode()
     with io.atomic_path(out_file) as tmp, tarfile.open(tmp, "w:gz") as tar:
@@ -131,8 +140,8 @@ def check_run_name(name, file: Path) -> str:
     """A run name is one plain path component: a folder directly inside ``--into``, nothing else."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
             or CONTROL_CHARACTERS.search(name) or Path(name).is_absolute() or Path(name).name != name):
-        raise EmlocError(f"{file} names a run {name!r}, which is not a plain folder name: the bundle is not safe to "
-                         f"unpack; ask for a bundle made with `emloc bundle pack`")
+        raise EmlocError(f"{file} names a run {name!r}, which is not a plain folder name: "
+                         f"the bundle is not safe to unpack; ask for a bundle made with `emloc bundle pack`")
     return name
 
 
@@ -145,29 +154,37 @@ def _check_file_entry(rel, entry, runs: set[str], file: Path) -> int:
                          f"ask for a bundle made with `emloc bundle pack`")
     size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
-        raise EmlocError(f"{file} declares no size or checksum for {rel}: the bundle is altered; copy it again")
+        raise EmlocError(f"{file} declares no size or checksum for {rel}: "
+                         f"the bundle is altered; copy it again")
     return size
 
 
 def check_manifest(manifest, file: Path) -> dict:
-    """Refuse a manifest whose run names or file paths could reach outside the target, or that is malformed."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    """Refuse a manifest whose run names or file paths could reach outside the target, or that is
+    malformed."""
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or manifest.get("version") != VERSION):
         raise EmlocError(f"{file} is not an emloc bundle of version {VERSION}: pack it again with this suite")
     runs, files = manifest.get("runs"), manifest.get("files")
     if not isinstance(runs, list) or not runs or not isinstance(files, dict):
-        raise EmlocError(f"{file} has a {MANIFEST} without runs or files: the bundle is altered; copy it again")
+        raise EmlocError(f"{file} has a {MANIFEST} without runs or files: "
+                         f"the bundle is altered; copy it again")
     names = [check_run_name(name, file) for name in runs]
     if len(set(names)) != len(names):
-        raise EmlocError(f"{file} names the run {_first_repeat(names)!r} twice: the bundle is altered; copy it again")
+        raise EmlocError(f"{file} names the run {_first_repeat(names)!r} twice: "
+                         f"the bundle is altered; copy it again")
     declared = sum(_check_file_entry(rel, entry, set(names), file) for rel, entry in files.items())
     empty = [name for name in names if not any(rel.startswith(name + "/") for rel in files)]
     if empty:
-        raise EmlocError(f"{file} lists no file of the run {empty[0]!r}: the bundle is altered; copy it again")
+        raise EmlocError(f"{file} lists no file of the run {empty[0]!r}: "
+                         f"the bundle is altered; copy it again")
     partial = manifest.get("partial") or {}
     if not isinstance(partial, dict) or not all(isinstance(v, list) for v in partial.values()):
-        raise EmlocError(f"{file} has a malformed 'partial' entry in {MANIFEST}: the bundle is altered; copy it again")
+        raise EmlocError(f"{file} has a malformed 'partial' entry in {MANIFEST}: "
+                         f"the bundle is altered; copy it again")
     if declared > MAX_TOTAL_BYTES:
-        raise EmlocError(f"{file} declares {declared / 2**30:.1f} GiB of files, over the {MAX_TOTAL_BYTES // 2**30} GiB "
+        raise EmlocError(f"{file} declares {declared / 2**30:.1f} GiB of files, "
+                         f"over the {MAX_TOTAL_BYTES // 2**30} GiB "
                          f"a class bundle may hold: it is not a class bundle; pack fewer or smaller runs")
     return manifest
 
@@ -184,7 +201,8 @@ def _read_members(tar: tarfile.TarFile, file: Path) -> tuple[dict, list[tarfile.
     for member in members:
         what = _unsafe_kind(member)
         if what:
-            raise EmlocError(f"{file} holds {member.name!r}, {what}, which is not a plain file inside the bundle: "
+            raise EmlocError(f"{file} holds {member.name!r}, {what}, "
+                             f"which is not a plain file inside the bundle: "
                              f"not an emloc bundle; ask for one made with `emloc bundle pack`")
     names = [m.name.rstrip("/") for m in members]
     if len(set(names)) != len(names):
@@ -196,7 +214,8 @@ def _read_members(tar: tarfile.TarFile, file: Path) -> tuple[dict, list[tarfile.
 
 
 def _unsafe_kind(member: tarfile.TarInfo) -> str | None:
-    """What makes an archive member unsafe to extract (``None``: a regular file or folder with a relative name)."""
+    """What makes an archive member unsafe to extract (``None``: a regular file or folder with a relative
+    name)."""
     if member.issym() or member.islnk():
         return f"a {'symbolic' if member.issym() else 'hard'} link to {member.linkname!r}"
     if not (member.isreg() or member.isdir()):
@@ -224,13 +243,16 @@ def _check_member(member: tarfile.TarInfo, manifest: dict, file: Path) -> None:
     name = member.name.rstrip("/")
     if member.isdir():
         if name.split("/")[0] not in manifest["runs"]:
-            raise EmlocError(f"{file} has an unlisted folder {name}: the bundle is incomplete or altered; copy it again")
+            raise EmlocError(f"{file} has an unlisted folder {name}: "
+                             f"the bundle is incomplete or altered; copy it again")
         return
     entry = manifest["files"].get(name)
     if entry is None:
-        raise EmlocError(f"{file} has an unlisted file {name}: the bundle is incomplete or altered; copy it again")
+        raise EmlocError(f"{file} has an unlisted file {name}: "
+                         f"the bundle is incomplete or altered; copy it again")
     if member.size != entry["bytes"]:
-        raise EmlocError(f"{file}: {name} holds {member.size} bytes where {MANIFEST} declares {entry['bytes']}: "
+        raise EmlocError(f"{file}: {name} holds {member.size} bytes "
+                         f"where {MANIFEST} declares {entry['bytes']}: "
                          f"the bundle is altered; copy it again")
 
 
@@ -244,7 +266,8 @@ def verify(folder: Path, manifest: dict, file: Path) -> None:
     for rel, entry in manifest["files"].items():
         path = folder / rel
         if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
-            raise EmlocError(f"{file}: {rel} does not match its checksum (corrupt copy): copy the bundle again")
+            raise EmlocError(f"{file}: {rel} does not match its checksum (corrupt copy): "
+                             f"copy the bundle again")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -265,14 +288,16 @@ def check_target(target: Path, manifest: dict, file: Path, replace: bool) -> dic
     declared = sum(entry["bytes"] for entry in manifest["files"].values())
     free = shutil.disk_usage(ancestor).free
     if declared > free:
-        raise EmlocError(f"{file} unpacks to {declared / 2**20:.0f} MB but {ancestor} has {free / 2**20:.0f} MB free: "
+        raise EmlocError(f"{file} unpacks to {declared / 2**20:.0f} MB "
+                         f"but {ancestor} has {free / 2**20:.0f} MB free: "
                          f"free some space or unpack elsewhere with --into")
     root = target.resolve()
     kept = {}
     for name in manifest["runs"]:
         destination = target / name
         if destination.is_symlink() or destination.resolve().parent != root:
-            raise EmlocError(f"{destination} is a link to another place: remove it, or unpack elsewhere with --into")
+            raise EmlocError(f"{destination} is a link to another place: "
+                             f"remove it, or unpack elsewhere with --into")
         if destination.exists():
             kept[name] = _files_kept(destination, name, manifest, replace)
     return kept
@@ -283,7 +308,8 @@ def _files_kept(destination: Path, name: str, manifest: dict, replace: bool) -> 
         raise EmlocError(f"{destination} already exists: pass --replace to replace it with the bundle's copy "
                          f"(files of yours the bundle lacks are kept), or unpack elsewhere with --into")
     if not destination.is_dir():
-        raise EmlocError(f"{destination} is a file, not a run folder: move it away, or unpack elsewhere with --into")
+        raise EmlocError(f"{destination} is a file, not a run folder: "
+                         f"move it away, or unpack elsewhere with --into")
     bundled = {rel.split("/", 1)[1] for rel in manifest["files"] if rel.split("/", 1)[0] == name}
     folders = {"/".join(rel.split("/")[:i]) for rel in bundled for i in range(1, rel.count("/") + 1)}
     own = sorted(p.relative_to(destination).as_posix() for p in destination.rglob("*")
@@ -306,7 +332,8 @@ def _make_folders(target: Path) -> list[Path]:
 
 
 def _place(staged: Path, destination: Path, kept: list[str] | None) -> None:
-    """Move a verified run into place; an existing run is swapped out whole after its kept files are copied."""
+    """Move a verified run into place; an existing run is swapped out whole after its kept files are
+    copied."""
     if kept is None:
         os.replace(staged, destination)
         return
@@ -337,7 +364,8 @@ class Unpacked:
         out = [str(path) for path in self.runs]
         out += [f"{name}: kept {len(files)} file(s) of yours the bundle does not hold: {', '.join(files)}"
                 for name, files in self.kept.items() if files]
-        out += [f"{name} was packed unfinished (missing {', '.join(stages)}): its notebooks may compute those stages"
+        out += [f"{name} was packed unfinished (missing {', '.join(stages)}): "
+                f"its notebooks may compute those stages"
                 for name, stages in self.partial.items()]
         return out
 
@@ -353,7 +381,8 @@ def unpack(file: str | Path, target: str | Path = DEFAULT_TARGET, replace: bool 
     """
     file, target = Path(file), Path(target)
     if not file.is_file():
-        raise EmlocError(f"bundle {file} does not exist: check the path (the instructor's `make class` writes it)")
+        raise EmlocError(f"bundle {file} does not exist: "
+                         f"check the path (the instructor's `make class` writes it)")
     try:
         with tarfile.open(file, "r:gz") as tar:
             manifest, members = _read_members(tar, file)
@@ -366,7 +395,8 @@ def unpack(file: str | Path, target: str | Path = DEFAULT_TARGET, replace: bool 
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise EmlocError(f"{file} is corrupted or partial ({type(exc).__name__}): copy the bundle again") from None
+        raise EmlocError(f"{file} is corrupted or partial ({type(exc).__name__}): "
+                         f"copy the bundle again") from None
     return Unpacked(placed, kept, dict(manifest.get("partial") or {}))
 
 
@@ -376,7 +406,8 @@ def _extract_and_place(tar, members, manifest: dict, file: Path, target: Path, k
         try:
             tar.extractall(staging, members=members, filter="data")
         except OSError as exc:
-            raise EmlocError(f"{file} could not be unpacked into {target} ({exc.strerror or type(exc).__name__}): "
+            raise EmlocError(f"{file} could not be unpacked into {target} "
+                             f"({exc.strerror or type(exc).__name__}): "
                              f"free some space or unpack elsewhere with --into") from None
         verify(staging, manifest, file)
         placed = []
@@ -400,10 +431,13 @@ def light_factors(run_dir: str | Path):
     names = list(report["module"])
     missing = [n for n in names if f"{n}.whitened" not in spectra_flat or f"{n}.plain" not in spectra_flat]
     if missing:
-        raise EmlocError(f"{folder / 'spectra.safetensors'} lacks the spectra of {missing[0]}: re-run `emloc build`")
-    spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]} for n in names}
+        raise EmlocError(f"{folder / 'spectra.safetensors'} lacks the spectra of {missing[0]}: "
+                         f"re-run `emloc build`")
+    spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]}
+               for n in names}
     manifest = Path(run_dir) / "manifests" / "build.json"
-    method = io.read_json(manifest).get("method", "activation_aware") if manifest.exists() else "activation_aware"
+    method = (io.read_json(manifest).get("method", "activation_aware") if manifest.exists()
+              else "activation_aware")
     return EmulatorFactors({}, {}, spectra, report, method)
 
 
@@ -443,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="emloc bundle", description="pack or unpack a class bundle")
     sub = parser.add_subparsers(dest="command", required=True)
     pack_p = sub.add_parser("pack", help="pack finished runs into one .tar.gz")
-    pack_p.add_argument("runs", nargs="+", help="finished run directories (their folder names become the run names)")
+    pack_p.add_argument("runs", nargs="+",
+                        help="finished run directories (their folder names become the run names)")
     pack_p.add_argument("--out", required=True, help="bundle file to write, e.g. runs/class_bundle.tar.gz")
     pack_p.add_argument("--with-factors", action="store_true", help="also the emulator's factors (large)")
     pack_p.add_argument("--with-stats", action="store_true", help="also the calibration covariances (larger)")
@@ -451,16 +486,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="pack unfinished runs too (the missing stages are recorded in the bundle)")
     unpack_p = sub.add_parser("unpack", help="verify a bundle and unpack its runs")
     unpack_p.add_argument("file")
-    unpack_p.add_argument("--into", default=str(DEFAULT_TARGET), help="folder for the runs (default runs/class)")
+    unpack_p.add_argument("--into", default=str(DEFAULT_TARGET),
+                          help="folder for the runs (default runs/class)")
     unpack_p.add_argument("--replace", action="store_true",
-                          help="replace runs that already exist there (files of yours the bundle lacks are kept)")
+                          help="replace runs that already exist there "
+                               "(files of yours the bundle lacks are kept)")
 
     def command() -> None:
         args = parser.parse_args(argv)
         if args.command == "pack":
             manifest = pack(args.runs, args.out, args.with_factors, args.with_stats, args.partial)
             size = sum(entry["bytes"] for entry in manifest["files"].values())
-            print(f"{args.out}: {len(manifest['runs'])} run(s), {len(manifest['files'])} files, {size / 2**20:.1f} MB unpacked")
+            print(f"{args.out}: {len(manifest['runs'])} run(s), {len(manifest['files'])} files, "
+                  f"{size / 2**20:.1f} MB unpacked")
             for name, stages in manifest["partial"].items():
                 print(f"{name} packed unfinished (missing {', '.join(stages)})")
         else:

@@ -58,7 +58,8 @@ def _regex_fullmatch(pattern: str, name: str) -> bool:
     try:
         return re.fullmatch(pattern, name) is not None
     except re.error:
-        raise EmlocError(f"target module pattern {pattern!r} is not a valid regex: fix it or use a plain name") from None
+        raise EmlocError(f"target module pattern {pattern!r} is not a valid regex: "
+                         f"fix it or use a plain name") from None
 
 
 def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
@@ -81,7 +82,8 @@ class _Accumulator:
         self.token_mask: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, str] | None = None
         self.captured: dict[str, torch.Tensor] | None = None
-        """Paired mode: when a dict, the hooks store this forward's input rows per leader instead of adding them."""
+        """Paired mode: when a dict, the hooks store this forward's input rows per leader instead of adding
+        them."""
         self.emulated: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
 
@@ -99,7 +101,8 @@ class _Accumulator:
             self._previous = (x, name)
             self.input_of[name] = name
             rows = x.reshape(-1, x.shape[-1])
-            # The mask is per text token; inputs of another shape (e.g. a vision tower's patches) are all kept.
+            # The mask is per text token; inputs of another shape (e.g. a vision tower's patches) are all
+            # kept.
             if self.token_mask is not None and tuple(x.shape[:-1]) == tuple(self.token_mask.shape):
                 rows = rows[self.token_mask.reshape(-1)]
             rows = rows.to(torch.float32)
@@ -107,7 +110,8 @@ class _Accumulator:
                 self.captured[name] = rows
                 return
             if name not in self.covariances:
-                self.covariances[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=self.device)
+                self.covariances[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64,
+                                                     device=self.device)
                 self.counts[name] = 0
             self.covariances[name] += (rows.T @ rows).to(torch.float64)
             self.counts[name] += rows.shape[0]
@@ -127,7 +131,8 @@ class _Accumulator:
             if rows_tilde.shape != rows.shape:
                 raise EmlocError(f"the emulator's inputs of {name} have shape {tuple(rows_tilde.shape)}, not "
                                  f"{tuple(rows.shape)}: both streams must run the same calibration batches")
-            for into, product in ((self.covariances, rows.T @ rows), (self.emulated, rows_tilde.T @ rows_tilde),
+            for into, product in ((self.covariances, rows.T @ rows),
+                                  (self.emulated, rows_tilde.T @ rows_tilde),
                                   (self.cross, rows.T @ rows_tilde)):
                 if name not in into:
                     into[name] = torch.zeros_like(product, dtype=torch.float64, device=self.device)
@@ -158,12 +163,14 @@ def collect_statistics(model: nn.Module, features: list[dict[str, list[int]]], t
     ``pixel_values``.
     """
     if not features:
-        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
+        raise EmlocError("the calibration set is empty: "
+                         "set data.n_calibration >= 1 and provide training data")
     device = next(model.parameters()).device
     modules = target_linears(model, target_modules)
     with recording_inputs(modules, device) as accumulator:
         for start in tqdm(range(0, len(features), batch_size), desc="calibration", disable=not progress):
-            batch = (collate or (lambda chunk: pad_batch(chunk, pad_token_id)))(features[start:start + batch_size])
+            batch = (collate
+                     or (lambda chunk: pad_batch(chunk, pad_token_id)))(features[start:start + batch_size])
             inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
             accumulator.begin_batch(inputs["attention_mask"].bool())
             model(**inputs)
@@ -175,8 +182,9 @@ def stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> Calibra
     covariances = {name: C.float().cpu() for name, C in accumulator.covariances.items()}
     for name, C in covariances.items():
         if not torch.isfinite(C).all():
-            raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: the model produced non-finite "
-                             f"activations; check its weights and dtype (try --dtype float32)")
+            raise EmlocError(f"calibration statistics of {name} contain NaN or Inf: "
+                             f"the model produced non-finite activations; "
+                             f"check its weights and dtype (try --dtype float32)")
     return CalibrationStats(covariances, dict(accumulator.input_of), dict(accumulator.counts), n_samples)
 
 
@@ -188,5 +196,6 @@ def paired_stats_from_accumulator(accumulator: _Accumulator, n_samples: int) -> 
     for name in emulated:
         if not (torch.isfinite(emulated[name]).all() and torch.isfinite(cross[name]).all()):
             raise EmlocError(f"sequential statistics of {name} contain NaN or Inf: the emulator built so far "
-                             f"produced non-finite activations; lower the compression or use calibration: independent")
+                             f"produced non-finite activations; "
+                             f"lower the compression or use calibration: independent")
     return PairedStats(base.covariances, base.input_of, base.token_counts, n_samples, emulated, cross)

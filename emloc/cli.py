@@ -12,9 +12,10 @@ from typing import Optional
 
 from emloc import io
 from emloc.arguments import OneLineParser, lower_case
-from emloc.config import CORRECTION_METHODS, EMULATOR_METHODS, PRESETS, RunConfig, merge_dicts
+from emloc.config import (ALLOCATIONS, CALIBRATIONS, CORRECTION_METHODS, DTYPES, EMULATOR_METHODS, PRESETS,
+                          RunConfig, merge_dicts, nested)
 from emloc.errors import EmlocError
-from emloc.stages import STAGE, STAGES
+from emloc.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ FLAGS = (
     Flag("--model", "model", "'default', a Hugging Face id, or a local model folder"),
     Flag("--data", "data.path", "your JSONL or CSV file with prompt and response fields"),
     Flag("--task", "data.task", "a built-in task (instead of --data)"),
-    Flag("--keep-duplicates", "data.keep_duplicates", "keep the data file's duplicate records and test records whose "
-         "prompt is also in training (removed and counted by default)"),
+    Flag("--keep-duplicates", "data.keep_duplicates", "keep the data file's duplicate records and test "
+         "records whose prompt is also in training (removed and counted by default)"),
     Flag("--ratio", "emulator.ratio", "parameter-retention ratio rho in (0, 1)"),
     Flag("--method", "emulator.method", "emulator construction (or a baseline)", choices=EMULATOR_METHODS),
     Flag("--lora-r", "lora.r", "LoRA rank"),
@@ -47,25 +48,27 @@ FLAGS = (
     Flag("--rslora", "lora.use_rslora", "use rsLoRA scaling"),
     Flag("--steps", "lora.steps", "training steps"),
     Flag("--clamp", "correction.clamp", "correction clamp lambda (0 disables the clamp)", zero_is_none=True),
-    Flag("--correction-method", "correction.method", "LoRA correction: official (paper), aligned or activation_aware",
-         choices=CORRECTION_METHODS),
-    Flag("--calibration", "emulator.calibration", "independent (the paper) or sequential (layer by layer on the "
-         "emulator's own inputs)", choices=("independent", "sequential")),
-    Flag("--allocation", "emulator.allocation", "uniform ranks (the paper) or global (ranks where they pay, same "
-         "parameters)", choices=("uniform", "global")),
-    Flag("--micro-batch-size", "lora.micro_batch_size", "examples per pass; passes are accumulated into lora.batch_size"),
-    Flag("--memory-budget", "memory_budget", "'inference' or an amount such as 2GB: choose ratio, micro batch and "
-         "checkpointing so that the predicted training peak fits"),
+    Flag("--correction-method", "correction.method",
+         "LoRA correction: official (paper), aligned or activation_aware", choices=CORRECTION_METHODS),
+    Flag("--calibration", "emulator.calibration", "independent (the paper) or sequential (layer by layer "
+         "on the emulator's own inputs)", choices=CALIBRATIONS),
+    Flag("--allocation", "emulator.allocation", "uniform ranks (the paper) or global (ranks where they pay, "
+         "same parameters)", choices=ALLOCATIONS),
+    Flag("--micro-batch-size", "lora.micro_batch_size",
+         "examples per pass; passes are accumulated into lora.batch_size"),
+    Flag("--memory-budget", "memory_budget", "'inference' or an amount such as 2GB: choose ratio, micro "
+         "batch and checkpointing so that the predicted training peak fits"),
     Flag("--seed", "seed", "random seed"),
     Flag("--device", "device", "auto, cpu or cuda"),
-    Flag("--dtype", "dtype", "float32, bfloat16 or float16"),
+    Flag("--dtype", "dtype", "the dtype the model's weights are loaded and stored in", choices=DTYPES),
     Flag("--trust-remote-code", "trust_remote_code", "allow the model's own code"),
 )
 """Every config flag of the stage commands, in help order."""
 
 
 def field_type(dotted: str) -> type:
-    """The Python type of a dotted RunConfig field (``Optional[X]`` -> ``X``); a one-line error if there is none."""
+    """The Python type of a dotted RunConfig field (``Optional[X]`` -> ``X``); a one-line error if there is
+    none."""
     cls = RunConfig
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -95,11 +98,12 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helps[name])
         p.add_argument("--out", required=True, help="run directory (created if missing)")
         p.add_argument("--config", help="YAML file with RunConfig fields")
-        p.add_argument("--preset", type=lower_case, choices=sorted(PRESETS), help="quick (CI-sized) or standard")
+        p.add_argument("--preset", type=lower_case, choices=sorted(PRESETS),
+                       help="quick (CI-sized) or standard")
         add_config_flags(p)
         if name == "train":
-            p.add_argument("--on", type=lower_case, choices=["emulator", "original", "both"], default="emulator",
-                           help="train LoRA on the emulator, the original model, or both")
+            p.add_argument("--on", type=lower_case, choices=["emulator", "original", "both"],
+                           default="emulator", help="train LoRA on the emulator, the original model, or both")
             p.add_argument("--processes", type=int, default=1,
                            help="training processes (DDP through torchrun; gloo on CPU)")
         if name == "build":
@@ -110,9 +114,12 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="redo every stage")
     sweep = sub.add_parser("sweep", help="a grid of runs with bootstrap tables (see emloc.sweeps)")
     sweep.add_argument("--grid", required=True, help="YAML file with base, grid and optional variants")
-    sweep.add_argument("--out", required=True, help="sweep directory: one run directory per point (resumable)")
-    sweep.add_argument("--tables", help="where to write the CSV/Markdown tables and figure (default OUT/tables)")
-    sweep.add_argument("--tables-only", action="store_true", help="only recompute the tables from finished points")
+    sweep.add_argument("--out", required=True,
+                       help="sweep directory: one run directory per point (resumable)")
+    sweep.add_argument("--tables",
+                       help="where to write the CSV/Markdown tables and figure (default OUT/tables)")
+    sweep.add_argument("--tables-only", action="store_true",
+                       help="only recompute the tables from finished points")
     sweep.add_argument("--reuse", nargs="+", default=[], metavar="RUN",
                        help="finished run directories whose stages are reused where their fingerprints match")
     for name, (_, text) in DELEGATED.items():  # listed in --help; their own parsers read the arguments
@@ -127,18 +134,14 @@ DELEGATED = {
 """Subcommands with a parser of their own: ``emloc export ...`` is ``python -m emloc.export ...``."""
 
 
-def _nested(dotted: str, value) -> dict:
-    head, _, rest = dotted.partition(".")
-    return {head: _nested(rest, value) if rest else value}
-
-
 def flag_overrides(args: argparse.Namespace) -> dict:
     """The RunConfig overrides of the flags given (absent flags are ``None`` and override nothing)."""
     explicit: dict = {}
     for flag in FLAGS:
         value = getattr(args, flag.dest, None)
         if value is not None:
-            explicit = merge_dicts(explicit, _nested(flag.field, None if flag.zero_is_none and value == 0 else value))
+            explicit = merge_dicts(explicit,
+                                   nested(flag.field, None if flag.zero_is_none and value == 0 else value))
     return explicit
 
 
@@ -186,7 +189,7 @@ def execute(args: argparse.Namespace) -> int:
         for which in (["emulator", "original"] if args.on == "both" else [args.on]):
             _train(run, which, args.processes)
     else:
-        STAGE[args.command].run(run)
+        pipeline.STAGE_FUNCTIONS[args.command](run)
     if args.command in ("run", "evaluate"):
         results = run.results()
         print(pipeline.results_table(results).to_string(float_format=lambda x: f"{x:.3f}"))
@@ -220,7 +223,8 @@ def execute_sweep(args: argparse.Namespace) -> int:
     spec = sweeps.load_spec(args.grid)
     start = time.perf_counter()
     if not args.tables_only:
-        sweeps.run_sweep(spec, args.out, on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True),
+        sweeps.run_sweep(spec, args.out,
+                         on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True),
                          reuse=args.reuse)
     tables = sweeps.write_tables(args.out, args.tables)
     print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emloc: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("emloc: interrupted; finished stages are kept and the next run resumes from them", file=sys.stderr)
+        print("emloc: interrupted; finished stages are kept and the next run resumes from them",
+              file=sys.stderr)
         return 130
 
 

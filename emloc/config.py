@@ -12,9 +12,22 @@ from typing import Any, Optional
 
 from emloc.errors import EmlocError
 
+# Every choice a config field offers, defined once: the config check, the command line's choices and the
+# docs read these.
 EMULATOR_METHODS = ("activation_aware", "plain", "layer_drop", "prune")
 CORRECTION_METHODS = ("official", "aligned", "activation_aware")
-"""The LoRA correction methods (``correction.method``); ``emloc.correction.CORRECTION_TARGETS`` implements each."""
+ALLOCATIONS = ("uniform", "global")
+CALIBRATIONS = ("independent", "sequential")
+COMPUTE_DTYPES = ("float32", "float64")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _either(values, quote: str = "'") -> str:
+    """``('a', 'b', 'c')`` -> ``'a', 'b' or 'c'``."""
+    quoted = [f"{quote}{value}{quote}" for value in values]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+"""The LoRA correction methods (``correction.method``); ``emloc.correction.CORRECTION_TARGETS``
+implements each."""
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,7 +68,8 @@ class EmulatorConfig:
     calibration: str = "independent"
     """'independent' (each layer's statistics from the original model, the paper) or 'sequential' (layer by
     layer: layer l's inputs come from the emulator built so far, and W' minimises ||W X - W' X~||_F, with X
-    the original's and X~ the emulator's inputs; about twice the calibration memory). See docs/sequential.md."""
+    the original's and X~ the emulator's inputs; about twice the calibration memory). See
+    docs/sequential.md."""
     sequential_damping: float = 0.01
     """Sequential calibration only: ridge ``delta = damping * mean(diag C~)`` pulling ``W_ls`` towards ``W``
     (``min ||W X - W_ls X~||^2 + delta ||W_ls - W||^2``). The calibration inputs are nearly collinear
@@ -64,9 +78,9 @@ class EmulatorConfig:
     skip_last_down_proj: bool = True
     """Leave the last decoder layer's MLP down projection dense, as the official configuration does."""
     allocation: str = "uniform"
-    """'uniform' (every module keeps r = floor(rho * out * in / (out + in)), the paper) or 'global' (per-module
-    ranks that minimise the summed relative calibration error within the same total parameters; see
-    emloc.allocation)."""
+    """'uniform' (every module keeps r = floor(rho * out * in / (out + in)), the paper) or 'global'
+    (per-module ranks that minimise the summed relative calibration error within the same total parameters;
+    see emloc.allocation)."""
 
 
 @dataclass
@@ -151,6 +165,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def nested(dotted: str, value) -> dict:
+    """``nested("lora.r", 8)`` -> ``{"lora": {"r": 8}}``: a dotted RunConfig key as overrides."""
+    head, _, rest = dotted.partition(".")
+    return {head: nested(rest, value) if rest else value}
+
+
 def merge_dicts(base: dict, override: dict) -> dict:
     """Recursively merge ``override`` into a copy of ``base``."""
     merged = dict(base)
@@ -164,7 +184,8 @@ def merge_dicts(base: dict, override: dict) -> dict:
 
 def _build(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
-        raise EmlocError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}: fix the config file")
+        raise EmlocError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}: "
+                         "fix the config file")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -195,22 +216,26 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
 def validate(config: RunConfig) -> None:
     """Check value ranges; raise a one-line EmlocError naming the field and the fix."""
     emu, lora, data = config.emulator, config.lora, config.data
-    for name, ratio in [("emulator.ratio", emu.ratio), *[(f"ratio_patterns['{k}']", v) for k, v in emu.ratio_patterns.items()]]:
+    for name, ratio in [("emulator.ratio", emu.ratio),
+                        *[(f"ratio_patterns['{k}']", v) for k, v in emu.ratio_patterns.items()]]:
         if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise EmlocError(f"{name} = {ratio!r} is outside (0, 1): choose a parameter-retention ratio such as 0.5")
+            raise EmlocError(f"{name} = {ratio!r} is outside (0, 1): "
+                             "choose a parameter-retention ratio such as 0.5")
     for pattern in [*emu.ratio_patterns, *emu.target_modules]:
         try:
             re.compile(pattern)
         except (re.error, TypeError):
-            raise EmlocError(f"module pattern {pattern!r} is not a valid regex: fix it or use a plain name like q_proj") from None
+            raise EmlocError(f"module pattern {pattern!r} is not a valid regex: "
+                             "fix it or use a plain name like q_proj") from None
     if emu.method not in EMULATOR_METHODS:
-        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: use one of {', '.join(EMULATOR_METHODS)}")
-    if emu.allocation not in ("uniform", "global"):
-        raise EmlocError(f"emulator.allocation = {emu.allocation!r} is unknown: use 'uniform' or 'global'")
-    if emu.compute_dtype not in ("float32", "float64"):
-        raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use 'float32' or 'float64'")
-    if emu.calibration not in ("independent", "sequential"):
-        raise EmlocError(f"emulator.calibration = {emu.calibration!r}: use 'independent' or 'sequential'")
+        raise EmlocError(f"emulator.method = {emu.method!r} is unknown: "
+                         f"use one of {', '.join(EMULATOR_METHODS)}")
+    if emu.allocation not in ALLOCATIONS:
+        raise EmlocError(f"emulator.allocation = {emu.allocation!r} is unknown: use {_either(ALLOCATIONS)}")
+    if emu.compute_dtype not in COMPUTE_DTYPES:
+        raise EmlocError(f"emulator.compute_dtype = {emu.compute_dtype!r}: use {_either(COMPUTE_DTYPES)}")
+    if emu.calibration not in CALIBRATIONS:
+        raise EmlocError(f"emulator.calibration = {emu.calibration!r}: use {_either(CALIBRATIONS)}")
     if not isinstance(emu.sequential_damping, (int, float)) or emu.sequential_damping < 0:
         raise EmlocError(f"emulator.sequential_damping = {emu.sequential_damping!r} must be >= 0: try 0.01")
     if emu.calibration == "sequential" and emu.method != "activation_aware":
@@ -218,8 +243,8 @@ def validate(config: RunConfig) -> None:
                          f"not {emu.method!r}: set calibration to 'independent'")
     if not emu.target_modules:
         raise EmlocError("emulator.target_modules is empty: name at least one linear layer, e.g. q_proj")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
-        raise EmlocError(f"dtype = {config.dtype!r} is unknown: use float32, bfloat16 or float16")
+    if config.dtype not in DTYPES:
+        raise EmlocError(f"dtype = {config.dtype!r} is unknown: use {_either(DTYPES, quote='')}")
     positive = {"lora.r": lora.r, "lora.steps": lora.steps, "lora.batch_size": lora.batch_size,
                 "data.n_train": data.n_train, "data.n_calibration": data.n_calibration,
                 "data.n_test": data.n_test, "data.max_length": data.max_length,
@@ -229,7 +254,8 @@ def validate(config: RunConfig) -> None:
         if value <= 0:
             raise EmlocError(f"{name} = {value} must be a positive integer")
     micro = lora.micro_batch_size
-    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0 or lora.batch_size % micro):
+    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0
+                              or lora.batch_size % micro):
         raise EmlocError(f"lora.micro_batch_size = {lora.micro_batch_size} does not divide lora.batch_size = "
                          f"{lora.batch_size}: choose a divisor such as {lora.batch_size // 2 or 1}, or null")
     if config.memory_budget is not None:
@@ -240,17 +266,20 @@ def validate(config: RunConfig) -> None:
         raise EmlocError(f"correction.method = {config.correction.method!r} is unknown: "
                          f"use one of {', '.join(CORRECTION_METHODS)}")
     if config.correction.clamp is not None and config.correction.clamp <= 0:
-        raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive (or null for no clamp)")
+        raise EmlocError(f"correction.clamp = {config.correction.clamp} must be positive "
+                         "(or null for no clamp)")
 
 
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(MB|MiB|GB|GiB)\s*$", re.IGNORECASE)
 
 
 def parse_memory_budget(budget: str) -> Optional[float]:
-    """``'inference'`` -> None (the budget is the inference peak); ``'1500MB'``/``'2GB'`` -> bytes (binary units)."""
+    """``'inference'`` -> None (the budget is the inference peak); ``'1500MB'``/``'2GB'`` -> bytes
+    (binary units)."""
     if isinstance(budget, str) and budget.strip().lower() == "inference":
         return None
     match = _BUDGET.match(budget) if isinstance(budget, str) else None
     if not match or float(match.group(1)) <= 0:
-        raise EmlocError(f"memory_budget = {budget!r} is not understood: use 'inference' or an amount like '1500MB' or '2GB'")
+        raise EmlocError(f"memory_budget = {budget!r} is not understood: "
+                         "use 'inference' or an amount like '1500MB' or '2GB'")
     return float(match.group(1)) * 1024 ** (3 if match.group(2).upper().startswith("G") else 2)

@@ -1,13 +1,15 @@
-"""Stage 3: LoRA correction (notation: docs/architecture.md) as pure functions, plus the driver over a peft model.
+"""Stage 3: LoRA correction (notation: docs/architecture.md) as pure functions, plus the driver over a peft
+model.
 
 peft's update is ``dW = s B A`` with ``A: (r, in)``, ``B: (out, r)``. With ``Q`` an orthonormal basis
 (``in x r``) of the row space of ``A``: ``B A = B~ Q^T`` with ``B~ = B A Q``. The mismatch inside that
 subspace is ``D = (W - W') Q / s``; the corrected pair is ``A' = Q^T``, ``B^ = B~ - clamp(target)``.
 
 The *method* chooses the target (:data:`CORRECTION_TARGETS`, one entry per name of
-:data:`emloc.config.CORRECTION_METHODS`): ``official`` subtracts ``D`` itself (the paper), ``aligned`` only the
-part of ``D`` the adapter learned to compensate, ``activation_aware`` the mismatch measured on the calibration
-activations. One function (:func:`correct_lora_pair`) and one report (:func:`pair_report`) serve them all.
+:data:`emloc.config.CORRECTION_METHODS`): ``official`` subtracts ``D`` itself (the paper), ``aligned`` only
+the part of ``D`` the adapter learned to compensate, ``activation_aware`` the mismatch measured on the
+calibration activations. One function (:func:`correct_lora_pair`) and one report (:func:`pair_report`) serve
+them all.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from emloc.config import CORRECTION_METHODS
-from emloc.emulator import EmulatorFactors, layer_index, module_type
+from emloc.emulator import EmulatorFactors
+from emloc.targets import layer_index, module_type
 from emloc.errors import EmlocError
 
 
@@ -40,7 +43,8 @@ def subspace_mismatch(W: torch.Tensor, W_emulated: torch.Tensor, Q: torch.Tensor
     return (W - W_emulated) @ Q / s
 
 
-def clamp_columns(D: torch.Tensor, B_tilde: torch.Tensor, lam: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def clamp_columns(D: torch.Tensor, B_tilde: torch.Tensor,
+                  lam: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column ``j``: if ``mean|D_j| / mean|B~_j| > lam``, scale ``D_j`` by ``lam / ratio_j``.
 
     Returns the clamped ``D`` and a boolean mask of the clamped columns. ``lam=None``: no clamp.
@@ -65,13 +69,15 @@ def _tiny(t: torch.Tensor) -> float:
 
 def column_coefficients(B_tilde: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Per column ``j`` the least-squares coefficient of the update on the mismatch,
-    ``c_j = <s B~_j, M_j> / ||M_j||^2 = <B~_j, D_j> / ||D_j||^2`` (``s`` cancels); 0 where ``D_j = 0``. Shape ``(r,)``."""
+    ``c_j = <s B~_j, M_j> / ||M_j||^2 = <B~_j, D_j> / ||D_j||^2`` (``s`` cancels); 0 where ``D_j = 0``.
+    Shape ``(r,)``."""
     norms = (D * D).sum(0)
     return torch.where(norms > 0, (B_tilde * D).sum(0) / norms.clamp_min(_tiny(D)), torch.zeros_like(norms))
 
 
 def column_cosines(B_tilde: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Per column cosine between ``B~_j`` and ``D_j`` (1: the update points along the emulator's error); 0 if either is 0."""
+    """Per column cosine between ``B~_j`` and ``D_j`` (1: the update points along the emulator's error); 0 if
+    either is 0."""
     denom = B_tilde.norm(dim=0) * D.norm(dim=0)
     return torch.where(denom > 0, (B_tilde * D).sum(0) / denom.clamp_min(_tiny(D)), torch.zeros_like(denom))
 
@@ -103,7 +109,8 @@ def activation_aware_mismatch(W: torch.Tensor, W_emulated: torch.Tensor, Q: torc
 
 def _activation_aware_target(D, B_tilde, W, W_emulated, Q, s, C):
     if C is None:
-        raise EmlocError("the activation_aware correction needs the calibration statistics C: run `emloc calibrate` first")
+        raise EmlocError("the activation_aware correction needs the calibration statistics C: "
+                         "run `emloc calibrate` first")
     return activation_aware_mismatch(W, W_emulated, Q, C, s)
 
 
@@ -116,18 +123,22 @@ CORRECTION_TARGETS: dict[str, TargetFunction] = {
     "activation_aware": _activation_aware_target,
 }
 """Method name -> target function; its keys are :data:`emloc.config.CORRECTION_METHODS`, in that order."""
-assert tuple(CORRECTION_TARGETS) == CORRECTION_METHODS, "emloc.config.CORRECTION_METHODS and CORRECTION_TARGETS disagree"
+assert tuple(CORRECTION_TARGETS) == CORRECTION_METHODS, ("emloc.config.CORRECTION_METHODS and "
+                                                         "CORRECTION_TARGETS disagree")
 
 
 def check_method(method: str) -> None:
     """A one-line error for a correction method that is not one of :data:`CORRECTION_METHODS`."""
     if method not in CORRECTION_TARGETS:
-        raise EmlocError(f"correction method {method!r} is unknown: use one of {', '.join(CORRECTION_METHODS)}")
+        raise EmlocError(f"correction method {method!r} is unknown: "
+                         f"use one of {', '.join(CORRECTION_METHODS)}")
 
 
-def correction_target(method: str, D: torch.Tensor, B_tilde: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor,
-                      Q: torch.Tensor, s: float, C: torch.Tensor | None = None) -> torch.Tensor:
-    """What ``method`` subtracts from ``B~`` before the clamp (``out x r``); ``D`` for the official correction."""
+def correction_target(method: str, D: torch.Tensor, B_tilde: torch.Tensor, W: torch.Tensor,
+                      W_emulated: torch.Tensor, Q: torch.Tensor, s: float,
+                      C: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``method`` subtracts from ``B~`` before the clamp (``out x r``); ``D`` for the official
+    correction."""
     check_method(method)
     return CORRECTION_TARGETS[method](D, B_tilde, W, W_emulated, Q, s, C)
 
@@ -150,12 +161,14 @@ class CorrectedPair:
 
 
 def correct_lora_pair(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, W_emulated: torch.Tensor, s: float,
-                      lam: float | None = 3.0, method: str = "official", C: torch.Tensor | None = None) -> CorrectedPair:
-    """The correction of one LoRA pair by ``method``, for any scaling ``s``: ``B^ = B~ - clamp(target)``, ``A' = Q^T``.
+                      lam: float | None = 3.0, method: str = "official",
+                      C: torch.Tensor | None = None) -> CorrectedPair:
+    """The correction of one LoRA pair by ``method``, for any scaling ``s``: ``B^ = B~ - clamp(target)``,
+    ``A' = Q^T``.
 
-    ``A``: ``(r, in)``, ``B``: ``(out, r)``, ``W``, ``W_emulated``: ``(out, in)``; ``C`` (``in x in``) only for
-    ``'activation_aware'``. Official and unclamped, ``(W + s B^ A') x = (W' + s B A) x`` for every ``x`` in the
-    row space of ``A``.
+    ``A``: ``(r, in)``, ``B``: ``(out, r)``, ``W``, ``W_emulated``: ``(out, in)``; ``C`` (``in x in``) only
+    for ``'activation_aware'``. Official and unclamped, ``(W + s B^ A') x = (W' + s B A) x`` for every ``x``
+    in the row space of ``A``.
     """
     check_method(method)
     Q = orthonormal_row_basis(A)
@@ -185,7 +198,8 @@ def clamp_summary(D: torch.Tensor, B_tilde: torch.Tensor, D_applied: torch.Tenso
 
 def pair_diagnostics(B_tilde: torch.Tensor, D: torch.Tensor, D_target: torch.Tensor, D_applied: torch.Tensor,
                      s: float) -> dict:
-    """How the learned update ``U = s B~`` relates to the mismatch ``M = s D`` on ``Q``, and what the clamp did.
+    """How the learned update ``U = s B~`` relates to the mismatch ``M = s D`` on ``Q``, and what the clamp
+    did.
 
     - ``mismatch_norm`` ``||M||_F``; ``update_mismatch_cosine`` ``<U, M>_F / (||U|| ||M||)``;
     - ``update_mismatch_coefficient`` ``<U, M>_F / ||M||^2``: ``U ~ c M`` in least squares, the share of the
@@ -209,7 +223,8 @@ def pair_diagnostics(B_tilde: torch.Tensor, D: torch.Tensor, D_target: torch.Ten
 
 
 def pair_report(pair: CorrectedPair, W_emulated: torch.Tensor, s: float) -> dict:
-    """One module's report row: :func:`clamp_summary`, the method's ``target_norm`` and :func:`pair_diagnostics`."""
+    """One module's report row: :func:`clamp_summary`, the method's ``target_norm`` and
+    :func:`pair_diagnostics`."""
     applied = pair.B_tilde - pair.B
     reference_norm = float((W_emulated @ pair.Q + s * pair.B_tilde).norm())
     return {**clamp_summary(pair.D, pair.B_tilde, applied, pair.clamped, s, reference_norm),
@@ -221,7 +236,8 @@ def pair_report(pair: CorrectedPair, W_emulated: torch.Tensor, s: float) -> dict
 
 def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
     """LoRA-wrapped modules by their name in the base model (``model.layers.0.self_attn.q_proj``)."""
-    return {name: module for name, module in peft_model.get_base_model().named_modules() if isinstance(module, LoraLayer)}
+    return {name: module for name, module in peft_model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer)}
 
 
 @torch.no_grad()
@@ -237,12 +253,14 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
     """
     check_method(method)
     if method == "activation_aware" and stats is None:
-        raise EmlocError("the activation_aware correction needs the calibration statistics: run `emloc calibrate` first")
+        raise EmlocError("the activation_aware correction needs the calibration statistics: "
+                         "run `emloc calibrate` first")
     rows, tensors = [], {}
     layers = lora_layers(peft_model)
     unknown = [name for name in factors.u if name not in layers]
     if len(unknown) == len(factors.u):
-        raise EmlocError("the adapter wraps none of the emulator's layers: it belongs to another model or emulator")
+        raise EmlocError("the adapter wraps none of the emulator's layers: "
+                         "it belongs to another model or emulator")
     for name, layer in layers.items():
         lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         W = layer.get_base_layer().weight.to(compute_dtype)
@@ -251,12 +269,14 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
         C = None
         if method == "activation_aware":  # a module left dense has W' = W: no mismatch under any C
             C = stats.C(name).to(W.device) if name in factors.u else torch.eye(W.shape[1], device=W.device)
-        pair = correct_lora_pair(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam, method, C)
+        pair = correct_lora_pair(lora_A.to(compute_dtype), lora_B.to(compute_dtype), W, W_emulated, s, lam,
+                                 method, C)
         lora_A.copy_(pair.A.to(lora_A.dtype))
         lora_B.copy_(pair.B.to(lora_B.dtype))
         rows.append({"module": name, "layer": layer_index(name), "type": module_type(name), "scaling": s,
                      "method": method, **pair_report(pair, W_emulated, s)})
-        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(), f"{name}.D": pair.D.float(),
+        tensors.update({f"{name}.Q": pair.Q.float(), f"{name}.B_tilde": pair.B_tilde.float(),
+                        f"{name}.D": pair.D.float(),
                         f"{name}.D_target": pair.D_target.float(),
                         f"{name}.coefficient": column_coefficients(pair.B_tilde, pair.D).float(),
                         f"{name}.cosine": column_cosines(pair.B_tilde, pair.D).float()})
@@ -274,5 +294,6 @@ def reclamp_report(tensors: dict[str, torch.Tensor], report: pd.DataFrame, lam: 
         target = tensors.get(f"{row.module}.D_target", tensors[f"{row.module}.D"]).double()
         D_clamped, clamped = clamp_columns(target, B_tilde, lam)
         summary = clamp_summary(D, B_tilde, D_clamped, clamped, row.scaling, row.reference_norm)
-        rows.append({"module": row.module, "layer": row.layer, "type": row.type, "scaling": row.scaling, **summary})
+        rows.append({"module": row.module, "layer": row.layer, "type": row.type, "scaling": row.scaling,
+                     **summary})
     return pd.DataFrame(rows)

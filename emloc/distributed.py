@@ -21,8 +21,9 @@ from emloc.errors import EmlocError
 
 def launch_command(run_dir: str | Path, which: str = "emulator", num_processes: int = 2) -> list[str]:
     """The ``torchrun`` command line (single node, a free local port)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-            "-m", "emloc.distributed", "--out", str(run_dir), "--which", which]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={num_processes}", "-m", "emloc.distributed", "--out", str(run_dir),
+            "--which", which]
 
 
 def train_distributed(run_dir: str | Path, which: str = "emulator", num_processes: int = 2,
@@ -39,11 +40,12 @@ def train_distributed(run_dir: str | Path, which: str = "emulator", num_processe
         run.require("build", "build")
     run.begin(f"train_{which}")
     env = os.environ | {"OMP_NUM_THREADS": str(threads_per_process), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(launch_command(run.dir, which, num_processes), env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = subprocess.run(launch_command(run.dir, which, num_processes), env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise EmlocError(f"distributed training exited with code {done.returncode}; its last messages:\n{tail}")
+        raise EmlocError(f"distributed training exited with code {done.returncode}; "
+                         f"its last messages:\n{tail}")
     return run.history(which)
 
 
@@ -52,25 +54,28 @@ def worker(run_dir: str, which: str) -> None:
     import torch.distributed as dist
 
     from emloc.lora import train_lora
-    from emloc.pipeline import Run
-    from emloc.rundir import save_training
+    from emloc.pipeline import Run, recovered_adapter
+    from emloc.rundir import check_finite_losses, save_training
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     run = Run(run_dir, progress=rank == 0)
     cfg = run.config
     spec = dataclasses.replace(cfg.lora, batch_size=max(1, cfg.lora.batch_size // world))
     model = run.emulator() if which == "emulator" else run.fresh_model()
-    result = train_lora(model, run.features("train"), spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id,
-                        seed=cfg.seed, progress=rank == 0)
+    result = train_lora(model, run.features("train"), spec, cfg.emulator.target_modules,
+                        run.tokenizer.pad_token_id, seed=cfg.seed, progress=rank == 0)
     if rank == 0:
-        save_training(run, which, result, processes=world, per_process_batch_size=spec.batch_size)
+        check_finite_losses(result.history, which)
+        save_training(run, which, result, recovered_adapter(run, which, result.model), processes=world,
+                      per_process_batch_size=spec.batch_size)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m emloc.distributed", description="one LoRA training process")
+    parser = argparse.ArgumentParser(prog="python -m emloc.distributed",
+                                     description="one LoRA training process")
     parser.add_argument("--out", required=True, help="run directory with a finished build stage")
     parser.add_argument("--which", choices=["emulator", "original"], default="emulator")
     args = parser.parse_args(argv)

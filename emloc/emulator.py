@@ -4,13 +4,15 @@ name, ``in_features`` and ``out_features``, so a LoRA adapter trained on it fits
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from emloc.calibration import CalibrationStats, PairedStats, target_linears
 from emloc.config import EmulatorConfig
@@ -19,10 +21,9 @@ from emloc.lowrank import (break_even_rank, calibration_error, least_squares_tar
                            rank_from_ratio, relative_error_curve, sequential_error, whitened_basis,
                            whitened_basis_from_gram, whitened_basis_from_right_gram, whitening_factor,
                            project_onto_basis)
-
-DOWN_PROJECTIONS = ("down_proj", "w2", "fc2")
-"""Names of the MLP down projection in Llama/Qwen/Mistral, InternLM2 and OPT-style decoders."""
-
+from emloc.models import (contiguous_output_layer_input, last_decoder_layer, meta_model, resolve_dtype,
+                          resolve_model_path)
+from emloc.targets import excluded_modules, layer_index, module_type, ratio_for
 
 class LowRankLinear(nn.Module):
     """``y = u (v x) + b`` with ``u: (out, r)``, ``v: (r, in)``; a drop-in for ``nn.Linear``."""
@@ -32,7 +33,8 @@ class LowRankLinear(nn.Module):
         self.out_features, self.rank = u.shape
         self.in_features = v.shape[1]
         self.down = nn.Linear(self.in_features, self.rank, bias=False, device=v.device, dtype=v.dtype)
-        self.up = nn.Linear(self.rank, self.out_features, bias=bias is not None, device=u.device, dtype=u.dtype)
+        self.up = nn.Linear(self.rank, self.out_features, bias=bias is not None, device=u.device,
+                            dtype=u.dtype)
         with torch.no_grad():
             self.down.weight.copy_(v)
             self.up.weight.copy_(u)
@@ -64,50 +66,12 @@ class EmulatorFactors:
         return self.u[name] @ self.v[name]
 
 
-def ratio_for(name: str, config: EmulatorConfig) -> float:
-    """The first matching pattern in ``config.ratio_patterns`` wins, else ``config.ratio``."""
-    for pattern, ratio in config.ratio_patterns.items():
-        if re.fullmatch(pattern, name) or re.search(pattern, name):
-            return float(ratio)
-    return float(config.ratio)
-
-
-def module_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def layer_index(name: str) -> int:
-    match = re.search(r"\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
-
-
-def last_decoder_layer(model: nn.Module) -> str | None:
-    """Qualified name of the last decoder layer (``model.layers.29``), or None when there is no decoder."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return None
-    return next(name for name, module in model.named_modules() if module is layers[-1])
-
-
-def excluded_modules(model: nn.Module, names, config: EmulatorConfig) -> set[str]:
-    """Targeted linears the emulator keeps dense: with ``skip_last_down_proj``, the last decoder layer's MLP
-    down projection (the official configuration compresses every other decoder linear)."""
-    if not config.skip_last_down_proj:
-        return set()
-    downs = [name for name in names if module_type(name) in DOWN_PROJECTIONS]
-    last = last_decoder_layer(model)
-    if last is None:  # no decoder to ask: the down projection with the highest layer index
-        last_index = max((layer_index(name) for name in downs), default=-1)
-        return {name for name in downs if last_index >= 0 and layer_index(name) == last_index}
-    return {name for name in downs if name.startswith(last + ".")}
-
-
 def _factorise(W: torch.Tensor, C: torch.Tensor, S_cache: dict, leader: str, r: int, method: str):
     """Return ``(u, v, sigma_whitened)``; the whitening factor ``S`` is cached per shared input."""
     if method == "plain":
         u, v, _ = plain_truncation(W, r)
-        sigma = (whitened_basis_from_gram(W, C) if W.shape[0] < W.shape[1] else whitened_basis(W, _S(C, S_cache, leader)))[1]
+        sigma = (whitened_basis_from_gram(W, C) if W.shape[0] < W.shape[1]
+                 else whitened_basis(W, _S(C, S_cache, leader)))[1]
         return u, v, sigma
     # eigh on the smaller side of W S: (out x out) from C directly, or (in x in) through the shared S
     if W.shape[0] <= W.shape[1]:
@@ -129,13 +93,14 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
     """Compute rank-``r`` factors for every targeted linear; the model is not changed.
 
     ``r`` comes from ``ranks`` when given, else from ``config.allocation``: ``rho`` per module (uniform) or
-    :func:`emloc.allocation.allocate` (global; the report then also lists the uniform rule's ``rank_uniform``).
+    :func:`emloc.allocation.allocate` (global; the report then also lists the uniform rule's
+    ``rank_uniform``).
     """
     if config.calibration == "sequential" and not isinstance(stats, PairedStats):
         raise EmlocError("emulator.calibration = 'sequential' builds from the calibration samples, not from "
                          "saved statistics: use emloc.sequential.build_sequential (or the streamed build)")
     linears = target_linears(model, config.target_modules)
-    for name in excluded_modules(model, linears, config):
+    for name in excluded_modules(linears, config, last_decoder_layer(model)):
         del linears[name]
     missing = [name for name in linears if name not in stats.input_of]
     if missing:
@@ -143,16 +108,16 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
                          f"target list; re-run `emloc calibrate`")
     for leader, C in stats.covariances.items():
         if not torch.isfinite(C).all():
-            raise EmlocError(f"calibration statistics of {leader} contain NaN or Inf: re-run `emloc calibrate` "
-                             f"(and check the model's weights and dtype)")
+            raise EmlocError(f"calibration statistics of {leader} contain NaN or Inf: "
+                             f"re-run `emloc calibrate` (and check the model's weights and dtype)")
     uniform = None
     if ranks is None and config.allocation == "global":
         from emloc.allocation import allocate  # here: emloc.allocation imports this module
         ranks, uniform = allocate(model, stats, config, progress)
     u_all, v_all, spectra, rows, S_cache = {}, {}, {}, [], {}
     for name, linear in tqdm(linears.items(), desc="emulator", disable=not progress):
-        u_all[name], v_all[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache,
-                                                                     rank=None if ranks is None else ranks[name])
+        u_all[name], v_all[name], spectra[name], row = factor_linear(
+            name, linear, stats, config, S_cache, rank=None if ranks is None else ranks[name])
         rows.append(row | ({} if uniform is None else {"rank_uniform": uniform[name]}))
         if len(S_cache) > 1:  # keep only the current shared input's factor
             S_cache.pop(next(iter(S_cache)))
@@ -160,7 +125,8 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
 
 
 def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config: EmulatorConfig,
-                  S_cache: dict | None = None, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+                  S_cache: dict | None = None,
+                  rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """One linear's ``(u, v, spectra, report_row)``; shared by the in-memory and the layer-streamed builds.
 
     ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input;
@@ -176,8 +142,8 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     rho = ratio_for(name, config)
     r = rank_from_ratio(rho, out_features, in_features) if rank is None else int(rank)
     if not 1 <= r <= min(out_features, in_features):
-        raise EmlocError(f"rank {r} for {name} is outside 1..{min(out_features, in_features)}: fix the ranks passed "
-                         f"to build_factors")
+        raise EmlocError(f"rank {r} for {name} is outside 1..{min(out_features, in_features)}: "
+                         f"fix the ranks passed to build_factors")
     S_cache = {} if S_cache is None else S_cache
     if isinstance(stats, PairedStats):
         C_tilde, P = stats.C_tilde(name).to(W.device, compute), stats.P(name).to(W.device, compute)
@@ -220,9 +186,10 @@ def emulate(model: nn.Module, factors: EmulatorFactors, copy_model: bool = True)
     return emulator
 
 
-def swap_in_low_rank(root: nn.Module, u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Replace, in place, each linear ``root.<name>`` by a :class:`LowRankLinear` ``u[name] v[name]`` (same bias);
-    returns the replaced linears by name, so a caller can put them back."""
+def swap_in_low_rank(root: nn.Module, u: dict[str, torch.Tensor],
+                     v: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Replace, in place, each linear ``root.<name>`` by a :class:`LowRankLinear` ``u[name] v[name]``
+    (same bias); returns the replaced linears by name, so a caller can put them back."""
     modules = dict(root.named_modules())
     replaced = {}
     for name in u:
@@ -232,8 +199,10 @@ def swap_in_low_rank(root: nn.Module, u: dict[str, torch.Tensor], v: dict[str, t
         linear = modules[name]
         u_name, v_name = u[name], v[name]
         if u_name.shape[0] != linear.out_features or v_name.shape[1] != linear.in_features:
-            raise EmlocError(f"emulator factors for {name} have shape {tuple(u_name.shape)}x{tuple(v_name.shape)}, "
-                             f"which does not fit ({linear.out_features}, {linear.in_features}): rebuild with `emloc build`")
+            raise EmlocError(f"emulator factors for {name} have shape "
+                             f"{tuple(u_name.shape)}x{tuple(v_name.shape)}, "
+                             f"which does not fit ({linear.out_features}, {linear.in_features}): "
+                             f"rebuild with `emloc build`")
         device, dtype = linear.weight.device, linear.weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
         set_submodule(root, name, LowRankLinear(u_name.to(device, dtype), v_name.to(device, dtype), bias))
@@ -248,3 +217,53 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote_code: bool = False):
+    """The emulator built without ever holding the original model's targeted weights in memory.
+
+    The architecture is made on the meta device, each factored linear becomes a ``LowRankLinear``
+    from ``factors``, and only the remaining tensors are read from the safetensors files. This is how
+    LoRA on the emulator stays within the inference memory budget (the usual ``emulate(load_model())``
+    holds the original first).
+    """
+    path = Path(resolve_model_path(model))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EmlocError(f"{model} has no safetensors files: the lean emulator loader reads safetensors only")
+    torch_dtype = resolve_dtype(dtype)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    emulator = meta_model(config)
+    for name in factors.u:
+        parent_name, _, child = name.rpartition(".")
+        parent = emulator.get_submodule(parent_name)
+        has_bias = getattr(parent, child).bias is not None
+        u, v = factors.u[name].to(torch_dtype), factors.v[name].to(torch_dtype)
+        def shaped(t):
+            return torch.empty(t.shape, dtype=torch_dtype, device="meta")
+        low_rank = LowRankLinear(shaped(u), shaped(v), shaped(u[:, 0]) if has_bias else None)
+        # use the factor tensors themselves: a copy would hold the emulator twice at the peak
+        low_rank.up.weight, low_rank.down.weight = nn.Parameter(u), nn.Parameter(v)
+        setattr(parent, child, low_rank)
+    skip = {f"{name}.weight" for name in factors.u}
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            state.update({key: handle.get_tensor(key).to(torch_dtype) for key in handle.keys()
+                          if key not in skip})
+    state = {(k[: -len(".bias")] + ".up.bias" if k[: -len(".bias")] in factors.u else k): t
+             for k, t in state.items()}
+    emulator.load_state_dict(state, strict=False, assign=True)
+    emulator.tie_weights()
+    # non-persistent buffers (rotary) were made on meta
+    for module_name, module in list(emulator.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child,
+                    type(module)(config=config))
+    left = [n for n, t in [*emulator.named_parameters(), *emulator.named_buffers()] if t.is_meta]
+    if left:
+        raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: "
+                         "use Run.emulator() for this model")
+    contiguous_output_layer_input(emulator)
+    return emulator.eval()

@@ -26,10 +26,12 @@ class Emulator(Protocol):
     corrects: ClassVar[bool]
     """Whether LoRA correction applies (there is a dense ``W'`` to correct against)."""
     transfer_adapter: ClassVar[str]
-    """The adapter (``emloc.rundir.ADAPTERS`` key) that carries the emulator-trained LoRA to the original model."""
+    """The adapter (``emloc.rundir.ADAPTERS`` key) that carries the emulator-trained LoRA to the original
+    model."""
 
     @classmethod
-    def build(cls, model: nn.Module, stats: CalibrationStats, config: EmulatorConfig, progress: bool = True): ...
+    def build(cls, model: nn.Module, stats: CalibrationStats, config: EmulatorConfig,
+              progress: bool = True): ...
 
     @classmethod
     def load(cls, folder: Path, method: str): ...
@@ -48,14 +50,17 @@ def factor_tensors(u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> di
 
 def write_factor_folder(folder: Path, write_factors: Callable[[Path], None], spectra: dict,
                         report: pd.DataFrame) -> None:
-    """An SVD emulator's folder: ``write_factors(path)`` writes ``factors.safetensors``, then spectra and report."""
+    """An SVD emulator's folder: ``write_factors(path)`` writes ``factors.safetensors``, then spectra and
+    report."""
     write_factors(folder / "factors.safetensors")
-    io.write_tensors(folder / "spectra.safetensors", {f"{n}.{k}": t for n, d in spectra.items() for k, t in d.items()})
+    io.write_tensors(folder / "spectra.safetensors",
+                     {f"{n}.{k}": t for n, d in spectra.items() for k, t in d.items()})
     report.to_csv(folder / "report.csv", index=False)
 
 
 class SvdEmulator(EmulatorFactors):
-    """:class:`~emloc.emulator.EmulatorFactors` (``u``, ``v`` per module, spectra, report) as an :class:`Emulator`."""
+    """:class:`~emloc.emulator.EmulatorFactors` (``u``, ``v`` per module, spectra, report) as an
+    :class:`Emulator`."""
 
     corrects: ClassVar[bool] = True
     transfer_adapter: ClassVar[str] = "emulator"
@@ -77,9 +82,10 @@ class SvdEmulator(EmulatorFactors):
         report = io.read_csv(folder / "report.csv")
         names = list(report["module"])
         if sorted(f"{n}.{k}" for n in names for k in "uv") != sorted(tensors) or report.isna().any().any():
-            raise EmlocError(f"{folder / 'report.csv'} is corrupted or truncated (it does not list the factored "
-                             f"modules): re-run `emloc build --out {folder.parent}`")
-        spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]} for n in names}
+            raise EmlocError(f"{folder / 'report.csv'} is corrupted or truncated (it does not list the "
+                             f"factored modules): re-run `emloc build --out {folder.parent}`")
+        spectra = {n: {"whitened": spectra_flat[f"{n}.whitened"], "plain": spectra_flat[f"{n}.plain"]}
+                   for n in names}
         return cls({n: tensors[f"{n}.u"] for n in names}, {n: tensors[f"{n}.v"] for n in names},
                    spectra, report, method)
 
@@ -100,5 +106,6 @@ def emulator_kind(method: str) -> type:
 
 
 def as_emulator(emulator) -> Emulator:
-    """Plain :class:`~emloc.emulator.EmulatorFactors` (e.g. from ``build_factors``) as an :class:`Emulator`."""
+    """Plain :class:`~emloc.emulator.EmulatorFactors` (e.g. from ``build_factors``) as an
+    :class:`Emulator`."""
     return emulator if hasattr(emulator, "apply") else SvdEmulator.of(emulator)

@@ -16,36 +16,42 @@ def response_loss(model: nn.Module, features: list[dict], pad_token_id: int, bat
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = response_window_batch(features[start:start + batch_size], pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       position_ids=batch["position_ids"].to(device), logits_to_keep=batch["logits_to_keep"]).logits.float()
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device),
+                       position_ids=batch["position_ids"].to(device),
+                       logits_to_keep=batch["logits_to_keep"]).logits.float()
         batch["labels"] = batch["labels"].to(device)
         targets = batch["labels"][:, 1:]
-        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                             reduction="sum")
         total += float(losses)
         count += int((targets != -100).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, data: TaskData, examples: list[Example], max_new_tokens: int = 8,
-                     batch_size: int = 32) -> list[str]:
+def generate_answers(model: nn.Module, tokenizer, data: TaskData, examples: list[Example],
+                     max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
     """Greedy answers for ``examples``' prompts, decoded without special tokens."""
     device = next(model.parameters()).device
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        features = [{"input_ids": tokenizer(prompt_text(tokenizer, data.task, e.prompt), add_special_tokens=False)["input_ids"]}
+        features = [{"input_ids": tokenizer(prompt_text(tokenizer, data.task, e.prompt),
+                                            add_special_tokens=False)["input_ids"]}
                     for e in chunk]
         batch = pad_batch(features, tokenizer.pad_token_id, padding_side="left")
-        output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
 
 
-def evaluate_model(model: nn.Module, tokenizer, data: TaskData, max_length: int = 128, max_new_tokens: int = 8,
-                   batch_size: int = 32) -> dict:
+def evaluate_model(model: nn.Module, tokenizer, data: TaskData, max_length: int = 128,
+                   max_new_tokens: int = 8, batch_size: int = 32) -> dict:
     """``{"accuracy", "loss", "n", "predictions", "correct"}`` on ``data.test``."""
     was_training = model.training
     model.eval()
@@ -83,6 +89,7 @@ def item_correctness(results: dict, data: TaskData) -> dict[str, list[int]]:
         correct[variant] = [int(data.is_correct(p, e)) for p, e in zip(predictions, data.test)]
         accuracy = results["variants"][variant]["accuracy"]
         if abs(sum(correct[variant]) / max(len(predictions), 1) - accuracy) > 1e-9:
-            raise EmlocError(f"re-scoring the {variant} predictions does not give the saved accuracy {accuracy:.4f}: "
+            raise EmlocError(f"re-scoring the {variant} predictions does not give the saved accuracy "
+                             f"{accuracy:.4f}: "
                              f"the data are not the ones the run was evaluated on; pass run.data")
     return correct

@@ -1,10 +1,11 @@
 """Automatic checks for the notebooks' exercises (issue 14), and the tool that fills in their solutions.
 
-Every ``check_*`` function prints one line, ``✅ correct: ...`` or ``❌ not yet: <what is wrong> - hint: <hint>``,
-and returns a :class:`CheckResult` (truthy when correct). A wrong answer never raises: ``None``, wrong
-types or shapes, NaNs and exceptions inside a student's function all become a hint. The reference is
-always computed by the library (:mod:`emloc.lowrank`, :mod:`emloc.reports`, :mod:`emloc.lora`,
-:mod:`emloc.correction`) or read from the run's saved artifacts; nothing here re-implements the math.
+Every ``check_*`` function prints one line, ``✅ correct: ...`` or
+``❌ not yet: <what is wrong> - hint: <hint>``, and returns a :class:`CheckResult` (truthy when correct). A
+wrong answer never raises: ``None``, wrong types or shapes, NaNs and exceptions inside a student's function
+all become a hint. The reference is always computed by the library (:mod:`emloc.lowrank`,
+:mod:`emloc.reports`, :mod:`emloc.lora`, :mod:`emloc.correction`) or read from the run's saved artifacts;
+nothing here re-implements the math.
 
 Exercise cells follow one convention (``docs/teaching.md``): a code cell whose first line is
 ``# EXERCISE <id>``; :func:`solve_notebook` replaces the rest of that cell with the solution snippet
@@ -66,8 +67,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def exercise(exercise_id: str, hint: str) -> Callable:
-    """Decorate a check: its body returns the success text or raises :class:`NotYet`; anything else a student's
-    input provokes is turned into a ``❌`` line with ``hint`` (the exercise's general hint)."""
+    """Decorate a check: its body returns the success text or raises :class:`NotYet`; anything else a
+    student's input provokes is turned into a ``❌`` line with ``hint`` (the exercise's general hint)."""
 
     def decorate(check: Callable[..., str]) -> Callable[..., CheckResult]:
         @functools.wraps(check)
@@ -80,7 +81,8 @@ def exercise(exercise_id: str, hint: str) -> Callable:
             except EmlocError as error:
                 message, passed = f"❌ cannot check yet: {error}", False
             except Exception as exc:  # a student's garbage input must never end in a traceback
-                message, passed = f"❌ not yet: your answer could not be checked ({_first_line(exc)}) - hint: {hint}", False
+                message, passed = (f"❌ not yet: your answer could not be checked ({_first_line(exc)}) "
+                                   f"- hint: {hint}"), False
             print(message, flush=True)
             return CheckResult(exercise_id, passed, message)
 
@@ -93,7 +95,8 @@ def exercise(exercise_id: str, hint: str) -> Callable:
 def _call(function: Any, *args) -> Any:
     """Call a student's function; its exceptions become a :class:`NotYet`."""
     if not callable(function):
-        raise NotYet(f"expected a function, got {_describe(function)}", "pass the function itself (its name, no parentheses)")
+        raise NotYet(f"expected a function, got {_describe(function)}",
+                     "pass the function itself (its name, no parentheses)")
     try:
         return function(*args)
     except Exception as exc:
@@ -106,13 +109,16 @@ def _describe(value: Any) -> str:
     if value is None:
         return "None"
     shape, kind = getattr(value, "shape", None), type(value).__name__
-    return f"{'an' if kind[0] in 'aeiouE' else 'a'} {kind}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+    return (f"{'an' if kind[0] in 'aeiouE' else 'a'} {kind}"
+            + (f" of shape {tuple(shape)}" if shape is not None else ""))
 
 
 def _number(value: Any, what: str) -> float:
     if value is None or value is Ellipsis:
-        raise NotYet(f"{what} is {value!r}", "replace the placeholder with your computation and make sure it is returned")
-    if isinstance(value, torch.Tensor | np.ndarray) and (value.numel() if isinstance(value, torch.Tensor) else value.size) == 1:
+        raise NotYet(f"{what} is {value!r}",
+                     "replace the placeholder with your computation and make sure it is returned")
+    if (isinstance(value, torch.Tensor | np.ndarray)
+            and (value.numel() if isinstance(value, torch.Tensor) else value.size) == 1):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise NotYet(f"{what} is {_describe(value)}, not a number", "compute a single number (int or float)")
@@ -124,22 +130,25 @@ def _number(value: Any, what: str) -> float:
 def _integer(value: Any, what: str) -> int:
     number = _number(value, what)
     if number != int(number):
-        raise NotYet(f"{what} is {number}, not a whole number", "a rank counts directions: round down with math.floor")
+        raise NotYet(f"{what} is {number}, not a whole number",
+                     "a rank counts directions: round down with math.floor")
     return int(number)
 
 
 def _tensor(value: Any, what: str) -> torch.Tensor:
     """A student's matrix as a float64 tensor (torch, numpy or nested lists)."""
     if value is None or value is Ellipsis:
-        raise NotYet(f"{what} is {value!r}", "replace the placeholder with your computation and assign the result")
+        raise NotYet(f"{what} is {value!r}",
+                     "replace the placeholder with your computation and assign the result")
     try:
-        tensor = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
-                                            dtype=np.float64))
+        tensor = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor)
+                                            else value, dtype=np.float64))
     except (TypeError, ValueError) as exc:
         raise NotYet(f"{what} is {_describe(value)}, not a matrix ({_first_line(exc)})",
                      "build it with torch operations (@ for matrix products)") from None
     if not torch.isfinite(tensor).all():
-        raise NotYet(f"{what} contains NaN or Inf", "look for a division by a zero singular value or eigenvalue")
+        raise NotYet(f"{what} contains NaN or Inf",
+                     "look for a division by a zero singular value or eigenvalue")
     return tensor
 
 
@@ -147,7 +156,8 @@ def _same_shape(answer: torch.Tensor, reference: torch.Tensor, what: str, hint: 
     if tuple(answer.shape) == tuple(reference.shape):
         return
     if tuple(answer.shape) == tuple(reference.shape[::-1]):
-        raise NotYet(f"{what} has shape {tuple(answer.shape)}, the transpose of the expected {tuple(reference.shape)}",
+        raise NotYet(f"{what} has shape {tuple(answer.shape)}, "
+                     f"the transpose of the expected {tuple(reference.shape)}",
                      "check the order of your matrix product (or drop a .T)")
     raise NotYet(f"{what} has shape {tuple(answer.shape)}, expected {tuple(reference.shape)}", hint)
 
@@ -165,7 +175,8 @@ def _close(answer: torch.Tensor, reference: torch.Tensor, rtol: float) -> bool:
 # ---- run access (all reads of saved artifacts; no model unless the exercise is about weights) ----------
 
 def _factors(source: Any):
-    """Spectra and report from an ``EmulatorFactors``, a :class:`~emloc.pipeline.Run` or an unpacked run folder."""
+    """Spectra and report from an ``EmulatorFactors``, a :class:`~emloc.pipeline.Run` or an unpacked run
+    folder."""
     if hasattr(source, "spectra") and hasattr(source, "report"):
         return source
     from emloc.bundle import light_factors
@@ -188,31 +199,35 @@ def _weight(run, name: str) -> torch.Tensor:
     try:
         return run.model.get_submodule(name).weight.detach().double()
     except AttributeError:
-        raise NotYet(f"{name!r} is not a linear layer of the model", "use a name from factors.report['module']") from None
+        raise NotYet(f"{name!r} is not a linear layer of the model",
+                     "use a name from factors.report['module']") from None
 
 
 def calibration_C(run, name: str) -> torch.Tensor:
-    """Module ``name``'s ``C`` (float64) (``in x in``) read from ``calibration/stats.safetensors`` without loading the others."""
+    """Module ``name``'s ``C`` (float64) (``in x in``) read from ``calibration/stats.safetensors`` without
+    loading the others."""
     from safetensors import safe_open
 
     from emloc import io
     folder = Path(run.dir) / "calibration"
     input_of = io.read_json(folder / "stats.json")["input_of"]
     if not (folder / "stats.safetensors").exists():
-        raise EmlocError(f"{folder / 'stats.safetensors'} is missing (a class bundle leaves it out): unpack a bundle "
-                         f"made with --with-stats or run `emloc calibrate --out {run.dir}`")
+        raise EmlocError(f"{folder / 'stats.safetensors'} is missing (a class bundle leaves it out): "
+                         f"unpack a bundle made with --with-stats or run `emloc calibrate --out {run.dir}`")
     with safe_open(str(folder / "stats.safetensors"), framework="pt") as handle:
         return handle.get_tensor(input_of[name]).double()
 
 
 # ---- notebook 01: ranks and spectra ----------------------------------------------------------
 
-RANK_CASES = [(0.5, 576, 576), (0.5, 1536, 576), (0.3, 192, 576), (0.25, 100, 7), (0.9, 49, 1000), (0.001, 64, 64)]
+RANK_CASES = [(0.5, 576, 576), (0.5, 1536, 576), (0.3, 192, 576), (0.25, 100, 7), (0.9, 49, 1000),
+              (0.001, 64, 64)]
 
 
 @exercise("rank_from_ratio", "r = floor(rho * out * in / (out + in)), and at least 1")
 def check_rank_from_ratio(answer_fn) -> str:
-    """``answer_fn(rho, out_features, in_features) -> int`` must follow :func:`emloc.lowrank.rank_from_ratio`."""
+    """``answer_fn(rho, out_features, in_features) -> int`` must follow
+    :func:`emloc.lowrank.rank_from_ratio`."""
     from emloc.lowrank import break_even_rank, rank_from_ratio
     for rho, out_f, in_f in RANK_CASES:
         answer = _integer(_call(answer_fn, rho, out_f, in_f), f"your rank for rho={rho}, W: {out_f} x {in_f}")
@@ -229,7 +244,8 @@ def check_rank_from_ratio(answer_fn) -> str:
         else:
             hint = "r = floor(rho * out * in / (out + in)), and at least 1"
         raise NotYet(f"for rho={rho}, W: {out_f} x {in_f} you give r={answer}, expected {expected}", hint)
-    return f"your rule matches rank_from_ratio on {len(RANK_CASES)} shapes (including a tiny rho that needs max(1, ...))"
+    return (f"your rule matches rank_from_ratio on {len(RANK_CASES)} shapes "
+            f"(including a tiny rho that needs max(1, ...))")
 
 
 @exercise("break_even", "u v holds r*(out+in) numbers, W holds out*in: solve r*(out+in) = out*in")
@@ -237,11 +253,14 @@ def check_break_even(value, out_features: int, in_features: int) -> str:
     """``value``: the rank at which ``u v`` (``out x r`` and ``r x in``) holds as many parameters as ``W``."""
     from emloc.lowrank import break_even_rank
     answer, expected = _number(value, "your break-even rank"), break_even_rank(out_features, in_features)
-    if math.isclose(answer, expected, rel_tol=1e-6) or (answer == int(answer) and int(answer) == math.floor(expected)):
-        return f"break-even rank {expected:.2f} for W: {out_features} x {in_features}: u v is smaller than W only below it"
+    if (math.isclose(answer, expected, rel_tol=1e-6)
+            or (answer == int(answer) and int(answer) == math.floor(expected))):
+        return (f"break-even rank {expected:.2f} for W: {out_features} x {in_features}: "
+                f"u v is smaller than W only below it")
     if math.isclose(answer, min(out_features, in_features)):
         hint = "min(out, in) is the largest possible rank, not where u v starts to pay"
-    elif math.isclose(answer, out_features * in_features / 2) or math.isclose(answer, (out_features + in_features) / 2):
+    elif (math.isclose(answer, out_features * in_features / 2)
+          or math.isclose(answer, (out_features + in_features) / 2)):
         hint = "count both factors: u has out*r numbers, v has r*in"
     else:
         hint = "u v holds r*(out+in) numbers, W holds out*in: solve r*(out+in) = out*in"
@@ -253,8 +272,8 @@ ERROR_CURVE_SIGMA = torch.linspace(3.0, 0.1, 24, dtype=torch.float64) ** 2
 
 @exercise("error_curve", "error(k) = sqrt(sum of sigma_i^2 for i >= k / sum of all sigma_i^2)")
 def check_error_curve(error_fn, sigma=None) -> str:
-    """``error_fn(sigma, k) -> float``: the relative error of keeping the top ``k`` of the descending ``sigma``
-    (:func:`emloc.lowrank.relative_error_curve`). ``sigma`` defaults to a made-up spectrum."""
+    """``error_fn(sigma, k) -> float``: the relative error of keeping the top ``k`` of the descending
+    ``sigma`` (:func:`emloc.lowrank.relative_error_curve`). ``sigma`` defaults to a made-up spectrum."""
     from emloc.lowrank import relative_error_curve
     sigma = ERROR_CURVE_SIGMA if sigma is None else torch.as_tensor(sigma).double()
     reference = relative_error_curve(sigma)
@@ -280,9 +299,11 @@ def check_error_curve(error_fn, sigma=None) -> str:
     return f"your error curve matches relative_error_curve for k = 0 .. {n} on a {n}-value spectrum"
 
 
-@exercise("smallest_rank", "read the module's error curve and take the first k whose error is at most the target")
+@exercise("smallest_rank",
+          "read the module's error curve and take the first k whose error is at most the target")
 def check_smallest_rank(r, factors, module: str, target: float, kind: str = "whitened") -> str:
-    """``r``: the smallest rank whose relative error (``kind`` spectrum of ``module``) is at most ``target``."""
+    """``r``: the smallest rank whose relative error (``kind`` spectrum of ``module``) is at most
+    ``target``."""
     from emloc.reports import spectrum_curves
     factors = _factors(factors)
     _module_row(factors, module)
@@ -290,9 +311,11 @@ def check_smallest_rank(r, factors, module: str, target: float, kind: str = "whi
     expected = int(np.argmax(error <= target + 1e-12))
     answer = _integer(r, "your rank")
     if answer == expected:
-        return f"rank {expected} is the smallest with {kind} error {error[expected]:.4f} <= {target:.4g} for {module}"
+        return (f"rank {expected} is the smallest with {kind} error {error[expected]:.4f} <= {target:.4g} "
+                f"for {module}")
     if not 0 <= answer < len(error):
-        raise NotYet(f"rank {answer} is outside 0..{len(error) - 1} for {module}", "a rank is between 0 and min(out, in)")
+        raise NotYet(f"rank {answer} is outside 0..{len(error) - 1} for {module}",
+                     "a rank is between 0 and min(out, in)")
     if error[answer] > target + 1e-12:
         raise NotYet(f"at rank {answer} the {kind} error is {error[answer]:.4f}, above {target:.4g}",
                      "you need more directions: look where the error curve crosses the target")
@@ -302,7 +325,8 @@ def check_smallest_rank(r, factors, module: str, target: float, kind: str = "whi
 
 # ---- notebook 02: the emulator ---------------------------------------------------------------
 
-@exercise("whitened_truncation", "C = S S^T; SVD of W S; keep the top r left singular vectors U_r; W' = U_r U_r^T W")
+@exercise("whitened_truncation",
+          "C = S S^T; SVD of W S; keep the top r left singular vectors U_r; W' = U_r U_r^T W")
 def check_whitened_truncation(W_prime, run, name: str, r: int) -> str:
     """``W_prime`` (``out x in``): the activation-aware rank-``r`` approximation of module ``name``'s weight,
     compared with :func:`emloc.lowrank.whitened_truncation` on the run's calibration statistics."""
@@ -317,13 +341,15 @@ def check_whitened_truncation(W_prime, run, name: str, r: int) -> str:
     # ties among singular values make W' not unique: an equal calibration error is as good
     if _close(answer, reference, 1e-4) or (torch.linalg.matrix_rank(answer) <= r and
                                            math.isclose(error, expected_error, rel_tol=1e-4, abs_tol=1e-8)):
-        return f"your W' has calibration error {error:.4f}, the best any rank-{r} matrix can do on these inputs"
+        return (f"your W' has calibration error {error:.4f}, "
+                f"the best any rank-{r} matrix can do on these inputs")
     rank = int(torch.linalg.matrix_rank(answer))
     if rank > r:
         raise NotYet(f"your W' has rank {rank}, more than r = {r}", "keep only the top r singular directions")
     u_plain, v_plain, _ = plain_truncation(W, int(r))
     if math.isclose(error, calibration_error(W, u_plain @ v_plain, C), rel_tol=1e-4):
-        raise NotYet(f"your W' is the plain SVD truncation of W (calibration error {error:.4f} > {expected_error:.4f})",
+        raise NotYet(f"your W' is the plain SVD truncation of W "
+                     f"(calibration error {error:.4f} > {expected_error:.4f})",
                      "whiten first: factor C = S S^T and take the SVD of W S, not of W")
     raise NotYet(f"your W' has calibration error {error:.4f}, the activation-aware one {expected_error:.4f}",
                  "C = S S^T; SVD of W S; keep the top r left singular vectors U_r; W' = U_r U_r^T W")
@@ -331,7 +357,8 @@ def check_whitened_truncation(W_prime, run, name: str, r: int) -> str:
 
 @exercise("compressed_parameters", "u is out x r and v is r x in, with r from the ratio rule")
 def check_compressed_parameters(value, out_features: int, in_features: int, rho: float) -> str:
-    """``value``: the parameters of the low-rank ``u v`` that replaces an ``out x in`` weight at ratio ``rho``."""
+    """``value``: the parameters of the low-rank ``u v`` that replaces an ``out x in`` weight at ratio
+    ``rho``."""
     from emloc.lowrank import rank_from_ratio
     r = rank_from_ratio(rho, out_features, in_features)
     expected, answer = r * (out_features + in_features), _integer(value, "your parameter count")
@@ -347,7 +374,8 @@ def check_compressed_parameters(value, out_features: int, in_features: int, rho:
     raise NotYet(f"{answer:,} parameters, expected {expected:,}", hint)
 
 
-@exercise("prediction", "compare the mean error per module type at that ratio (error map, or errors_at_ratio grouped by type)")
+@exercise("prediction", "compare the mean error per module type at that ratio "
+                        "(error map, or errors_at_ratio grouped by type)")
 def check_prediction(module_type: str, factors, rho: float) -> str:
     """``module_type`` (e.g. ``'down_proj'``): the module type with the largest mean activation-aware error at
     ratio ``rho``, from :func:`emloc.reports.errors_at_ratio` on the cached spectra."""
@@ -386,13 +414,15 @@ def check_lora_scaling(value, alpha: float, r: int, use_rslora: bool = False) ->
     raise NotYet(f"s = {answer:g}, expected {expected:g} for alpha={alpha:g}, r={r}", hint)
 
 
-@exercise("lora_parameters", "each adapted linear adds A (r x in) and B (out x r): r * (in + out) per module, summed")
+@exercise("lora_parameters",
+          "each adapted linear adds A (r x in) and B (out x r): r * (in + out) per module, summed")
 def check_lora_parameters(value, run, which: str = "emulator") -> str:
     """``value``: the trainable LoRA parameters of the run's adapter (the training summary's count)."""
     expected = int(run.history(which)["trainable_parameters"])
     answer = _integer(value, "your parameter count")
     if answer == expected:
-        return f"{expected:,} trainable LoRA parameters ({run.config.lora.r} x (in + out) over every adapted linear)"
+        return (f"{expected:,} trainable LoRA parameters "
+                f"({run.config.lora.r} x (in + out) over every adapted linear)")
     if expected % max(answer, 1) == 0 and answer and expected // answer in (2, run.config.lora.r):
         hint = "count both A and B, and multiply by the LoRA rank r"
     else:
@@ -402,15 +432,17 @@ def check_lora_parameters(value, run, which: str = "emulator") -> str:
 
 # ---- notebook 04: the correction -------------------------------------------------------------
 
-@exercise("B_tilde_and_D", "Q = orthonormal basis of A's rows (SVD of A^T, as the official code); B~ = B A Q; D = (W - W') Q / s")
+@exercise("B_tilde_and_D", "Q = orthonormal basis of A's rows (SVD of A^T, as the official code); "
+                           "B~ = B A Q; D = (W - W') Q / s")
 def check_B_tilde_and_D(B_tilde, D, run, name: str, Q=None) -> str:
-    """``B_tilde = B A Q`` and ``D = (W - W') Q / s`` (both ``out x r``) for module ``name``, compared with the
-    run's saved correction tensors. A ``Q`` other than the library's (e.g. from an SVD) is fine: pass it as
-    ``Q`` and the basis-free products ``B~ Q^T`` and ``D Q^T`` are compared."""
+    """``B_tilde = B A Q`` and ``D = (W - W') Q / s`` (both ``out x r``) for module ``name``, compared with
+    the run's saved correction tensors. A ``Q`` other than the library's (e.g. from an SVD) is fine: pass it
+    as ``Q`` and the basis-free products ``B~ Q^T`` and ``D Q^T`` are compared."""
     tensors = run.correction_tensors()
     if not isinstance(name, str) or f"{name}.D" not in tensors:
         example = next(iter(tensors)).rsplit(".", 1)[0]
-        raise NotYet(f"{name!r} is not a corrected module of this run", f"use a full module name such as {example!r}")
+        raise NotYet(f"{name!r} is not a corrected module of this run",
+                     f"use a full module name such as {example!r}")
     ref = {key: tensors[f"{name}.{key}"].double() for key in ("Q", "B_tilde", "D")}
     B_tilde, D = _tensor(B_tilde, "B~"), _tensor(D, "D")
     shape_hint = f"both are out x r: {tuple(ref['D'].shape)}"
@@ -423,19 +455,22 @@ def check_B_tilde_and_D(B_tilde, D, run, name: str, Q=None) -> str:
     rtol = 1e-3  # the saved tensors are float32
     if not _close(B_full, B_ref, rtol):
         raise NotYet(f"B~ is off by {relative_difference(B_full, B_ref):.1%} (relative)",
-                     "B~ = B A Q (out x r): B A written in the basis Q; if you built your own Q, pass it as Q=...")
+                     "B~ = B A Q (out x r): B A written in the basis Q; "
+                     "if you built your own Q, pass it as Q=...")
     if _close(D_full, D_ref, rtol):
         return f"B~ and D of {name} match the saved correction ({tuple(D.shape)[0]} x {tuple(D.shape)[1]})"
     if _close(-D_full, D_ref, rtol):
         raise NotYet("D has the wrong sign", "D = (W - W') Q / s: the original minus the emulator")
     ratio = float((D_full * D_ref).sum() / D_ref.pow(2).sum().clamp_min(1e-300))
     if abs(ratio - 1) > 1e-3 and _close(D_full / ratio, D_ref, rtol):
-        raise NotYet(f"D is {ratio:.4g} times the expected one", "divide by peft's scaling s = lora_alpha / r")
+        raise NotYet(f"D is {ratio:.4g} times the expected one",
+                     "divide by peft's scaling s = lora_alpha / r")
     raise NotYet(f"D is off by {relative_difference(D_full, D_ref):.1%} (relative)",
                  "D = (W - W') Q / s with W' = u v from the emulator's factors and s = lora_alpha / r")
 
 
-@exercise("clamp", "per column j: ratio_j = mean|D_j| / mean|B~_j|; where ratio_j > lambda, scale D_j by lambda / ratio_j")
+@exercise("clamp", "per column j: ratio_j = mean|D_j| / mean|B~_j|; "
+                   "where ratio_j > lambda, scale D_j by lambda / ratio_j")
 def check_clamp(D_clamped, D, B_tilde, lam: float) -> str:
     """``D_clamped``: ``D`` after the per-column clamp at ``lam`` (:func:`emloc.correction.clamp_columns`)."""
     from emloc.correction import clamp_columns
@@ -449,21 +484,26 @@ def check_clamp(D_clamped, D, B_tilde, lam: float) -> str:
     if bool((changed & ~clamped).any()):
         hint = "only the columns whose ratio exceeds lambda change; the others stay as they are"
     elif bool((~changed & clamped).any()):
-        hint = "some columns with ratio above lambda were left unscaled: compare per column (mean over rows, axis 0)"
+        hint = ("some columns with ratio above lambda were left unscaled: "
+                "compare per column (mean over rows, axis 0)")
     else:
         hint = "scale a clamped column by lambda / ratio_j, so its new ratio is exactly lambda"
-    raise NotYet(f"your clamped D differs from the expected one by {relative_difference(answer, expected):.1%}", hint)
+    raise NotYet(f"your clamped D differs from the expected one by "
+                 f"{relative_difference(answer, expected):.1%}", hint)
 
 
-CHECKS = {f.exercise_id: f for f in (check_rank_from_ratio, check_break_even, check_error_curve, check_smallest_rank,
+CHECKS = {f.exercise_id: f for f in (check_rank_from_ratio, check_break_even, check_error_curve,
+                                     check_smallest_rank,
                                      check_whitened_truncation, check_compressed_parameters, check_prediction,
-                                     check_lora_scaling, check_lora_parameters, check_B_tilde_and_D, check_clamp)}
+                                     check_lora_scaling, check_lora_parameters, check_B_tilde_and_D,
+                                     check_clamp)}
 
 
 # ---- solutions -------------------------------------------------------------------------------
 
 def read_solutions(path: str | Path = SOLUTIONS_FILE) -> dict[str, str]:
-    """``{exercise_id: code}`` from a file of ``# SOLUTION <id>`` blocks (each block runs to the next header)."""
+    """``{exercise_id: code}`` from a file of ``# SOLUTION <id>`` blocks (each block runs to the next
+    header)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -477,7 +517,8 @@ def read_solutions(path: str | Path = SOLUTIONS_FILE) -> dict[str, str]:
         exercise_id = header.group("id")
         if exercise_id in solutions:
             raise EmlocError(f"{path} has two solutions for exercise {exercise_id!r}: keep one")
-        solutions[exercise_id] = text[header.end():following.start() if following else len(text)].strip("\n") + "\n"
+        solutions[exercise_id] = text[header.end():following.start() if following
+                                      else len(text)].strip("\n") + "\n"
     return solutions
 
 
@@ -501,13 +542,15 @@ def solve_notebook(notebook, solutions: dict[str, str]):
             continue
         exercise_id = match.group("id")
         if exercise_id not in solutions:
-            raise EmlocError(f"exercise {exercise_id!r} has no solution: add '# SOLUTION {exercise_id}' to the solutions file")
+            raise EmlocError(f"exercise {exercise_id!r} has no solution: "
+                             f"add '# SOLUTION {exercise_id}' to the solutions file")
         cell.source = f"# EXERCISE {exercise_id}\n{solutions[exercise_id].rstrip()}"
         cell.outputs, cell.execution_count = [], None
     return solved
 
 
-def solve_files(notebooks: list[str | Path], out_dir: str | Path, solutions_file: str | Path = SOLUTIONS_FILE) -> list[Path]:
+def solve_files(notebooks: list[str | Path], out_dir: str | Path,
+                solutions_file: str | Path = SOLUTIONS_FILE) -> list[Path]:
     """Write the solved copy of each notebook into ``out_dir`` (same file names); returns their paths."""
     import nbformat
     solutions = read_solutions(solutions_file)
@@ -525,7 +568,8 @@ def solve_files(notebooks: list[str | Path], out_dir: str | Path, solutions_file
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m emloc.exercises solve NB.ipynb ... --out DIR [--solutions FILE]``."""
-    parser = argparse.ArgumentParser(prog="python -m emloc.exercises", description="fill in the notebooks' exercises")
+    parser = argparse.ArgumentParser(prog="python -m emloc.exercises",
+                                     description="fill in the notebooks' exercises")
     sub = parser.add_subparsers(dest="command", required=True)
     solve = sub.add_parser("solve", help="write solved copies of exercise notebooks")
     solve.add_argument("notebooks", nargs="+")

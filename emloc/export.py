@@ -1,4 +1,5 @@
-"""Take-home notebooks: executed notebooks as static HTML whose plotly figures stay interactive offline (issue 14).
+"""Take-home notebooks: executed notebooks as static HTML whose plotly figures stay interactive offline
+(issue 14).
 
 ``python -m emloc.export --out DIR notebooks/0*.ipynb`` executes each notebook (``--no-execute`` keeps the
 outputs it already has) and writes ``DIR/<name>.html`` with nbconvert's HTML exporter. Each page carries
@@ -35,7 +36,8 @@ REMOTE_LINK = re.compile(r"<link[^>]*\bhref=[\"']?(?:https?:)?//[^>]*>", re.IGNO
 
 def figure_html(figure: dict) -> str:
     """A plotly figure (its JSON dict) as a ``<div>`` + drawing script; expects plotly.js on the page."""
-    return pio.to_html(figure, include_plotlyjs=False, full_html=False, validate=False, config={"responsive": True})
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, validate=False,
+                       config={"responsive": True})
 
 
 def _static_output(data: dict) -> dict:
@@ -96,7 +98,8 @@ def execute(notebook, folder: Path, timeout: int = 1800, name: str | None = None
     ``name`` (the notebook's file) is what a failing cell's one-line error names."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # the kernel inherits it: figures as plotly JSON
+    # the kernel inherits it: figures as plotly JSON
+    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(folder)}})
     try:
@@ -105,7 +108,8 @@ def execute(notebook, folder: Path, timeout: int = 1800, name: str | None = None
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the kernel colours its traceback
         last = [line for line in plain.strip().splitlines() if line.strip()]
         raise EmlocError(f"a cell of {name or 'the notebook'} failed (run in {folder}: "
-                         f"{last[-1][:200] if last else 'error'}): fix it or export the notebook with --no-execute; "
+                         f"{last[-1][:200] if last else 'error'}): "
+                         f"fix it or export the notebook with --no-execute; "
                          f"no page was written") from None
     return notebook
 
@@ -146,8 +150,8 @@ def export_notebooks(sources: list[str | Path], out_dir: str | Path, run_cells: 
         raise EmlocError(f"--out {out_dir} is a file: give --out a folder for the HTML pages")
     stems = [Path(source).stem for source in sources]
     if len(set(stems)) != len(stems):
-        raise EmlocError(f"two notebooks are named {next(s for s in stems if stems.count(s) > 1)}.ipynb: their pages "
-                         f"would overwrite each other; export them into separate --out folders")
+        raise EmlocError(f"two notebooks are named {next(s for s in stems if stems.count(s) > 1)}.ipynb: "
+                         f"their pages would overwrite each other; export them into separate --out folders")
     pages = {out_dir / f"{Path(source).stem}.html": notebook_page(source, run_cells) for source in sources}
     with contextlib.ExitStack() as stack:
         for target, text in pages.items():
@@ -163,10 +167,11 @@ def export_notebook(source: str | Path, out_dir: str | Path, run_cells: bool = T
 def main(argv: list[str] | None = None) -> int:
     """``python -m emloc.export --out DIR [--no-execute] NOTEBOOK...``"""
     parser = OneLineParser(prog="emloc export",
-                                     description="executed notebooks as static HTML with interactive plotly figures")
+                           description="executed notebooks as static HTML with interactive plotly figures")
     parser.add_argument("notebooks", nargs="+", help="notebooks to export")
     parser.add_argument("--out", required=True, help="folder for the HTML pages")
-    parser.add_argument("--no-execute", action="store_true", help="keep the notebooks' saved outputs instead of running them")
+    parser.add_argument("--no-execute", action="store_true",
+                        help="keep the notebooks' saved outputs instead of running them")
 
     def command() -> None:
         args = parser.parse_args(argv)

@@ -16,7 +16,6 @@ when that next token is a labelled response token (where the training loss is ta
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import numpy as np
@@ -26,23 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from emloc import io
+from emloc.baselines import SkippedLayer
 from emloc.data import IGNORE_INDEX, pad_batch
 from emloc.errors import EmlocError
+from emloc.models import find_decoder_layers
 
 POSITIONS = ("all", "prompt", "response")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers in order: the modules of the decoder whose class the model names in
-    ``_no_split_modules`` (``LlamaDecoderLayer``, ...), so this works for any Hugging Face causal LM."""
-    kinds = set(getattr(model, "_no_split_modules", None) or ())
-    root = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = [module for module in root.modules() if type(module).__name__ in kinds]
-    if not layers:
-        raise EmlocError(f"cannot find the decoder layers of {type(model).__name__} (no module of the classes in "
-                         f"its _no_split_modules): fidelity needs a Hugging Face causal LM")
-    return layers
+    """The decoder layers in order (:func:`emloc.models.find_decoder_layers`, so any Hugging Face causal LM),
+    without the ones the layer_drop baseline replaced (:class:`emloc.baselines.SkippedLayer`): such an
+    emulator has fewer layers than its original, and residual drift compares them one to one."""
+    layers = find_decoder_layers(model, "fidelity needs a Hugging Face causal LM").layers
+    return [layer for layer in layers if not isinstance(layer, SkippedLayer)]
 
 
 @contextlib.contextmanager
@@ -50,7 +46,9 @@ def recording_layer_outputs(layers: list[nn.Module]) -> Iterator[list[torch.Tens
     """Forward hooks that collect each layer's output hidden states (``batch x seq x hidden``) in order;
     always removed on exit. Hooks, not ``output_hidden_states``: its last entry is after the final norm."""
     outputs: list[torch.Tensor] = []
-    record = lambda module, args, output: outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def record(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
     handles = [layer.register_forward_hook(record) for layer in layers]
     try:
         yield outputs
@@ -77,10 +75,12 @@ def _paired_batches(original: nn.Module, emulator: nn.Module, features: list[dic
     """Yield ``(batch, (logits, layer_outputs) of the original, (logits, layer_outputs) of the emulator)``."""
     if not features:
         raise EmlocError("no held-out samples to measure fidelity on: pass at least one tokenised example")
-    pairs = [(model, decoder_layers(model), next(model.parameters()).device) for model in (original, emulator)]
+    pairs = [(model, decoder_layers(model), next(model.parameters()).device)
+             for model in (original, emulator)]
     if len(pairs[0][1]) != len(pairs[1][1]):
-        raise EmlocError(f"the emulator has {len(pairs[1][1])} decoder layers and the original {len(pairs[0][1])}: "
-                         f"residual drift compares layer by layer; use an SVD emulator, not layer_drop")
+        raise EmlocError(f"the emulator has {len(pairs[1][1])} decoder layers and the original "
+                         f"{len(pairs[0][1])}: residual drift compares layer by layer; use an SVD emulator, "
+                         f"not layer_drop")
     for start in tqdm(range(0, len(features), batch_size), desc=desc, disable=not progress):
         batch = pad_batch(features[start:start + batch_size], pad_token_id)
         results = []
@@ -93,7 +93,8 @@ def _paired_batches(original: nn.Module, emulator: nn.Module, features: list[dic
 
 
 def _token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per row of ``(n, vocab)`` logits; tiny negative rounding -> 0."""
+    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per row of ``(n, vocab)`` logits; tiny negative
+    rounding -> 0."""
     log_p = F.log_softmax(logits_p.to(dtype), dim=-1)
     log_q = F.log_softmax(logits_q.to(log_p.device, dtype), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp_min(0)
@@ -141,11 +142,11 @@ class _Drift:
         mask = batch["attention_mask"].bool()
         if not self.energy:
             self.difference, self.energy = [0.0] * len(hidden_p), [0.0] * len(hidden_p)
-        for l, (h, h_tilde) in enumerate(zip(hidden_p, hidden_q)):
+        for layer, (h, h_tilde) in enumerate(zip(hidden_p, hidden_q)):
             h = h[mask.to(h.device)].to(self.dtype)
             h_tilde = h_tilde[mask.to(h_tilde.device)].to(h.device, self.dtype)
-            self.difference[l] += float((h - h_tilde).pow(2).sum())
-            self.energy[l] += float(h.pow(2).sum())
+            self.difference[layer] += float((h - h_tilde).pow(2).sum())
+            self.energy[layer] += float(h.pow(2).sum())
 
     def result(self) -> pd.DataFrame:
         energy = np.maximum(np.asarray(self.energy), np.finfo(np.float64).tiny)
@@ -154,8 +155,8 @@ class _Drift:
                              "hidden_norm": np.sqrt(energy)})
 
 
-def _measure(accumulators: list, original: nn.Module, emulator: nn.Module, features: list[dict], pad_token_id: int,
-             batch_size: int, progress: bool, label: str) -> list:
+def _measure(accumulators: list, original: nn.Module, emulator: nn.Module, features: list[dict],
+             pad_token_id: int, batch_size: int, progress: bool, label: str) -> list:
     """One pass of both models over ``features``, each batch given to every accumulator; their results."""
     for batch, outputs_p, outputs_q in _paired_batches(original, emulator, features, pad_token_id, batch_size,
                                                        progress, label):
@@ -171,12 +172,14 @@ def next_token_kl(original: nn.Module, emulator: nn.Module, features: list[dict]
     ``labels``). Returns ``{kind: {mean, median, p90, top1_agreement, tokens}}`` for ``kind`` in
     ``all, prompt, response`` (positions: module docstring); ``top1_agreement`` is the share of positions
     where both models' most likely next token is the same. Each model runs on its own device."""
-    return _measure([_KL(dtype)], original, emulator, features, pad_token_id, batch_size, progress, "fidelity: KL")[0]
+    return _measure([_KL(dtype)], original, emulator, features, pad_token_id, batch_size, progress,
+                    "fidelity: KL")[0]
 
 
 @torch.no_grad()
 def residual_drift(original: nn.Module, emulator: nn.Module, features: list[dict], pad_token_id: int,
-                   batch_size: int = 8, dtype: torch.dtype = torch.float64, progress: bool = True) -> pd.DataFrame:
+                   batch_size: int = 8, dtype: torch.dtype = torch.float64,
+                   progress: bool = True) -> pd.DataFrame:
     """One row per decoder layer ``l``: ``relative_error = ||h_l - h~_l||_F / ||h_l||_F`` of the residual
     stream after layer ``l`` over every non-pad token (``h_l``: ``tokens x hidden``), and ``hidden_norm``
     ``= ||h_l||_F``. Both models read the same tokens; the emulator's layers read its own drifted states."""
@@ -189,8 +192,8 @@ def fidelity_report(original: nn.Module, emulator: nn.Module, features: list[dic
                     batch_size: int = 8, progress: bool = True) -> dict:
     """Both measures in one pass over ``features``, JSON-able for ``fidelity.json``:
     ``{"kl": next_token_kl(...), "drift": [{layer, relative_error, hidden_norm}, ...], "samples": n}``."""
-    kl, drift = _measure([_KL(torch.float32), _Drift(torch.float64)], original, emulator, features, pad_token_id,
-                         batch_size, progress, "fidelity")
+    kl, drift = _measure([_KL(torch.float32), _Drift(torch.float64)], original, emulator, features,
+                         pad_token_id, batch_size, progress, "fidelity")
     return {"kl": kl, "drift": drift.to_dict(orient="records"), "samples": len(features)}
 
 
@@ -199,7 +202,8 @@ def drift_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(report["drift"]).set_index("layer")
 
 
-def fidelity_by_layer(report: dict, emulator_report: pd.DataFrame, module_type: str | None = None) -> pd.DataFrame:
+def fidelity_by_layer(report: dict, emulator_report: pd.DataFrame,
+                      module_type: str | None = None) -> pd.DataFrame:
     """Per layer, the end-to-end ``drift`` next to the mean and max per-layer ``calibration_error`` of the
     layer's modules (or of one ``module_type``) from the emulator build report: the compounding picture."""
     rows = emulator_report if module_type is None else emulator_report[emulator_report["type"] == module_type]
@@ -208,15 +212,5 @@ def fidelity_by_layer(report: dict, emulator_report: pd.DataFrame, module_type: 
                          f"{', '.join(dict.fromkeys(emulator_report['type']))}")
     calibration = rows.groupby("layer")["calibration_error"].agg(calibration_error_mean="mean",
                                                                  calibration_error_max="max")
-    return drift_table(report)[["relative_error"]].rename(columns={"relative_error": "drift"}).join(calibration)
-
-
-def write_fidelity(path: str | os.PathLike, report: dict) -> None:
-    io.write_json(path, report)
-
-
-def read_fidelity(path: str | os.PathLike) -> dict:
-    report = io.read_json(path)
-    if not isinstance(report, dict) or "kl" not in report or "drift" not in report:
-        raise EmlocError(f"{path} is not a fidelity report (no 'kl' and 'drift'): delete it and re-run its stage")
-    return report
+    drift = drift_table(report)[["relative_error"]].rename(columns={"relative_error": "drift"})
+    return drift.join(calibration)

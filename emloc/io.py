@@ -104,10 +104,12 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     except FileNotFoundError:
         raise EmlocError(f"{path} does not exist: run the stage that writes it first") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise EmlocError(f"{path} is corrupted or truncated ({str(exc).splitlines()[0]}): delete it and re-run its stage") from None
+        raise EmlocError(f"{path} is corrupted or truncated ({str(exc).splitlines()[0]}): "
+                         f"delete it and re-run its stage") from None
 
 
-def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=metadata)
@@ -120,7 +122,8 @@ def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EmlocError(f"{path} is corrupted or truncated ({exc}): delete it and re-run its stage") from None
+        raise EmlocError(f"{path} is corrupted or truncated ({exc}): "
+                         f"delete it and re-run its stage") from None
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
@@ -144,7 +147,8 @@ def concat_safetensors(parts: list[Path], path: str | os.PathLike, chunk_bytes: 
             if key in joined:
                 raise EmlocError(f"tensor {key} appears in two parts: each part must hold distinct tensors")
             begin, end = entry["data_offsets"]
-            joined[key] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - begin]}
+            joined[key] = {"dtype": entry["dtype"], "shape": entry["shape"],
+                           "data_offsets": [offset, offset + end - begin]}
             offset += end - begin
     text = json.dumps(joined, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

@@ -1,4 +1,5 @@
-"""Stage 2: LoRA through peft, trained with ``transformers.Trainer``, on the emulator or the original model."""
+"""Stage 2: LoRA through peft, trained with ``transformers.Trainer``, on the emulator or the original
+model."""
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from emloc.data import PaddingCollator
 from emloc.emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.io import read_tensors
-from emloc.memory import keep_heap_small
+from emloc.heap import keep_heap_small
 
 LossCallback = Callable[[int, float], None]
 
@@ -31,8 +32,9 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str]) -> LoraConfig:
     """A peft ``LoraConfig`` that also wraps :class:`LowRankLinear` (the emulator's layers)."""
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                        target_modules=_peft_targets(target_modules), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        use_rslora=spec.use_rslora, target_modules=_peft_targets(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
     config._register_custom_module({LowRankLinear: LoraLinear})
     return config
 
@@ -41,7 +43,8 @@ def _peft_targets(patterns: list[str]) -> list[str] | str:
     """peft matches a list by name suffix; any regex pattern turns the whole list into one regex."""
     if not any(ch in p for p in patterns for ch in ".*+?[]()|^$\\"):
         return list(patterns)
-    return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})" for p in patterns)
+    return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})"
+                    for p in patterns)
 
 
 def check_lora_rank(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str]) -> None:
@@ -63,7 +66,8 @@ def add_lora(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str], 
     return get_peft_model(model, peft_lora_config(spec, target_modules))
 
 
-def load_adapter(model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+def load_adapter(model: nn.Module, folder, adapter_name: str = "default",
+                 is_trainable: bool = False) -> PeftModel:
     """``PeftModel.from_pretrained`` that also knows the emulator's :class:`LowRankLinear` layers."""
     from pathlib import Path
     folder = Path(folder)
@@ -154,13 +158,14 @@ def micro_batch_size(spec: LoraConfigSpec) -> int:
     """Examples per forward/backward pass; ``spec.batch_size / micro`` passes make one optimizer step."""
     micro = spec.micro_batch_size or spec.batch_size
     if micro <= 0 or spec.batch_size % micro:
-        raise EmlocError(f"lora.micro_batch_size = {micro} does not divide lora.batch_size = {spec.batch_size}: "
-                         f"choose a divisor of it")
+        raise EmlocError(f"lora.micro_batch_size = {micro} does not divide "
+                         f"lora.batch_size = {spec.batch_size}: choose a divisor of it")
     return micro
 
 
 def checkpointing_arguments(model: nn.Module, enabled: bool) -> dict:
-    """``TrainingArguments`` for activation checkpointing of ``model``'s decoder layers (the Trainer switches it on).
+    """``TrainingArguments`` for activation checkpointing of ``model``'s decoder layers (the Trainer
+    switches it on).
 
     Non-reentrant checkpointing (``use_reentrant=False``) needs no input that requires grad, so the frozen
     embeddings need no ``enable_input_require_grads`` hook, and it replays the RNG state, so dropout matches.
@@ -182,7 +187,7 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
     Memory: ``spec.gradient_checkpointing`` recomputes each decoder layer in backward, and
     ``spec.micro_batch_size`` splits each batch into accumulated passes (the loss is normalised by the
     batch's labelled tokens, so the update is the full batch's up to float rounding). ``small_heap``: freed
-    activations go back to the OS instead of growing the heap (:func:`emloc.memory.keep_heap_small`; lower
+    activations go back to the OS instead of growing the heap (:func:`emloc.heap.keep_heap_small`; lower
     peak, more page faults), for runs under a memory budget.
     """
     if small_heap:
@@ -202,7 +207,8 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
             **checkpointing_arguments(peft_model, spec.gradient_checkpointing),
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(features),
-                          data_collator=collator or PaddingCollator(pad_token_id), callbacks=[StreamLoss(on_loss, history)])
+                          data_collator=collator or PaddingCollator(pad_token_id),
+                          callbacks=[StreamLoss(on_loss, history)])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         for callback in callbacks or []:
@@ -210,7 +216,8 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
         if progress:
             trainer.add_callback(TrainingProgress())
         output = trainer.train()
-    if getattr(peft_model.get_base_model(), "is_activation_checkpointing", False):  # inference afterwards runs plainly
+    # inference afterwards runs plainly
+    if getattr(peft_model.get_base_model(), "is_activation_checkpointing", False):
         peft_model.get_base_model().activation_checkpointing_disable()
     peft_model.eval()
     seconds = float(output.metrics.get("train_runtime", 0.0))

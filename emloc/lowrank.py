@@ -1,7 +1,7 @@
 """Stage-1 math: ranks, whitening and truncated decompositions (pure tensor functions).
 
-Notation (docs/architecture.md): ``W`` is ``(out, in)``; ``C = sum_t x_t x_t^T`` is ``(in, in)``; ``C = S S^T``;
-the emulator layer is ``W' = u v`` with ``u: (out, r)`` and ``v: (r, in)``.
+Notation (docs/architecture.md): ``W`` is ``(out, in)``; ``C = sum_t x_t x_t^T`` is ``(in, in)``;
+``C = S S^T``; the emulator layer is ``W' = u v`` with ``u: (out, r)`` and ``v: (r, in)``.
 """
 from __future__ import annotations
 
@@ -36,14 +36,16 @@ def whitened_basis(W: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def whitened_basis_from_gram(W: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as :func:`whitened_basis` via ``eigh(M)``, ``M = W C W^T`` (``out x out``): cheaper when out < in."""
+    """Same as :func:`whitened_basis` via ``eigh(M)``, ``M = W C W^T`` (``out x out``): cheaper when
+    out < in."""
     M = W @ C @ W.T
     eigenvalues, eigenvectors = torch.linalg.eigh((M + M.T) / 2)
     order = torch.argsort(eigenvalues, descending=True)
     return eigenvectors[:, order], eigenvalues[order].clamp_min(0).sqrt()
 
 
-def whitened_basis_from_right_gram(W: torch.Tensor, S: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened_basis_from_right_gram(W: torch.Tensor, S: torch.Tensor,
+                                   r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``r`` left singular vectors ``U_r`` (``out x r``) and all singular values of ``W S`` via
     ``eigh(G)``, ``G = (W S)^T (W S)`` (``in x in``): ``U_r = W S V_r / sigma_r``. Cheaper than the SVD
     when ``out > in``; falls back to the SVD when ``sigma_r`` is too small for the division to be accurate.
@@ -68,7 +70,8 @@ def project_onto_basis(W: torch.Tensor, U: torch.Tensor, r: int) -> tuple[torch.
     return u, u.T @ W
 
 
-def whitened_truncation(W: torch.Tensor, C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def whitened_truncation(W: torch.Tensor, C: torch.Tensor,
+                        r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activation-aware rank-``r`` factors ``(u, v)`` of ``W`` and the whitened spectrum ``sigma``."""
     out_features, in_features = W.shape
     if out_features < in_features:
@@ -126,7 +129,8 @@ def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor
     """``W_ls`` (``out x in``) minimising ``||W X - W_ls X~||_F^2 + delta ||W_ls - W||_F^2``, with
     ``C~ = X~ X~^T``, ``P = X X~^T`` (both ``in x in``) and ``delta = damping * mean(diag C~)``.
 
-    The normal equations ``W_ls (C~ + delta I) = W P + delta W`` give ``W_ls = W + W (P - C~) (C~ + delta I)^-1``.
+    The normal equations ``W_ls (C~ + delta I) = W P + delta W`` give
+    ``W_ls = W + W (P - C~) (C~ + delta I)^-1``.
     ``damping = 0`` is the plain least-squares map closest to ``W``: ``W + W (P - C~) C~^+`` (its deviation
     from ``W`` lies in the range of ``C~``; ``rtol``, default float32 epsilon, cuts the pseudo-inverse).
     ``X~ = X`` gives ``P = C~`` and ``W_ls = W`` exactly, for any damping.
@@ -142,7 +146,8 @@ def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor
     return W + W @ (P - C_tilde) @ torch.linalg.pinv(C_sym, rtol=rtol, hermitian=True)
 
 
-def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int, damping: float = 0.0,
+def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int,
+                          damping: float = 0.0,
                           rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``r`` factors ``(u, v)`` minimising ``||W X - u v X~||_F`` and the spectrum ``sigma`` of ``W_ls``
     whitened by ``C~`` (see :func:`least_squares_target`, which ``damping`` regularises).
@@ -156,7 +161,8 @@ def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tenso
 
 def sequential_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor, P: torch.Tensor,
                      C_tilde: torch.Tensor) -> float:
-    """Relative error ``||W X - W' X~||_F / ||W X||_F`` from ``C = X X^T``, ``P = X X~^T``, ``C~ = X~ X~^T``."""
+    """Relative error ``||W X - W' X~||_F / ||W X||_F`` from ``C = X X^T``, ``P = X X~^T``,
+    ``C~ = X~ X~^T``."""
     squared = (torch.einsum("oi,ij,oj->", W, C, W) - 2 * torch.einsum("oi,ij,oj->", W, P, W_emulated)
                + torch.einsum("oi,ij,oj->", W_emulated, C_tilde, W_emulated)).clamp_min(0)
     denominator = torch.einsum("oi,ij,oj->", W, C, W).clamp_min(torch.finfo(C.dtype).tiny)

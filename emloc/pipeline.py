@@ -1,16 +1,18 @@
-"""The stages: calibrate -> build -> train -> correct -> evaluate, and :func:`run_pipeline` over them.
+"""The stage functions (calibrate -> build -> fidelity -> train -> correct -> evaluate) and the one loop
+over them.
 
-Every stage reads the previous stage's artifacts from the run directory (:mod:`emloc.rundir`) and
-writes its own (atomically, with a ``manifest.json`` written last), so any stage can resume from a
-finished one. The stages, what they need and what their fingerprints cover are listed once in
-:data:`emloc.stages.STAGES`; a finished stage whose fingerprint still matches is reused by
-:func:`run_pipeline`.
+Every stage reads the previous stage's artifacts from the run directory (:mod:`emloc.rundir`), computes, and
+hands its finished results to the run directory's writers (atomic folders, the manifest last), so any stage
+can resume from a finished one. The stages, what they need and what their fingerprints cover are listed
+once in :data:`emloc.stages.STAGES`; :data:`STAGE_FUNCTIONS` maps their names to the functions here, and
+:func:`run_stages` is the loop that ``emloc run``, :func:`emloc.notebook.ensure` and the sweeps all use.
 """
 from __future__ import annotations
 
 import contextlib
 import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -19,25 +21,21 @@ from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
 from emloc.data import IGNORE_INDEX, TaskData, count_truncated, encode_examples, hygiene_line, load_task_data
-from emloc.emulator import count_parameters
+from emloc.emulator import count_parameters, load_emulator_lean
 from emloc.emulators import Emulator, as_emulator
 from emloc.errors import EmlocError
 from emloc.evaluation import evaluate_variants
 from emloc.fidelity import fidelity_report
 from emloc.allocation import allocate
-from emloc.memory import lean_emulator_for_training
 from emloc.sequential import build_sequential
 from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
-from emloc.models import load_model, load_tokenizer, resolve_device
-from emloc.rundir import (ADAPTER_STAGES, ADAPTERS, CORRECTION_SKIPPED, FORMAT_VERSION, PROVENANCE,  # noqa: F401
-                          RunDir, check_finite_losses, factor_tensors, fingerprint, fingerprint_parts,
-                          save_built_emulator, save_correction, save_emulator, save_fidelity, save_results, save_stats,
-                          save_training)
-from emloc.stages import STAGES, VARIANT, VARIANT_NAMES, VARIANT_SPECS, evaluated
+from emloc.models import load_model, load_tokenizer, resolve_device, resolve_model_path
+from emloc.rundir import (CORRECTION_SKIPPED, RunDir, check_finite_losses, save_built_emulator,
+                          save_correction, save_fidelity, save_results, save_stats, save_training)
+from emloc.stages import STAGES, VARIANT, VARIANT_NAMES, VARIANT_SPECS, evaluated, with_needs
 
 VARIANTS = VARIANT_NAMES
 """The six evaluated variants, in table order (see :data:`emloc.stages.VARIANT_SPECS`)."""
-_fingerprint_parts = fingerprint_parts  # the name older code and notes use
 
 
 class Run(RunDir):
@@ -69,15 +67,17 @@ class Run(RunDir):
         ``data.max_length`` (cut); printed as one line when any is non-zero."""
         cfg = self.config.data
         report = {"duplicates": 0, "test_overlap": 0, "removed": True} | self.data.source.get("hygiene", {})
-        report |= {"truncated": count_truncated(self.tokenizer, self.data.task, self.data.train + self.data.test,
-                                                cfg.max_length), "max_length": cfg.max_length}
+        report |= {"truncated": count_truncated(self.tokenizer, self.data.task,
+                                                self.data.train + self.data.test, cfg.max_length),
+                   "max_length": cfg.max_length}
         line = hygiene_line(report)
         if line:
             print(line, flush=True)
         return report
 
     def features(self, split: str) -> list[dict]:
-        return encode_examples(self.tokenizer, self.data.task, getattr(self.data, split), self.config.data.max_length)
+        return encode_examples(self.tokenizer, self.data.task, getattr(self.data, split),
+                               self.config.data.max_length)
 
     def fresh_model(self):
         """A newly loaded original model (stages that wrap it with LoRA must not share it)."""
@@ -108,7 +108,8 @@ def calibrate(run: Run) -> CalibrationStats:
     features = run.features("calibration")  # bad data fails here, before anything is written
     run.begin("calibrate")
     run.save_config()
-    stats, seconds = _timed(lambda: collect_statistics(run.model, features, run.config.emulator.target_modules,
+    stats, seconds = _timed(lambda: collect_statistics(run.model, features,
+                                                       run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
     save_stats(run, stats, seconds, run.data_report())
     return stats
@@ -121,7 +122,9 @@ def build(run: Run, stats: CalibrationStats | None = None) -> Emulator:
     run.begin("build")
     run.save_config()
     emulator, seconds = _timed(lambda: _build_emulator(run, stats))
-    save_built_emulator(run, emulator, count_parameters(run.model), seconds)
+    params_original = count_parameters(run.model)
+    save_built_emulator(run, emulator, params_original, emulator.parameters(params_original, run.fresh_model),
+                        seconds)
     return emulator
 
 
@@ -131,7 +134,8 @@ def _build_emulator(run: Run, stats: CalibrationStats) -> Emulator:
     cfg = run.config.emulator
     if cfg.calibration != "sequential":
         return run.emulator_kind.build(run.model, stats, cfg, progress=run.progress)
-    ranks, uniform = allocate(run.model, stats, cfg, run.progress) if cfg.allocation == "global" else (None, None)
+    ranks, uniform = (allocate(run.model, stats, cfg, run.progress) if cfg.allocation == "global"
+                      else (None, None))
     factors, _ = build_sequential(run.model, run.features("calibration"), cfg, run.tokenizer.pad_token_id,
                                   progress=run.progress, ranks=ranks)
     if uniform is not None:
@@ -146,11 +150,13 @@ def fidelity(run: Run) -> dict:
     run.begin("fidelity")
     run.save_config()
     if run.config.emulator.method == "layer_drop":  # fewer decoder layers: no layer-by-layer comparison
-        save_fidelity(run, {"skipped": "the layer-drop emulator has fewer decoder layers than the original"}, 0.0)
+        save_fidelity(run, {"skipped": "the layer-drop emulator has fewer decoder layers than the original"},
+                      0.0)
         return run.fidelity()
     cfg = run.config
     report, seconds = _timed(lambda: fidelity_report(run.model, run.emulator(), run.features("test"),
-                                                     run.tokenizer.pad_token_id, batch_size=cfg.evaluation.batch_size,
+                                                     run.tokenizer.pad_token_id,
+                                                     batch_size=cfg.evaluation.batch_size,
                                                      progress=run.progress))
     save_fidelity(run, report, seconds)
     return report
@@ -170,9 +176,34 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     run.begin(stage)
     run.save_config()
     result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
-                        run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss, progress=run.progress,
-                        small_heap=run.config.memory_budget is not None)
-    return save_training(run, which, result)
+                        run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss,
+                        progress=run.progress, small_heap=run.config.memory_budget is not None)
+    check_finite_losses(result.history, which)
+    return save_training(run, which, result, recovered_adapter(run, which, result.model))
+
+
+def recovered_adapter(run: Run, which: str, peft_model):
+    """A baseline emulator's adapter in the original model's shapes (``None`` for SVD emulators, whose adapter
+    fits the original as it is)."""
+    if which != "emulator" or run.emulator_kind.transfer_adapter == "emulator":
+        return None
+    cfg = run.config
+    return run.factors().recover_adapter(peft_model, run.fresh_model(), cfg.lora, cfg.emulator.target_modules,
+                                         cfg.seed)
+
+
+def lean_emulator_for_training(run: Run):
+    """The model ``emloc train --on emulator`` trains, loaded without ever holding the original model.
+
+    SVD emulators come from :func:`emloc.emulator.load_emulator_lean` (the original's targeted weights are
+    never read); the structured baselines (layer drop, prune) and models without safetensors files fall back
+    to ``run.emulator()``, which loads the original first.
+    """
+    cfg = run.config
+    folder = Path(resolve_model_path(cfg.model))
+    if run.structured or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return run.emulator()
+    return load_emulator_lean(cfg.model, run.factors(), cfg.dtype, cfg.trust_remote_code).to(run.device)
 
 
 def correct(run: Run, factors: Emulator | None = None) -> pd.DataFrame:
@@ -189,7 +220,8 @@ def correct(run: Run, factors: Emulator | None = None) -> pd.DataFrame:
     peft_model = load_adapter(run.fresh_model(), run.adapter_dir("emulator"))
     method = run.config.correction.method
     stats = run.stats() if method == "activation_aware" else None
-    report, tensors = correct_adapter(peft_model, factors, run.config.correction.clamp, method=method, stats=stats)
+    report, tensors = correct_adapter(peft_model, factors, run.config.correction.clamp, method=method,
+                                      stats=stats)
     save_correction(run, peft_model, report, tensors, time.perf_counter() - start)
     return report
 
@@ -219,11 +251,9 @@ def variant_loaders(run: Run, factors: Emulator) -> dict[str, Callable]:
     return {variant.name: loader(variant) for variant in VARIANT_SPECS}
 
 
-ADAPTER_OF = {v.name: v.adapter for v in VARIANT_SPECS if v.adapter}
-
-
 def evaluate(run: Run, variants: list[str] | None = None) -> dict:
-    """Evaluate the variants (default: every one whose stage is finished) on the test split; write ``results.json``."""
+    """Evaluate the variants (default: every one whose stage is finished) on the test split; write
+    ``results.json``."""
     run.require("build", "build")
     factors = run.factors()
     loaders = variant_loaders(run, factors)
@@ -240,18 +270,20 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     cfg = run.config
     start = time.perf_counter()
     raw = evaluate_variants({v: (lambda v=v: _variant(loaders[v])) for v in chosen}, run.tokenizer, run.data,
-                            cfg.data.max_length, cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, run.progress)
+                            cfg.data.max_length, cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size,
+                            run.progress)
     seconds = time.perf_counter() - start
     build_manifest = run.build_manifest()
     results = {
         "variants": {v: {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]} for v, r in raw.items()},
         "predictions": {v: r["predictions"] for v, r in raw.items()},
-        "parameters": {"original": build_manifest["params_original"], "emulator": build_manifest["params_emulator"]},
+        "parameters": {"original": build_manifest["params_original"],
+                       "emulator": build_manifest["params_emulator"]},
         "config": cfg.to_dict(),
         "stage_seconds": run.stage_seconds() | {"evaluate": round(seconds, 2)},
         "notes": [] if factors.corrects else [CORRECTION_SKIPPED],
     }
-    save_results(run, results, seconds)
+    save_results(run, results, seconds, complete=variants is None)
     return results
 
 
@@ -260,14 +292,57 @@ def results_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(results["variants"]).T.reindex([v for v in VARIANTS if v in results["variants"]])
 
 
-def run_pipeline(run: Run, force: bool = False, on_loss: Callable[[str, int, float], None] | None = None) -> dict:
-    """All stages of :data:`emloc.stages.STAGES` in order, reusing finished ones whose config still matches
-    (unless ``force``). ``on_loss(which, step, loss)`` receives the training losses."""
+STAGE_FUNCTIONS: dict[str, Callable] = {
+    "calibrate": lambda run, on_loss=None: calibrate(run),
+    "build": lambda run, on_loss=None: build(run),
+    "fidelity": lambda run, on_loss=None: fidelity(run),
+    "train_emulator": lambda run, on_loss=None: train(run, "emulator", _tagged(on_loss, "emulator")),
+    "train_original": lambda run, on_loss=None: train(run, "original", _tagged(on_loss, "original")),
+    "correct": lambda run, on_loss=None: correct(run),
+    "evaluate": lambda run, on_loss=None: evaluate(run),
+}
+"""Stage name (:data:`emloc.stages.STAGES`) -> ``function(run, on_loss=None)``."""
+
+
+def _tagged(on_loss: Callable[[str, int, float], None] | None, which: str) -> LossCallback | None:
+    """``on_loss(which, step, loss)`` -> the ``on_loss(step, loss)`` that :func:`train` calls."""
+    return None if on_loss is None else (lambda step, loss: on_loss(which, step, loss))
+
+
+def run_stages(run: Run, until: str | list[str] | None = None,
+               on_loss: Callable[[str, int, float], None] | None = None, verbose: bool = False) -> list[str]:
+    """Run, in registry order, the stages that ``until`` needs (and ``until``; default: every stage), skipping
+    those the run directory reports done and still valid for the config; returns the stages run.
+
+    The one rule, for every caller: a stage is redone when it is not done and valid (:meth:`RunDir.is_done`:
+    its manifest's fingerprint matches the config and no stage it needs finished after it), or when a stage it
+    needs was redone in this call. ``on_loss(which, step, loss)`` receives the training
+    losses; ``verbose`` prints a line per stage (reused, or computed and how long it took).
+    """
+    wanted = with_needs([until] if isinstance(until, str) else until) if until else list(STAGES)
+    ran: list[str] = []
+    for stage in wanted:
+        if run.is_done(stage.name) and not set(stage.needs) & set(ran):
+            if verbose:
+                print(f"{stage.name}: reusing the finished stage in {run.dir}", flush=True)
+            continue
+        if verbose:
+            print(f"{stage.name}: computing ...", flush=True)
+        start = time.perf_counter()
+        STAGE_FUNCTIONS[stage.name](run, on_loss)
+        if verbose:
+            print(f"{stage.name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+        ran.append(stage.name)
+    return ran
+
+
+def run_pipeline(run: Run, force: bool = False,
+                 on_loss: Callable[[str, int, float], None] | None = None) -> dict:
+    """Every stage of :data:`emloc.stages.STAGES` through :func:`run_stages` (``force``: redo them all);
+    returns the results. ``on_loss(which, step, loss)`` receives the training losses."""
     if force and run.dir.exists():
         shutil.rmtree(run.dir / "manifests", ignore_errors=True)
     run.data  # bad data or settings fail here, before any compute
     check_lora_rank(run.model, run.config.lora, run.config.emulator.target_modules)
-    for stage in STAGES:
-        if stage.always or not run.is_done(stage.name):
-            stage.run(run, on_loss)
+    run_stages(run, on_loss=on_loss)
     return run.results()

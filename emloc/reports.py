@@ -23,8 +23,8 @@ def spectrum_curves(sigma: torch.Tensor) -> dict[str, np.ndarray]:
     """Curves of one spectrum ``sigma`` (``n``, descending), as numpy arrays for plotting.
 
     ``sigma`` and ``normalised = sigma_i / sigma_1`` have ``n`` entries; ``error[k]`` (relative error of
-    keeping the top ``k``, :func:`~emloc.lowrank.relative_error_curve`) and ``kept_energy[k] = 1 - error[k]^2``
-    have ``n + 1`` entries, ``k = 0..n``.
+    keeping the top ``k``, :func:`~emloc.lowrank.relative_error_curve`) and
+    ``kept_energy[k] = 1 - error[k]^2`` have ``n + 1`` entries, ``k = 0..n``.
     """
     values = sigma.double()
     error = relative_error_curve(values)
@@ -33,7 +33,8 @@ def spectrum_curves(sigma: torch.Tensor) -> dict[str, np.ndarray]:
             "kept_energy": (1.0 - error.pow(2)).numpy()}
 
 
-def error_curves(spectra: dict[str, dict[str, torch.Tensor]], kind: str = "whitened") -> dict[str, np.ndarray]:
+def error_curves(spectra: dict[str, dict[str, torch.Tensor]],
+                 kind: str = "whitened") -> dict[str, np.ndarray]:
     """``module -> error[k]`` for every module, from the cached spectra (computed once per widget).
 
     ``kind='whitened'``: the relative calibration error ``||(W - W') X||_F / ||W X||_F`` of the
@@ -71,20 +72,23 @@ def errors_at_ratio(report: pd.DataFrame, curves: dict[str, np.ndarray], rho: fl
     errors = np.array([curves[m][k] for m, k in zip(report["module"], ranks)])
     bias = report["params_before"].to_numpy() - out_f * in_f
     params_after = ranks * (out_f + in_f) + bias
-    return pd.DataFrame({"module": report["module"], "layer": report["layer"], "type": report["type"], "rank": ranks,
-                         "error": errors, "params_before": report["params_before"], "params_after": params_after,
+    return pd.DataFrame({"module": report["module"], "layer": report["layer"], "type": report["type"],
+                         "rank": ranks, "error": errors, "params_before": report["params_before"],
+                         "params_after": params_after,
                          "params_saved": report["params_before"].to_numpy() - params_after})
 
 
-def errors_at_ranks(report: pd.DataFrame, curves: dict[str, np.ndarray], ranks: dict[str, int]) -> pd.DataFrame:
+def errors_at_ranks(report: pd.DataFrame, curves: dict[str, np.ndarray],
+                    ranks: dict[str, int]) -> pd.DataFrame:
     """As :func:`errors_at_ratio`, for given per-module ``ranks`` (e.g. a global allocation,
     :func:`emloc.allocation.allocation_at_ratio`) instead of the ones ``rho`` picks."""
     out_f, in_f = report["out_features"].to_numpy(), report["in_features"].to_numpy()
     chosen = np.array([min(int(ranks[m]), len(curves[m]) - 1) for m in report["module"]])
     errors = np.array([curves[m][k] for m, k in zip(report["module"], chosen)])
     params_after = chosen * (out_f + in_f) + report["params_before"].to_numpy() - out_f * in_f
-    return pd.DataFrame({"module": report["module"], "layer": report["layer"], "type": report["type"], "rank": chosen,
-                         "error": errors, "params_before": report["params_before"], "params_after": params_after,
+    return pd.DataFrame({"module": report["module"], "layer": report["layer"], "type": report["type"],
+                         "rank": chosen, "error": errors, "params_before": report["params_before"],
+                         "params_after": params_after,
                          "params_saved": report["params_before"].to_numpy() - params_after})
 
 
@@ -141,8 +145,8 @@ def variant_summary(results: dict | list[dict], correct: dict | list[dict] | Non
     if not runs:
         raise ValueError("variant_summary needs at least one results dict")
     if items is not None and len(items) != len(runs):
-        raise ValueError(f"variant_summary got {len(runs)} results but {len(items)} per-item correctness records: "
-                         f"give one per seed, in the same order")
+        raise ValueError(f"variant_summary got {len(runs)} results but {len(items)} per-item correctness "
+                         f"records: give one per seed, in the same order")
     order = [v for v in runs[0]["variants"] if all(v in r["variants"] for r in runs)]
     rows = {}
     for variant in order:
@@ -168,7 +172,8 @@ def variant_summary(results: dict | list[dict], correct: dict | list[dict] | Non
 
 
 def loss_gap_closed(loss: pd.Series, lower: str = "zero_shot", upper: str = "full_lora") -> pd.Series:
-    """Per variant, the share of the zero-shot -> full-LoRA loss gap it closed: ``(L_zero - L) / (L_zero - L_full)``.
+    """Per variant, the share of the zero-shot -> full-LoRA loss gap it closed:
+    ``(L_zero - L) / (L_zero - L_full)``.
 
     ``loss``: mean response-token loss per variant (index: variant names). 0 is the zero-shot model, 1 LoRA on
     the original; below 0 is worse than zero-shot, above 1 better than full LoRA. It shows what a short
@@ -190,7 +195,8 @@ def memory_table(results: dict) -> pd.DataFrame:
     dtype = results.get("config", {}).get("dtype", "float32")
     size = BYTES_PER_PARAMETER.get(dtype, 4)
     params = results["parameters"]
-    table = pd.DataFrame({"parameters": [params["original"], params["emulator"]]}, index=["original", "emulator"])
+    table = pd.DataFrame({"parameters": [params["original"], params["emulator"]]},
+                         index=["original", "emulator"])
     table["megabytes"] = table["parameters"] * size / 2**20
     table["share_of_original"] = table["parameters"] / params["original"]
     return table
@@ -203,9 +209,11 @@ MEMORY_STAGES = {"inference_original": "inference, original", "lora_original": "
 
 
 def measured_memory(memory: dict) -> pd.DataFrame:
-    """The training and inference rows of ``benchmarks/bench_memory.py``'s ``memory.json``: peak resident memory
-    (MB, fresh process), its ratio to inference with the original, the ledger's prediction and seconds per step."""
-    rows = {r["stage"]: r for r in memory["stages"] + memory.get("variants", []) if r["stage"] in MEMORY_STAGES}
+    """The training and inference rows of ``benchmarks/bench_memory.py``'s ``memory.json``: peak resident
+    memory (MB, fresh process), its ratio to inference with the original, the ledger's prediction and seconds
+    per step."""
+    rows = {r["stage"]: r for r in memory["stages"] + memory.get("variants", [])
+            if r["stage"] in MEMORY_STAGES}
     inference = rows["inference_original"]["peak_rss_mb"]
     table = pd.DataFrame([{"stage": MEMORY_STAGES[name], "peak_rss_mb": rows[name]["peak_rss_mb"],
                            "over_inference": rows[name]["peak_rss_mb"] / inference,
@@ -216,20 +224,24 @@ def measured_memory(memory: dict) -> pd.DataFrame:
 
 
 def memory_headline(memory: dict, *memory_big: dict) -> pd.DataFrame:
-    """EMLoC's headline, measured: peak resident memory (MB, fresh process) of inference with the original and of
-    LoRA on the emulator, per model, with the ratio to inference. ``memory`` is ``bench_memory.py``'s
-    ``memory.json`` (the default model); each ``memory_big`` one of its ``memory_big*.json`` (the weights-dominated
-    model, one per dtype), whose peaks are counted once the model is loaded (``running_peak_mb``: the sharded
-    loader's transient is not the stage's)."""
+    """EMLoC's headline, measured: peak resident memory (MB, fresh process) of inference with the original and
+    of LoRA on the emulator, per model, with the ratio to inference. ``memory`` is ``bench_memory.py``'s
+    ``memory.json`` (the default model); each ``memory_big`` one of its ``memory_big*.json`` (the
+    weights-dominated model, one per dtype), whose peaks are counted once the model is loaded
+    (``running_peak_mb``: the sharded loader's transient is not the stage's)."""
     rows = {r["stage"]: r for r in memory["stages"]}
     models = [("default model, float32", rows["inference_original"], rows["lora_emulator"])]
     for big_run in memory_big:
         big = {r["stage"]: r for r in big_run["stages"]}
         name = f"{big_run['parameters'] / 1e9:.1f}B random Llama, {big_run['dtype']}"
         models.append((name, big["big_inference_original"], big["big_lora_emulator"]))
-    peak = lambda row: row.get("running_peak_mb", row["peak_rss_mb"])
+
+    def peak(row):
+        return row.get("running_peak_mb", row["peak_rss_mb"])
+
     table = pd.DataFrame([{"model": model, "stage": stage, "peak_rss_mb": peak(row),
                            "over_inference": peak(row) / peak(inference)}
                           for model, inference, lora in models
-                          for stage, row in (("inference, original", inference), ("LoRA on the emulator", lora))])
+                          for stage, row in (("inference, original", inference),
+                                             ("LoRA on the emulator", lora))])
     return table

@@ -20,75 +20,38 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
 
 from emloc.calibration import PairedStats, paired_stats_from_accumulator, recording_inputs, target_linears
 from emloc.config import EmulatorConfig
-from emloc.data import pad_batch
-from emloc.emulator import EmulatorFactors, excluded_modules, factor_linear, set_submodule, swap_in_low_rank
+from emloc.emulator import EmulatorFactors, factor_linear, set_submodule, swap_in_low_rank
 from emloc.errors import EmlocError
-
-
-@dataclass
-class LayerBatch:
-    """One calibration batch at a decoder layer's input (the fields the streamed build's batches also have)."""
-
-    hidden: torch.Tensor
-    """``(batch, tokens, hidden)``: the original model's input of the next decoder layer."""
-    token_mask: torch.Tensor
-    causal_mask: torch.Tensor | None
-    position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-
-
-def decoder_of(model: nn.Module) -> tuple[nn.Module, str]:
-    """The Llama-style decoder (``embed_tokens``, ``layers``, ``rotary_emb``) and its layer list's name."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not all(hasattr(decoder, part) for part in ("embed_tokens", "layers", "rotary_emb")):
-        raise EmlocError(f"{type(model).__name__} is not a Llama-style decoder (embed_tokens, layers, rotary_emb): "
-                         f"use emulator.calibration: independent for it")
-    return decoder, next(name for name, module in model.named_modules() if module is decoder.layers)
+from emloc.layerwalk import LayerBatch, first_inputs, llama_decoder, merge_stats, through_layer
+from emloc.models import last_decoder_layer
+from emloc.targets import excluded_modules
 
 
 def decoder_targets(model: nn.Module, config: EmulatorConfig, layers_prefix: str, builder: str,
                     instead: str) -> tuple[dict[str, nn.Module], set[str]]:
     """The targeted linears (all inside the decoder layers, else a one-line error naming ``builder`` and the
-    ``instead`` to use) and the ones left dense (:func:`emloc.emulator.excluded_modules`)."""
+    ``instead`` to use) and the ones left dense (:func:`emloc.targets.excluded_modules`)."""
     linears = target_linears(model, config.target_modules)
     outside = [name for name in linears if not name.startswith(layers_prefix + ".")]
     if outside:
-        raise EmlocError(f"target {outside[0]} is outside the decoder layers: {builder} factors decoder-layer "
-                         f"linears only; drop it from emulator.target_modules or {instead}")
-    return linears, excluded_modules(model, linears, config)
+        raise EmlocError(f"target {outside[0]} is outside the decoder layers: {builder} factors "
+                         f"decoder-layer linears only; drop it from emulator.target_modules or {instead}")
+    return linears, excluded_modules(linears, config, last_decoder_layer(model))
 
 
-def through_layer(layer: nn.Module, hidden: torch.Tensor, batch) -> torch.Tensor:
-    """``hidden`` through one decoder layer with ``batch``'s masks and rotary embeddings."""
-    out = layer(hidden, attention_mask=batch.causal_mask, position_ids=batch.position_ids,
-                position_embeddings=batch.position_embeddings, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def embedded_batches(model: nn.Module, decoder: nn.Module, features: list[dict], pad_token_id: int,
-                     batch_size: int, device: torch.device) -> list[LayerBatch]:
-    """The first decoder layer's inputs for each calibration batch (same batches and padding as
-    :func:`emloc.calibration.collect_statistics`)."""
-    batches = []
-    for start in range(0, len(features), batch_size):
-        batch = pad_batch(features[start:start + batch_size], pad_token_id)
-        mask = batch["attention_mask"].to(device)
-        hidden = decoder.embed_tokens(batch["input_ids"].to(device))
-        position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
-        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
-        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
-        batches.append(LayerBatch(hidden, mask.bool(), causal_mask, position_ids,
-                                  decoder.rotary_emb(hidden, position_ids=position_ids)))
-    return batches
+def relative_to(prefix: str, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``factors`` keyed by names relative to the layer ``prefix`` (``self_attn.q_proj``)."""
+    return {name[len(prefix) + 1:]: tensor for name, tensor in factors.items()}
 
 
 @contextlib.contextmanager
-def low_rank_swapped(layer: nn.Module, u: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """``layer`` with the named linears (names relative to ``layer``) replaced by ``u v``, restored on exit."""
+def low_rank_swapped(layer: nn.Module, u: dict[str, torch.Tensor],
+                     v: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """``layer`` with the named linears (names relative to ``layer``) replaced by ``u v``, restored on
+    exit."""
     replaced = swap_in_low_rank(layer, u, v)
     try:
         yield layer
@@ -98,12 +61,11 @@ def low_rank_swapped(layer: nn.Module, u: dict[str, torch.Tensor], v: dict[str, 
 
 
 @torch.no_grad()
-def advance(layer: nn.Module, prefix: str, u: dict, v: dict, batches: list,
+def advance(layer: nn.Module, prefix: str, u: dict, v: dict, batches: list[LayerBatch],
             emulated: list[torch.Tensor]) -> list[torch.Tensor]:
     """The emulator's hidden states after ``layer`` with its factored linears (qualified names under
     ``prefix``) swapped for ``u v``."""
-    relative = lambda factors: {name[len(prefix) + 1:]: tensor for name, tensor in factors.items()}
-    with low_rank_swapped(layer, relative(u), relative(v)):
+    with low_rank_swapped(layer, relative_to(prefix, u), relative_to(prefix, v)):
         return [through_layer(layer, hidden, batch) for batch, hidden in zip(batches, emulated)]
 
 
@@ -115,8 +77,8 @@ def factor_layer(layer_linears: dict[str, nn.Module], stats, config: EmulatorCon
     for name, linear in layer_linears.items():
         if name in skip:
             continue
-        u[name], v[name], spectra[name], row = factor_linear(name, linear, stats, config, S_cache,
-                                                                     rank=None if ranks is None else ranks[name])
+        u[name], v[name], spectra[name], row = factor_linear(
+            name, linear, stats, config, S_cache, rank=None if ranks is None else ranks[name])
         rows.append(row)
     return u, v, spectra, rows
 
@@ -135,10 +97,10 @@ class SequentialLayer:
 
 
 @torch.no_grad()
-def build_layer_sequentially(layer: nn.Module, prefix: str, layer_linears: dict[str, nn.Module], batches: list,
-                             emulated: list[torch.Tensor], device: torch.device, n_samples: int,
-                             config: EmulatorConfig, skip: set[str], ranks: dict[str, int] | None = None
-                             ) -> SequentialLayer:
+def build_layer_sequentially(layer: nn.Module, prefix: str, layer_linears: dict[str, nn.Module],
+                             batches: list[LayerBatch], emulated: list[torch.Tensor], device: torch.device,
+                             n_samples: int, config: EmulatorConfig, skip: set[str],
+                             ranks: dict[str, int] | None = None) -> SequentialLayer:
     """Factor one layer's linears group by group, in the order the forward pass reaches them.
 
     A group is the linears sharing one input (q/k/v, then o, then gate/up, then down). The original layer
@@ -147,7 +109,6 @@ def build_layer_sequentially(layer: nn.Module, prefix: str, layer_linears: dict[
     their factors, so a later linear sees the inputs the emulator will really give it; with ``X~`` from the
     original upstream linears it would also correct drift that those linears already removed.
     """
-    relative = lambda factors: {name[len(prefix) + 1:]: tensor for name, tensor in factors.items()}
     with recording_inputs(layer_linears, device) as accumulator:
         originals = []
         for batch in batches:
@@ -160,14 +121,14 @@ def build_layer_sequentially(layer: nn.Module, prefix: str, layer_linears: dict[
     for leader in list(originals[0]):
         members = {name: module for name, module in layer_linears.items() if input_of.get(name) == leader}
         with recording_inputs({leader: layer_linears[leader]}, device) as paired, \
-                low_rank_swapped(layer, relative(u), relative(v)):
+                low_rank_swapped(layer, relative_to(prefix, u), relative_to(prefix, v)):
             for batch, hidden, X in zip(batches, emulated, originals):
                 X_tilde = paired.capture(batch.token_mask)
                 through_layer(layer, hidden, batch)
                 paired.add_pair({leader: X[leader]}, X_tilde)
         group = paired_stats_from_accumulator(paired, n_samples)
         group.input_of = {name: leader for name in members}
-        merge_paired(stats, group)
+        merge_stats(stats, group)
         group_u, group_v, group_spectra, group_rows = factor_layer(members, group, config, skip, ranks)
         u.update(group_u), v.update(group_v), spectra.update(group_spectra), rows.extend(group_rows)
     return SequentialLayer(u, v, spectra, rows, stats, advance(layer, prefix, u, v, batches, emulated))
@@ -181,32 +142,30 @@ def build_sequential(model: nn.Module, features: list[dict], config: EmulatorCon
     """The emulator's factors, built layer by layer from the calibration samples; the model is not changed.
 
     With ``keep_statistics`` also returns all layers' statistics (``covariances`` are the original's ``C``,
-    as :func:`emloc.calibration.collect_statistics` gives them, plus ``C~`` and ``P``: three times its memory).
+    as :func:`emloc.calibration.collect_statistics` gives them, plus ``C~`` and ``P``: three times its
+    memory).
     ``ranks`` (module -> rank, e.g. a global allocation from the independent statistics) overrides ``rho``.
     """
     if not features:
-        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
-    decoder, layers_prefix = decoder_of(model)
-    device = next(model.parameters()).device
-    linears, skip = decoder_targets(model, config, layers_prefix, "sequential calibration", "calibrate independently")
-    batches = embedded_batches(model, decoder, features, pad_token_id, batch_size, device)
+        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide "
+                         "training data")
+    found = llama_decoder(model, "use emulator.calibration: independent for it")
+    layers_prefix, device = found.prefix, next(model.parameters()).device
+    linears, skip = decoder_targets(model, config, layers_prefix, "sequential calibration",
+                                    "calibrate independently")
+    batches = first_inputs(model, features, pad_token_id, batch_size, device, found.decoder.embed_tokens,
+                           found.decoder.rotary_emb)
     emulated = [batch.hidden for batch in batches]
     u_all, v_all, spectra, rows = {}, {}, {}, []
     kept = PairedStats({}, {}, {}, len(features))
-    for index, layer in enumerate(tqdm(decoder.layers, desc="sequential emulator", disable=not progress)):
+    for index, layer in enumerate(tqdm(found.layers, desc="sequential emulator", disable=not progress)):
         prefix = f"{layers_prefix}.{index}"
         layer_linears = {name: module for name, module in linears.items() if name.startswith(prefix + ".")}
-        built = build_layer_sequentially(layer, prefix, layer_linears, batches, emulated, device, len(features),
-                                         config, skip, ranks)
+        built = build_layer_sequentially(layer, prefix, layer_linears, batches, emulated, device,
+                                         len(features), config, skip, ranks)
         emulated = built.emulated
         if keep_statistics:
-            merge_paired(kept, built.stats)
+            merge_stats(kept, built.stats)
         u_all.update(built.u), v_all.update(built.v), spectra.update(built.spectra), rows.extend(built.rows)
-    return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method), kept if keep_statistics else None
-
-
-def merge_paired(into: PairedStats, stats: PairedStats) -> None:
-    for mine, theirs in ((into.covariances, stats.covariances), (into.input_of, stats.input_of),
-                         (into.token_counts, stats.token_counts), (into.emulated, stats.emulated),
-                         (into.cross, stats.cross)):
-        mine.update(theirs)
+    return (EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method),
+            kept if keep_statistics else None)

@@ -1,34 +1,18 @@
-"""The registry of stages and evaluated variants: the one place that lists them.
+"""The registry of stages and evaluated variants: the one place that lists them, as data.
 
-The pipeline (:func:`emloc.pipeline.run_pipeline`), :func:`emloc.notebook.ensure`, the CLI and the
-sweeps all loop over :data:`STAGES`; fingerprints (:func:`emloc.rundir.fingerprint`) read each
-stage's config sections from it. A new stage is one :class:`Stage` entry (and its function in
-:mod:`emloc.pipeline`); a new evaluated variant is one :class:`Variant` entry in :data:`VARIANT_SPECS`.
+It names each stage, what it needs, what it writes and which config sections its fingerprint covers, and
+imports no stage function: :mod:`emloc.pipeline` maps the names to functions and owns the one loop over
+them (:func:`emloc.pipeline.run_stages`); fingerprints (:func:`emloc.rundir.fingerprint`) read each
+stage's config sections from here. A new stage is one :class:`Stage` entry (and its function in
+:data:`emloc.pipeline.STAGE_FUNCTIONS`); a new evaluated variant is one :class:`Variant` entry in
+:data:`VARIANT_SPECS` (views take its label from here and give it a colour).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from emloc.errors import EmlocError
-
-LossCallback = Callable[[str, int, float], None]
-"""``on_loss(which, step, loss)`` with ``which`` = 'emulator' or 'original'."""
-
-
-def _pipeline():
-    from emloc import pipeline  # the stage functions live there, and pipeline imports this registry
-    return pipeline
-
-
-def tagged(on_loss: LossCallback | None, which: str) -> Callable[[int, float], None] | None:
-    """``on_loss(which, step, loss)`` -> the ``on_loss(step, loss)`` that :func:`emloc.pipeline.train` calls."""
-    return None if on_loss is None else (lambda step, loss: on_loss(which, step, loss))
-
-
-def _train_on(which: str) -> Callable:
-    return lambda run, on_loss=None: _pipeline().train(run, which, tagged(on_loss, which))
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -44,16 +28,14 @@ class Stage:
     """The ``emloc`` command that makes it (shown in 'run `emloc <command> --out DIR`' hints)."""
     help: str
     """One line for the CLI's help."""
-    run: Callable
-    """``run(run, on_loss=None)``: the stage function of :mod:`emloc.pipeline` on a :class:`~emloc.pipeline.Run`."""
     uses_calibration: bool = True
-    """Whether ``data.n_calibration`` is part of its fingerprint (LoRA on the original never sees that subset)."""
+    """Whether ``data.n_calibration`` is part of its fingerprint (LoRA on the original never sees that
+    subset)."""
     adapter: Optional[str] = None
-    """The adapter folder (``emloc.rundir.ADAPTERS`` key) whose provenance must match for the stage to count as done."""
+    """The adapter folder (``emloc.rundir.ADAPTERS`` key) whose provenance must match for the stage to count
+    as done."""
     linkable: bool = True
     """Whether a sweep may hard-link it from another run with the same fingerprint."""
-    always: bool = False
-    """Whether :func:`emloc.pipeline.run_pipeline` redoes it even when finished."""
 
     @property
     def cli_command(self) -> str:
@@ -62,26 +44,21 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("calibrate", (), ("calibration",), (), "calibrate", "stage 1a: calibration statistics",
-          lambda run, on_loss=None: _pipeline().calibrate(run)),
-    Stage("build", ("calibrate",), ("emulator",), ("emulator",), "build", "stage 1b: the emulator",
-          lambda run, on_loss=None: _pipeline().build(run)),
+    Stage("calibrate", (), ("calibration",), (), "calibrate", "stage 1a: calibration statistics"),
+    Stage("build", ("calibrate",), ("emulator",), ("emulator",), "build", "stage 1b: the emulator"),
     Stage("fidelity", ("calibrate", "build"), ("fidelity.json",), ("emulator", "evaluation"), "fidelity",
-          "the emulator's end-to-end fidelity: next-token KL and residual-stream drift per layer",
-          lambda run, on_loss=None: _pipeline().fidelity(run)),
+          "the emulator's end-to-end fidelity: next-token KL and residual-stream drift per layer"),
     Stage("train_emulator", ("calibrate", "build"),
           ("adapters/emulator_lora", "adapters/recovered_lora", "training/emulator_lora.json"),
           ("emulator", "lora"), "train", "stage 2: LoRA on the emulator (or the original model)",
-          _train_on("emulator"), adapter="emulator"),
+          adapter="emulator"),
     Stage("train_original", (), ("adapters/full_lora", "training/full_lora.json"), ("lora",),
           "train --on original", "stage 2: LoRA on the emulator (or the original model)",
-          _train_on("original"), uses_calibration=False, adapter="original"),
+          uses_calibration=False, adapter="original"),
     Stage("correct", ("calibrate", "build", "train_emulator"), ("adapters/corrected", "correction"),
-          ("emulator", "lora", "correction"), "correct", "stage 3: LoRA correction",
-          lambda run, on_loss=None: _pipeline().correct(run), adapter="corrected"),
-    Stage("evaluate", ("calibrate", "build", "train_emulator", "train_original", "correct"), ("results.json",),
-          None, "evaluate", "evaluate the six variants", lambda run, on_loss=None: _pipeline().evaluate(run),
-          linkable=False, always=True),
+          ("emulator", "lora", "correction"), "correct", "stage 3: LoRA correction", adapter="corrected"),
+    Stage("evaluate", ("calibrate", "build", "train_emulator", "train_original", "correct"),
+          ("results.json",), None, "evaluate", "evaluate the six variants", linkable=False),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 
@@ -103,6 +80,8 @@ def with_needs(names) -> list[Stage]:
 @dataclass(frozen=True)
 class Variant:
     name: str
+    label: str
+    """How tables and figures name it."""
     stage: str
     """The stage whose fingerprint fixes its result (with the evaluation settings); it is evaluated by default
     once that stage is finished."""
@@ -110,20 +89,24 @@ class Variant:
     """The adapter (``emloc.rundir.ADAPTERS`` key) it checks and loads; ``None``: the plain original model."""
     on_emulator: bool = False
     """Whether the adapter is loaded on the emulator (else on a fresh original model)."""
+    gap: bool = False
+    """Whether it is measured by the share of the zero-shot -> LoRA-on-the-original gap it closes."""
 
 
 VARIANT_SPECS: tuple[Variant, ...] = (
-    Variant("zero_shot", "calibrate"),
-    Variant("emulator", "build", on_emulator=True),
-    Variant("emulator_lora", "train_emulator", "emulator", on_emulator=True),
-    Variant("transfer_uncorrected", "train_emulator", "emulator"),
-    Variant("transfer_corrected", "correct", "corrected"),
-    Variant("full_lora", "train_original", "original"),
+    Variant("zero_shot", "zero-shot original", "calibrate"),
+    Variant("emulator", "emulator (no LoRA)", "build", on_emulator=True),
+    Variant("emulator_lora", "emulator + LoRA", "train_emulator", "emulator", on_emulator=True, gap=True),
+    Variant("transfer_uncorrected", "original + LoRA (no correction)", "train_emulator", "emulator",
+            gap=True),
+    Variant("transfer_corrected", "original + corrected LoRA", "correct", "corrected", gap=True),
+    Variant("full_lora", "LoRA on the original", "train_original", "original"),
 )
 VARIANT = {variant.name: variant for variant in VARIANT_SPECS}
 VARIANT_NAMES = [variant.name for variant in VARIANT_SPECS]
 
 
 def evaluated(names: list[str], corrects: bool) -> list[str]:
-    """``names`` less the variants that need the correction when the emulator has none (structured baselines)."""
+    """``names`` less the variants that need the correction when the emulator has none (structured
+    baselines)."""
     return [name for name in names if corrects or VARIANT[name].stage != "correct"]

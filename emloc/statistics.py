@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (larger df use the normal 1.96).
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
 
 
 def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0,
@@ -38,13 +39,15 @@ def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int 
     sizes = np.array([g.shape[1] for g in groups], dtype=float)
     if shared_items:
         if len(set(sizes)) != 1:
-            raise ValueError(f"shared_items needs the same number of items in every group, got {sorted(set(sizes))}")
+            raise ValueError(f"shared_items needs the same number of items in every group, "
+                             f"got {sorted(set(sizes))}")
         shared = rng.integers(0, groups[0].shape[1], (n_boot, groups[0].shape[1]))
         draws = [shared] * n_groups
     else:
         draws = [rng.integers(0, g.shape[1], (n_boot, g.shape[1])) for g in groups]
     sums = np.stack([g[:, draw].sum(-1).T for g, draw in zip(groups, draws)])  # (S, B, k)
-    counts = np.stack([np.bincount(row, minlength=n_groups) for row in rng.integers(0, n_groups, (n_boot, n_groups))])
+    counts = np.stack([np.bincount(row, minlength=n_groups)
+                       for row in rng.integers(0, n_groups, (n_boot, n_groups))])
     if n_groups == 1:
         counts = np.ones((n_boot, 1))
     totals = np.einsum("bs,sbk->bk", counts, sums)
@@ -62,7 +65,8 @@ def bootstrap_ci(groups: Sequence[np.ndarray], statistic: Callable[[np.ndarray],
     groups = [np.asarray(g, dtype=float).reshape(-1, np.shape(g)[-1]) for g in groups]
     pooled = np.concatenate(groups, axis=1).mean(1)
     estimate = float(statistic(pooled))
-    replicates = np.array([statistic(m) for m in bootstrap_means(groups, n_boot, seed, shared_items)], dtype=float)
+    replicates = np.array([statistic(m) for m in bootstrap_means(groups, n_boot, seed, shared_items)],
+                          dtype=float)
     replicates = replicates[np.isfinite(replicates)]
     if replicates.size == 0:
         return estimate, float("nan"), float("nan")

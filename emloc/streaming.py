@@ -30,15 +30,15 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import create_causal_mask
 
 from emloc import io
 from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator
 from emloc.config import EmulatorConfig
-from emloc.data import pad_batch
 from emloc import sequential
 from emloc.emulator import count_parameters
 from emloc.errors import EmlocError
+from emloc.layerwalk import (LayerBatch, first_inputs, llama_decoder, merge_stats, qualified_name,
+                             through_layer)
 from emloc.models import resolve_dtype, resolve_model_path
 from emloc.rundir import factor_tensors, save_emulator, save_stats
 
@@ -81,8 +81,9 @@ class ShardReader:
     def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         missing = [name for name in names if name not in self.shard_of]
         if missing:
-            raise EmlocError(f"{self.folder} has no tensor {missing[0]}: the checkpoint's names do not match the "
-                             f"model built from its config; stream only checkpoints saved by transformers")
+            raise EmlocError(f"{self.folder} has no tensor {missing[0]}: the checkpoint's names do not match "
+                             f"the model built from its config; stream only checkpoints saved by "
+                             f"transformers")
         by_shard = defaultdict(list)
         for name in names:
             by_shard[self.shard_of[name]].append(name)
@@ -94,7 +95,8 @@ class ShardReader:
         return tensors
 
 
-def materialise(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device: torch.device) -> None:
+def materialise(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype,
+                device: torch.device) -> None:
     """Give a meta-device ``module`` its weights from the shards (``prefix`` is its qualified name)."""
     if any(True for _ in module.buffers()):
         raise EmlocError(f"{prefix} has buffers, which streaming cannot restore from a checkpoint: "
@@ -112,16 +114,6 @@ def release(module: nn.Module) -> None:
         # glibc keeps freed large blocks in its heap (its mmap threshold grows after each free), so without
         # a trim the per-layer temporaries pile up as fragmentation and the peak grows layer after layer.
         _LIBC.malloc_trim(0)
-
-
-@dataclass
-class _Batch:
-    hidden: torch.Tensor
-    """``(batch, tokens, hidden)`` input of the next decoder layer."""
-    token_mask: torch.Tensor
-    causal_mask: torch.Tensor | None
-    position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -146,43 +138,18 @@ def skeleton(model_path: str | Path, dtype: torch.dtype, trust_remote_code: bool
     return model.eval()
 
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.Module, str]:
-    """The decoder (embed_tokens, layers, rotary_emb) and the qualified name of its layer list."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not all(hasattr(decoder, part) for part in ("embed_tokens", "layers", "rotary_emb")):
-        raise EmlocError(f"{type(model).__name__} is not a Llama-style decoder (embed_tokens, layers, rotary_emb): "
-                         f"use the in-memory `emloc build` for it")
-    prefix = next(name for name, module in model.named_modules() if module is decoder.layers)
-    return decoder, prefix
-
-
-def _prefix_of(model: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in model.named_modules() if module is target)
-
-
-def _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dtype, device) -> list[_Batch]:
-    """Embed the calibration batches once (same batches and padding as the in-memory calibration)."""
+def _streamed_first_inputs(model: nn.Module, decoder: nn.Module, reader: ShardReader, features: list[dict],
+                           pad_token_id: int, batch_size: int, dtype: torch.dtype,
+                           device: torch.device) -> list[LayerBatch]:
+    """Embed the calibration batches once (:func:`emloc.layerwalk.first_inputs`) with the embeddings read
+    from the shards for the occasion and the rotary embeddings rebuilt off the meta device."""
     embed = decoder.embed_tokens
-    materialise(embed, _prefix_of(model, embed), reader, dtype, device)
+    materialise(embed, qualified_name(model, embed), reader, dtype, device)
     with torch.device(device):  # the skeleton's rotary buffers are on meta: rebuild them
         rotary = type(decoder.rotary_emb)(config=model.config)
-    batches = []
-    for start in range(0, len(features), batch_size):
-        batch = pad_batch(features[start:start + batch_size], pad_token_id)
-        mask = batch["attention_mask"].to(device)
-        hidden = embed(batch["input_ids"].to(device))
-        position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
-        # no cache; passed by position: its keyword was renamed (past_key_values -> cache) across transformers 5.x
-        causal_mask = create_causal_mask(model.config, hidden, mask, None, position_ids=position_ids)
-        batches.append(_Batch(hidden, mask.bool(), causal_mask, position_ids, rotary(hidden, position_ids=position_ids)))
+    batches = first_inputs(model, features, pad_token_id, batch_size, device, embed, rotary)
     release(embed)
     return batches
-
-
-def _through_layer(layer: nn.Module, batch: _Batch) -> torch.Tensor:
-    out = layer(batch.hidden, attention_mask=batch.causal_mask, position_ids=batch.position_ids,
-                position_embeddings=batch.position_embeddings, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -196,19 +163,23 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
     With ``config.calibration == 'sequential'`` a second stream of hidden states (the emulator built so far)
     runs alongside (:mod:`emloc.sequential`): one layer's weights at a time still, twice the activations."""
     if not features:
-        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide training data")
+        raise EmlocError("the calibration set is empty: set data.n_calibration >= 1 and provide "
+                         "training data")
     start = time.perf_counter()
     dtype, device = resolve_dtype(dtype), torch.device(device)
     reader = ShardReader(model_path)
     model = skeleton(model_path, dtype, trust_remote_code)
     params_original = count_parameters(model)  # before releasing weights unties shared ones
-    decoder, layers_prefix = _decoder_parts(model)
-    linears, skip = sequential.decoder_targets(model, config, layers_prefix, "streaming", "use the in-memory build")
-    batches = _first_inputs(model, decoder, reader, features, pad_token_id, batch_size, dtype, device)
+    found = llama_decoder(model, "use the in-memory `emloc build` for it")
+    layers_prefix = found.prefix
+    linears, skip = sequential.decoder_targets(model, config, layers_prefix, "streaming",
+                                               "use the in-memory build")
+    batches = _streamed_first_inputs(model, found.decoder, reader, features, pad_token_id, batch_size, dtype,
+                                     device)
     # the emulator's stream (sequential only): the hidden states of the emulator built so far
     emulated = [batch.hidden for batch in batches] if config.calibration == "sequential" else None
     spectra, rows, kept = {}, [], CalibrationStats({}, {}, {}, len(features))
-    for index, layer in enumerate(tqdm(decoder.layers, desc="streamed layers", disable=not progress)):
+    for index, layer in enumerate(tqdm(found.layers, desc="streamed layers", disable=not progress)):
         prefix = f"{layers_prefix}.{index}"
         materialise(layer, prefix, reader, dtype, device)
         layer_linears = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
@@ -216,34 +187,28 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
             stats = _calibrate_layer(layer, layer_linears, batches, device, len(features))
             u, v, layer_spectra, layer_rows = sequential.factor_layer(layer_linears, stats, config, skip)
         else:
-            built = sequential.build_layer_sequentially(layer, prefix, layer_linears, batches, emulated, device,
-                                                        len(features), config, skip)
+            built = sequential.build_layer_sequentially(layer, prefix, layer_linears, batches, emulated,
+                                                        device, len(features), config, skip)
             u, v, layer_spectra, layer_rows, stats, emulated = (built.u, built.v, built.spectra, built.rows,
                                                                 built.stats, built.emulated)
         spectra.update(layer_spectra)
         rows.extend(layer_rows)
         io.write_tensors(parts_dir / f"layer_{index:05d}.safetensors", factor_tensors(u, v))
         if keep_statistics:
-            _merge_stats(kept, stats)
+            merge_stats(kept, stats)
         release(layer)
     return StreamedBuild(pd.DataFrame(rows), spectra, time.perf_counter() - start, params_original,
-                         len(decoder.layers), kept if keep_statistics else None)
+                         len(found.layers), kept if keep_statistics else None)
 
 
-def _calibrate_layer(layer: nn.Module, layer_linears: dict[str, nn.Module], batches: list[_Batch],
+def _calibrate_layer(layer: nn.Module, layer_linears: dict[str, nn.Module], batches: list[LayerBatch],
                      device: torch.device, n_samples: int) -> CalibrationStats:
     """``C`` for the layer's linears while every batch moves on through the (original) layer."""
     with recording_inputs(layer_linears, device) as accumulator:
         for batch in batches:
             accumulator.begin_batch(batch.token_mask)
-            batch.hidden = _through_layer(layer, batch)
+            batch.hidden = through_layer(layer, batch.hidden, batch)
     return stats_from_accumulator(accumulator, n_samples)
-
-
-def _merge_stats(into: CalibrationStats, stats: CalibrationStats) -> None:
-    into.covariances.update(stats.covariances)
-    into.input_of.update(stats.input_of)
-    into.token_counts.update(stats.token_counts)
 
 
 def stream_build(run: Run, batch_size: int = 8, keep_statistics: bool = False) -> StreamedBuild:
@@ -251,8 +216,9 @@ def stream_build(run: Run, batch_size: int = 8, keep_statistics: bool = False) -
     :func:`emloc.pipeline.build` (and the calibration's, with ``keep_statistics``)."""
     cfg = run.config
     if cfg.emulator.allocation != "uniform":
-        raise EmlocError("emulator.allocation = 'global' needs every layer's spectrum before the first is built, "
-                         "which the streamed build does not have: use allocation 'uniform' with --stream")
+        raise EmlocError("emulator.allocation = 'global' needs every layer's spectrum before the first is "
+                         "built, which the streamed build does not have: use allocation 'uniform' with "
+                         "--stream")
     features = run.features("calibration")
     for stage in (["calibrate", "build"] if keep_statistics else ["build"]):
         run.begin(stage)

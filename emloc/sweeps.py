@@ -21,8 +21,6 @@ correctness, so tables can bootstrap over test items and seeds.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,14 +30,15 @@ import pandas as pd
 
 from emloc import io
 from emloc.statistics import bootstrap_ci, gap_closed
-from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.config import PRESETS, RunConfig, merge_dicts, nested
 from emloc.errors import EmlocError
 from emloc.rundir import CORRECTION_SKIPPED, fingerprint
-from emloc.stages import STAGES, VARIANT_SPECS, evaluated, with_needs
+from emloc.stages import STAGES, VARIANT_SPECS, evaluated
 
 VARIANT_STAGE = {variant.name: variant.stage for variant in VARIANT_SPECS}
 """The stage whose fingerprint fixes a variant's result (with the evaluation settings)."""
-GAP_VARIANTS = ["emulator_lora", "transfer_uncorrected", "transfer_corrected"]
+GAP_VARIANTS = [variant.name for variant in VARIANT_SPECS if variant.gap]
+"""The variants measured by the share of the zero-shot -> LoRA-on-the-original gap they close."""
 
 
 @dataclass
@@ -56,7 +55,8 @@ class SweepSpec:
 
     @property
     def axes(self) -> list[str]:
-        """Grid keys other than the seed (over all sub-grids, first-seen order): the columns a table groups by."""
+        """Grid keys other than the seed (over all sub-grids, first-seen order): the columns a table groups
+        by."""
         return list(dict.fromkeys(k for g in self.subgrids for k in g if k != "seed"))
 
     def points(self) -> list[dict]:
@@ -65,7 +65,8 @@ class SweepSpec:
         for subgrid in self.subgrids:
             for partial in expand_grid(subgrid):
                 point = {"seed": partial.get("seed", self.base.get("seed", 0)),
-                         **{a: partial[a] if a in partial else _lookup(point_config(self, partial), a) for a in self.axes}}
+                         **{a: partial[a] if a in partial else _lookup(point_config(self, partial), a)
+                            for a in self.axes}}
                 if point_name(point) not in seen:
                     seen.add(point_name(point))
                     points.append(point)
@@ -79,12 +80,14 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def spec_from_dict(raw: dict, where: str = "grid") -> SweepSpec:
     grid = raw.get("grid", {}) if isinstance(raw, dict) else None
-    if not isinstance(grid, (dict, list)) or (isinstance(grid, list) and not all(isinstance(g, dict) for g in grid)):
+    if not isinstance(grid, (dict, list)) or (isinstance(grid, list)
+                                              and not all(isinstance(g, dict) for g in grid)):
         raise EmlocError(f"{where} must be a mapping with 'base', 'grid' (a mapping or a list of mappings) "
                          "and optional 'variants': see emloc.sweeps")
     unknown = sorted(set(raw) - {"base", "grid", "variants", "n_boot", "confidence"})
     if unknown:
-        raise EmlocError(f"unknown key {unknown[0]!r} in {where}: use base, grid, variants, n_boot, confidence")
+        raise EmlocError(f"unknown key {unknown[0]!r} in {where}: "
+                         "use base, grid, variants, n_boot, confidence")
     spec = SweepSpec(**raw)
     bad = [v for v in spec.variants if v not in VARIANT_STAGE]
     if bad:
@@ -103,11 +106,6 @@ def expand_grid(grid: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _nested(dotted: str, value) -> dict:
-    head, _, rest = dotted.partition(".")
-    return {head: _nested(rest, value) if rest else value}
-
-
 def _lookup(config: RunConfig, dotted: str):
     value = config.to_dict()
     for part in dotted.split("."):
@@ -120,7 +118,7 @@ def point_config(spec: SweepSpec, point: dict) -> RunConfig:
     preset = base.pop("preset", None)
     raw = merge_dicts(PRESETS[preset], base) if preset else base
     for key, value in point.items():
-        raw = merge_dicts(raw, _nested(key, value))
+        raw = merge_dicts(raw, nested(key, value))
     return RunConfig.from_dict(raw)
 
 
@@ -130,32 +128,17 @@ def point_name(point: dict) -> str:
 
 # ---- running ------------------------------------------------------------------------------------
 
-def _link(source: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=os.link)
-    else:
-        os.link(source, target)
-
-
 def adopt_finished_stages(run, donors: list) -> list[str]:
     """Hard-link stages that another run finished with the same fingerprint; returns the adopted stages."""
     adopted = []
-    for stage, paths in ((s.name, s.paths) for s in STAGES if s.linkable):
+    for stage in (s.name for s in STAGES if s.linkable):
         if run.is_done(stage):
             continue
         wanted = fingerprint(run.config, stage)
-        donor = next((d for d in donors if d.dir != run.dir and d.manifest_path(stage).exists()
-                      and io.read_json(d.manifest_path(stage)).get("fingerprint") == wanted), None)
-        if donor is None:
-            continue
-        for relative in paths:
-            if (donor.dir / relative).exists():
-                _link(donor.dir / relative, run.dir / relative)
-        _link(donor.manifest_path(stage), run.manifest_path(stage))
-        adopted.append(stage)
+        donor = next((d for d in donors if d.dir != run.dir and d.stage_fingerprint(stage) == wanted), None)
+        if donor is not None:
+            run.adopt_stage(stage, donor)
+            adopted.append(stage)
     return adopted
 
 
@@ -168,12 +151,10 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
     from emloc import pipeline
     adopt_finished_stages(run, donors)
     # every point trains LoRA on its emulator, plus the stages its variants need
-    for stage in with_needs(["train_emulator", *(VARIANT_STAGE[v] for v in spec.variants)]):
-        if not run.is_done(stage.name):
-            stage.run(run)
+    pipeline.run_stages(run, ["train_emulator", *(VARIANT_STAGE[v] for v in spec.variants)])
     corrects = run.emulator_kind.corrects
     wanted = evaluated(spec.variants, corrects)
-    record = _read_point(run) or {"variants": {}}
+    record = run.read_point() or {"variants": {}}
     keys = {v: variant_key(run.config, v) for v in wanted}
     for v in wanted:
         if record["variants"].get(v, {}).get("key") != keys[v] and keys[v] in cache:
@@ -183,22 +164,19 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
         results = pipeline.evaluate(run, missing)
         for v in missing:
             correct = [run.data.is_correct(p, e) for p, e in zip(results["predictions"][v], run.data.test)]
-            record["variants"][v] = {"key": keys[v], **{k: results["variants"][v][k] for k in ("accuracy", "loss", "n")},
+            record["variants"][v] = {"key": keys[v],
+                                     **{k: results["variants"][v][k] for k in ("accuracy", "loss", "n")},
                                      "correct": [int(c) for c in correct]}
     record["notes"] = [] if corrects else [CORRECTION_SKIPPED]
-    io.write_json(run.dir / "point.json", record)
+    run.write_point(record)
     for v in wanted:
         cache[keys[v]] = record["variants"][v]
     return record
 
 
-def _read_point(run) -> dict | None:
-    path = run.dir / "point.json"
-    return io.read_json(path) if path.exists() else None
-
-
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
-              on_point: Callable[[int, int, dict], None] | None = None, reuse: list | None = None) -> pd.DataFrame:
+              on_point: Callable[[int, int, dict], None] | None = None,
+              reuse: list | None = None) -> pd.DataFrame:
     """Run (or resume) every point of ``spec`` under ``out``; returns the per-item table.
 
     ``reuse``: finished run directories (e.g. of ``emloc run``) whose stages are hard-linked into any
@@ -208,14 +186,16 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
     out = Path(out)
     io.write_yaml(out / "grid.yaml", spec.__dict__)
     points = spec.points()
-    runs = [pipeline.Run(out / "points" / point_name(p), point_config(spec, p), progress=progress) for p in points]
+    runs = [pipeline.Run(out / "points" / point_name(p), point_config(spec, p), progress=progress)
+            for p in points]
     missing = [d for d in reuse or [] if not (Path(d) / "config.yaml").is_file()]
     if missing:
-        raise EmlocError(f"--reuse {missing[0]} is not a run directory (no config.yaml): give a finished run's folder")
+        raise EmlocError(f"--reuse {missing[0]} is not a run directory (no config.yaml): "
+                         "give a finished run's folder")
     donors = runs + [pipeline.Run(d, progress=False) for d in reuse or []]
     cache = {}
     for run in runs:  # variants finished by an earlier (interrupted) sweep
-        for v, rec in ((_read_point(run) or {}).get("variants", {})).items():
+        for v, rec in ((run.read_point() or {}).get("variants", {})).items():
             cache.setdefault(rec["key"], rec)
     for i, (point, run) in enumerate(zip(points, runs)):
         if on_point:
@@ -229,7 +209,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
 def items_table(out: str | Path) -> pd.DataFrame:
     """Long table: one row per (point, variant, test item) with the grid values and ``correct``."""
     spec, finished = _finished_points(out)
-    frames = [pd.DataFrame({**point, "variant": variant, "item": range(len(rec["correct"])), "correct": rec["correct"]})
+    frames = [pd.DataFrame({**point, "variant": variant, "item": range(len(rec["correct"])),
+                            "correct": rec["correct"]})
               for point, variants in finished for variant, rec in variants.items()]
     if not frames:
         return pd.DataFrame(columns=["seed", *spec.axes, "variant", "item", "correct"])
@@ -260,7 +241,8 @@ def _by_point(items: pd.DataFrame, axes: list[str]):
         yield dict(zip(axes, key if isinstance(key, tuple) else (key,))), group
 
 
-def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
+                  confidence: float = 0.95) -> pd.DataFrame:
     """Accuracy per (axes, variant): mean over items and seeds, bootstrap interval, counts."""
     rows = []
     for key, group in items.groupby([*axes, "variant"], sort=False):
@@ -271,7 +253,8 @@ def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, conf
     return pd.DataFrame(rows)
 
 
-def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
+              confidence: float = 0.95) -> pd.DataFrame:
     """Share of the zero-shot -> LoRA-on-original accuracy gap closed, paired per seed and item."""
     rows = []
     for point, group in _by_point(items, axes):
@@ -284,8 +267,10 @@ def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confiden
     return pd.DataFrame(rows)
 
 
-def correction_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
-    """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed and item."""
+def correction_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
+                     confidence: float = 0.95) -> pd.DataFrame:
+    """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed and
+    item."""
     rows = []
     for point, group in _by_point(items, axes):
         groups = _groups(group, ["transfer_corrected", "transfer_uncorrected"])
@@ -301,17 +286,20 @@ def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
     loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
     only the mean loss per variant is stored)."""
     _, finished = _finished_points(out)
-    rows = [{**point, "variant": v, "loss": rec["loss"]} for point, variants in finished for v, rec in variants.items()]
+    rows = [{**point, "variant": v, "loss": rec["loss"]}
+            for point, variants in finished for v, rec in variants.items()]
     if not rows:
         return pd.DataFrame(columns=[*axes, "variant", "loss", "seeds", "loss_gap_closed"])
     frame = pd.DataFrame(rows)
     keys = [*axes, "variant"]
-    table = frame.groupby(keys, sort=False).agg(loss=("loss", "mean"), seeds=("seed", "nunique")).reset_index()
+    table = frame.groupby(keys, sort=False).agg(loss=("loss", "mean"),
+                                                seeds=("seed", "nunique")).reset_index()
     reference = table.set_index(keys)["loss"]
     def closed(row):
         base = tuple(row[a] for a in axes)
         zero, full = reference.get((*base, "zero_shot")), reference.get((*base, "full_lora"))
-        return (zero - row["loss"]) / (zero - full) if zero is not None and full is not None and zero != full else float("nan")
+        return ((zero - row["loss"]) / (zero - full) if zero is not None and full is not None and zero != full
+                else float("nan"))
     table["loss_gap_closed"] = table.apply(closed, axis=1)
     return table
 
@@ -322,7 +310,8 @@ def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=[*axes, *VARIANT_STAGE])
     cells = summary.assign(cell=[f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
                                  zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])])
-    wide = cells.pivot(index=axes, columns="variant", values="cell") if axes else cells.set_index("variant")[["cell"]].T
+    wide = (cells.pivot(index=axes, columns="variant", values="cell") if axes
+            else cells.set_index("variant")[["cell"]].T)
     ordered = [v for v in VARIANT_STAGE if v in wide.columns]
     return wide[ordered].fillna("").reset_index()
 
@@ -330,18 +319,22 @@ def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
 def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accuracy (95% bootstrap interval)"):
     """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
     import plotly.graph_objects as go
-    label = summary[axes].astype(str).agg(", ".join, axis=1) if axes else pd.Series("all", index=summary.index)
+    label = (summary[axes].astype(str).agg(", ".join, axis=1) if axes
+             else pd.Series("all", index=summary.index))
     figure = go.Figure()
     for variant, rows in summary.assign(label=label).groupby("variant", sort=False):
         figure.add_bar(name=variant, x=rows["label"], y=rows["accuracy"],
-                       error_y={"type": "data", "symmetric": False, "array": rows["ci_high"] - rows["accuracy"],
+                       error_y={"type": "data", "symmetric": False,
+                                "array": rows["ci_high"] - rows["accuracy"],
                                 "arrayminus": rows["accuracy"] - rows["ci_low"]})
-    figure.update_layout(barmode="group", title=title, yaxis_title="exact-match accuracy", xaxis_title=", ".join(axes))
+    figure.update_layout(barmode="group", title=title, yaxis_title="exact-match accuracy",
+                         xaxis_title=", ".join(axes))
     return figure
 
 
 def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Compute the items/summary/gap/correction/loss tables of a sweep; write CSV, Markdown and the figure (JSON)."""
+    """Compute the items/summary/gap/correction/loss tables of a sweep; write CSV, Markdown and the figure
+    (JSON)."""
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
     target = Path(tables_dir) if tables_dir else out / "tables"

@@ -40,10 +40,12 @@ PROJECTOR_LINEARS = ["linear_1", "linear_2"]
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLM_TARGETS = sorted(set(VISION_PROJECTIONS + PROJECTOR_LINEARS + LANGUAGE_PROJECTIONS))
 
-PARTS = {"vision": r".*vision_tower\..*", "projector": r".*multi_modal_projector\..*", "language": r".*language_model\..*"}
+PARTS = {"vision": r".*vision_tower\..*", "projector": r".*multi_modal_projector\..*",
+         "language": r".*language_model\..*"}
 """Regexes naming the three parts of a Llava model by qualified module name."""
 
-COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0), "yellow": (1.0, 0.9, 0.1)}
+COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0),
+           "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ["square", "disc", "cross"]
 
 
@@ -57,18 +59,22 @@ def part_of(name: str) -> str:
     return next((part for part, pattern in PARTS.items() if re.fullmatch(pattern, name)), "other")
 
 
-def tiny_llava(vocab_size: int, seed: int = 0, image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32,
-               text_hidden: int = 64, layers: int = 2) -> LlavaForConditionalGeneration:
+def tiny_llava(vocab_size: int, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+               vision_hidden: int = 32, text_hidden: int = 64,
+               layers: int = 2) -> LlavaForConditionalGeneration:
     """A random Llava (tiny CLIP vision tower + tiny Llama) built from a config; the image token is the
     id ``vocab_size`` (one past the tokenizer's vocabulary), so no tokenizer change is needed."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                              num_hidden_layers=layers, num_attention_heads=4, image_size=image_size,
+                              patch_size=patch_size, projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=vocab_size + 1, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256,
                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -108,7 +114,8 @@ def draw_shape(shape: str, colour: tuple[float, float, float], size: int, rng: r
 
 
 def make_shape_data(n: int, seed: int = 0, size: int = 32, question: str = "colour") -> list[ImageExample]:
-    """``n`` seeded images of a coloured shape with the question "What colour is the shape?" (or which shape)."""
+    """``n`` seeded images of a coloured shape with the question "What colour is the shape?" (or which
+    shape)."""
     if question not in ("colour", "shape"):
         raise EmlocError(f"question {question!r} is unknown: use 'colour' or 'shape'")
     rng = random.Random(f"shapes-{seed}")
@@ -121,13 +128,15 @@ def make_shape_data(n: int, seed: int = 0, size: int = 32, question: str = "colo
     return examples
 
 
-def encode_image_examples(tokenizer, examples: list[ImageExample], image_token_id: int, n_image_tokens: int) -> list[dict]:
+def encode_image_examples(tokenizer, examples: list[ImageExample], image_token_id: int,
+                          n_image_tokens: int) -> list[dict]:
     """Features: ``input_ids`` = image tokens + "Question: ... Answer:" + response + eos; the loss is on the
     response only; ``pixel_values`` rides along."""
     features = []
     for example in examples:
         prompt = tokenizer(f"Question: {example.prompt}\nAnswer:", add_special_tokens=False)["input_ids"]
-        answer = tokenizer(f" {example.response}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = (tokenizer(f" {example.response}", add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
         prompt = [image_token_id] * n_image_tokens + prompt
         features.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer,
                          "pixel_values": example.pixel_values})
@@ -141,7 +150,8 @@ class ImageTextCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([{k: v for k, v in f.items() if k != "pixel_values"} for f in features], self.pad_token_id)
+        batch = pad_batch([{k: v for k, v in f.items() if k != "pixel_values"} for f in features],
+                          self.pad_token_id)
         batch["pixel_values"] = torch.stack([f["pixel_values"] for f in features])
         return batch
 
@@ -149,7 +159,8 @@ class ImageTextCollator:
 def check_vlm(model: nn.Module) -> None:
     """A clear error when the model is not a Llava-style vision-language model."""
     names = {name for name, _ in model.named_modules()}
-    if not any(part_of(name) == "vision" for name in names) or not any(part_of(name) == "language" for name in names):
+    if (not any(part_of(name) == "vision" for name in names)
+            or not any(part_of(name) == "language" for name in names)):
         raise EmlocError(f"{type(model).__name__} has no vision_tower / language_model: the VLM path needs a "
                          f"Llava-style model (e.g. LlavaForConditionalGeneration)")
 
@@ -171,8 +182,8 @@ class VlmStages:
 
 
 def run_vlm_stages(model: nn.Module, tokenizer, train: list[ImageExample], calibration: list[ImageExample],
-                   emulator_config: EmulatorConfig, lora_spec: LoraConfigSpec, clamp: float | None = 3.0, seed: int = 0,
-                   progress: bool = False) -> VlmStages:
+                   emulator_config: EmulatorConfig, lora_spec: LoraConfigSpec, clamp: float | None = 3.0,
+                   seed: int = 0, progress: bool = False) -> VlmStages:
     """Calibrate on image + text, build the emulator, train LoRA on it, correct the adapter for ``model``.
 
     ``model`` is not changed: the emulator is a copy, and the corrected adapter wraps another copy.
@@ -180,9 +191,12 @@ def run_vlm_stages(model: nn.Module, tokenizer, train: list[ImageExample], calib
     check_vlm(model)
     image_token_id, n_image_tokens = model.config.image_token_id, image_token_count(model)
     collator = ImageTextCollator(tokenizer.pad_token_id)
-    encode = lambda examples: encode_image_examples(tokenizer, examples, image_token_id, n_image_tokens)
-    stats = collect_statistics(model, encode(calibration), emulator_config.target_modules, tokenizer.pad_token_id,
-                               progress=progress, collate=collator)
+
+    def encode(examples):
+        return encode_image_examples(tokenizer, examples, image_token_id, n_image_tokens)
+
+    stats = collect_statistics(model, encode(calibration), emulator_config.target_modules,
+                               tokenizer.pad_token_id, progress=progress, collate=collator)
     factors = build_factors(model, stats, emulator_config, progress=progress)
     result = train_lora(emulate(model, factors), encode(train), lora_spec, emulator_config.target_modules,
                         tokenizer.pad_token_id, seed=seed, progress=progress, collator=collator)

@@ -7,11 +7,12 @@ import torch
 
 from emloc import fidelity
 from emloc.calibration import collect_statistics
-from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig
+from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig, RunConfig
 from emloc.data import IGNORE_INDEX
 from emloc.emulator import build_factors, emulate
 from emloc.errors import EmlocError
 from emloc.models import tiny_llama
+from emloc.rundir import RunDir, save_fidelity
 
 
 def features(n=6, seed=0, labelled=True):
@@ -100,8 +101,9 @@ def test_a_perturbation_in_layer_k_drifts_from_layer_k_on():
 def test_fidelity_by_layer_and_round_trip(model, stats, tmp_path):
     factors = build_factors(model, stats, EmulatorConfig(ratio=0.5), progress=False)
     report = fidelity.fidelity_report(model, emulate(model, factors), features(), 2, progress=False)
-    fidelity.write_fidelity(tmp_path / "fidelity.json", report)
-    assert fidelity.read_fidelity(tmp_path / "fidelity.json") == report
+    run = RunDir(tmp_path / "run", RunConfig())
+    save_fidelity(run, report, 0.0)
+    assert run.fidelity() == report
     table = fidelity.fidelity_by_layer(report, factors.report)
     assert list(table.columns) == ["drift", "calibration_error_mean", "calibration_error_max"]
     assert table.loc[1, "calibration_error_mean"] == pytest.approx(
@@ -112,9 +114,9 @@ def test_fidelity_by_layer_and_round_trip(model, stats, tmp_path):
         factors.report.query("layer == 0 and type == 'v_proj'")["calibration_error"].iloc[0])
     with pytest.raises(EmlocError, match="no module of type"):
         fidelity.fidelity_by_layer(report, factors.report, "w_proj")
-    (tmp_path / "bad.json").write_text("{}")
+    (run.dir / "fidelity.json").write_text("{}")
     with pytest.raises(EmlocError, match="not a fidelity report"):
-        fidelity.read_fidelity(tmp_path / "bad.json")
+        run.fidelity()
 
 
 def test_bad_inputs(model):

@@ -5,7 +5,9 @@ import torch
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig
 from emloc.emulator import build_factors, emulate
-from emloc.memory import LedgerSettings, ledger, load_emulator_lean, meta_model, model_config, parameter_counts
+from emloc.emulator import load_emulator_lean
+from emloc.memory import LedgerSettings, ledger, model_config, parameter_counts
+from emloc.models import meta_model
 from emloc.models import tiny_llama
 
 
@@ -47,7 +49,7 @@ def test_training_on_the_lean_emulator_equals_training_on_the_swapped_one(tmp_pa
 
     from emloc import pipeline
     from emloc.lora import train_lora
-    from emloc.memory import lean_emulator_for_training
+    from emloc.pipeline import lean_emulator_for_training
     run = pipeline.Run(tmp_path / "run", tiny_run_config(tiny_model_dir), progress=False)
     pipeline.build(run, pipeline.calibrate(run))
     features, cfg = run.features("train"), run.config

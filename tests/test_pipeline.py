@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import tiny_run_config
 from emloc import cli, pipeline
 from emloc.config import RunConfig
-from emloc.rundir import ADAPTERS
+from emloc.rundir import ADAPTERS, fingerprint
 from emloc.stages import STAGE, STAGES, VARIANT_SPECS, with_needs
 from emloc.models import tiny_llama
 
@@ -44,6 +44,12 @@ def test_finished_stages_are_reused_and_config_changes_redo_them(tiny_model_dir,
     stamp = (run.dir / "manifests" / "build.json").stat().st_mtime_ns
     pipeline.run_pipeline(pipeline.Run(run.dir, config, progress=False))
     assert (run.dir / "manifests" / "build.json").stat().st_mtime_ns == stamp
+    # the one rule: a stage is redone when it is not done, or when a stage it needs was redone in the same call
+    assert pipeline.run_stages(pipeline.Run(run.dir, config, progress=False)) == []
+    (run.dir / "manifests" / "train_emulator.json").unlink()
+    redone = pipeline.run_stages(pipeline.Run(run.dir, config, progress=False), "correct")
+    assert redone == ["train_emulator", "correct"]
+    assert pipeline.run_stages(pipeline.Run(run.dir, config, progress=False)) == ["evaluate"]
     changed = tiny_run_config(tiny_model_dir, emulator={"ratio": 0.3})
     run2 = pipeline.Run(run.dir, changed, progress=False)
     assert run2.is_done("calibrate") and not run2.is_done("build") and not run2.is_done("correct")
@@ -85,6 +91,9 @@ def test_stage_registry_is_consistent():
     for variant in VARIANT_SPECS:
         assert variant.stage in STAGE and (variant.adapter is None or variant.adapter in ADAPTERS)
     assert [v.name for v in VARIANT_SPECS] == pipeline.VARIANTS
+    assert set(pipeline.STAGE_FUNCTIONS) == set(STAGE)  # every stage has its function, and only those
+    from widgets._base import VARIANT_COLOURS, VARIANT_LABELS
+    assert set(VARIANT_LABELS) == set(VARIANT_COLOURS) == set(pipeline.VARIANTS)  # no view misses a variant
 
 
 def test_fingerprints_follow_the_config_sections_each_stage_lists():
@@ -95,9 +104,9 @@ def test_fingerprints_follow_the_config_sections_each_stage_lists():
         changed = RunConfig.from_dict(change)
         for stage in STAGES:
             covered = stage.config is None or section in stage.config
-            assert (pipeline.fingerprint(base, stage.name) != pipeline.fingerprint(changed, stage.name)) == covered, \
+            assert (fingerprint(base, stage.name) != fingerprint(changed, stage.name)) == covered, \
                 (section, stage.name)
     fewer_calibration = RunConfig.from_dict({"data": {"n_calibration": 8}})
     for stage in STAGES:
-        differs = pipeline.fingerprint(base, stage.name) != pipeline.fingerprint(fewer_calibration, stage.name)
+        differs = fingerprint(base, stage.name) != fingerprint(fewer_calibration, stage.name)
         assert differs == stage.uses_calibration, stage.name

@@ -21,6 +21,7 @@ import yaml
 from emloc import io, pipeline
 from emloc.config import RunConfig
 from emloc.models import load_tokenizer, tiny_llama
+from emloc.rundir import fingerprint
 
 SETTINGS = {"device": "cpu", "seed": 3,
             "data": {"n_train": 24, "n_calibration": 6, "n_test": 4, "max_length": 80},
@@ -94,4 +95,4 @@ def test_fingerprints_are_stable():
     }
     for name, raw in (("default", {}), ("quick", PRESETS["quick"])):
         config = RunConfig.from_dict(raw)
-        assert {stage: pipeline.fingerprint(config, stage) for stage in expected[name]} == expected[name], name
+        assert {stage: fingerprint(config, stage) for stage in expected[name]} == expected[name], name

@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -102,7 +104,7 @@ def test_error_map_ratio_slider(tiny_run):
     assert "weight error" in shown(view)["layout"]["title"]["text"]
 
 
-def test_training_monitor_live_and_history(tiny_run):
+def test_training_monitor_live_and_history(tiny_run, tmp_path):
     monitor = widgets.training_monitor(total_steps=3)
     assert list(monitor.trace("emulator").x) == []
     for which, step, loss in tiny_run.streamed_losses:
@@ -118,7 +120,8 @@ def test_training_monitor_live_and_history(tiny_run):
     assert "final loss" in finished.stats["emulator"].value
 
     live = widgets.training_monitor(total_steps=3)
-    pipeline.train(tiny_run, "emulator", on_loss=live.callback("emulator"))
+    retrained = pipeline.Run(shutil.copytree(tiny_run.dir, tmp_path / "copy"), tiny_run.config, progress=False)
+    pipeline.train(retrained, "emulator", on_loss=live.callback("emulator"))  # a copy: the shared run stays evaluated
     assert len(live.trace("emulator").x) == 3 and len(shown(live)["data"][0]["x"]) > 0
     with pytest.raises(ValueError):
         live.on_loss("student", 1, 0.5)

@@ -13,5 +13,5 @@ from widgets.spectrum import SpectrumExplorer, spectrum_explorer
 from widgets.training import TrainingMonitor, training_monitor
 
 __all__ = ["spectrum_explorer", "error_map", "training_monitor", "correction_inspector", "results_board",
-           "fidelity_view", "SpectrumExplorer", "ErrorMap", "TrainingMonitor", "CorrectionInspector", "ResultsBoard",
-           "FidelityView"]
+           "fidelity_view", "SpectrumExplorer", "ErrorMap", "TrainingMonitor", "CorrectionInspector",
+           "ResultsBoard", "FidelityView"]

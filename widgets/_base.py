@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from emloc.errors import EmlocError
+from emloc.stages import VARIANT_SPECS
 
 # One colour per role, used by every view: the emulator (and anything activation-aware) is orange,
 # the original model blue, the corrected transfer green.
@@ -37,21 +38,21 @@ COLOURS = {
     "transfer_corrected": "#2ca02c",
     "full_lora": "#1f77b4",
 }
-VARIANT_LABELS = {
-    "zero_shot": "zero-shot original",
-    "emulator": "emulator (no LoRA)",
-    "emulator_lora": "emulator + LoRA",
-    "transfer_uncorrected": "original + LoRA (no correction)",
-    "transfer_corrected": "original + corrected LoRA",
-    "full_lora": "LoRA on the original",
-}
+VARIANT_LABELS = {variant.name: variant.label for variant in VARIANT_SPECS}
+"""Every evaluated variant of the registry (:data:`emloc.stages.VARIANT_SPECS`) by its label."""
+_SPARE_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
+VARIANT_COLOURS = {variant.name: {**COLOURS, "emulator": "#fdbf6f"}.get(variant.name, _SPARE_COLOURS[i % 4])
+                   for i, variant in enumerate(VARIANT_SPECS)}
+"""A colour for every variant of the registry: its role's colour, the emulator alone in light orange (else it
+would share emulator_lora's orange), and a spare colour for a variant added later, so no view misses one."""
 TEMPLATE = "plotly_white"
 _MIME = pio.renderers["plotly_mimetype"]
 
 
 def new_figure(**layout) -> go.Figure:
     figure = go.Figure()
-    figure.update_layout(template=TEMPLATE, margin=dict(l=60, r=20, t=60, b=50), hovermode="closest", **layout)
+    figure.update_layout(template=TEMPLATE, margin=dict(l=60, r=20, t=60, b=50), hovermode="closest",
+                         **layout)
     return figure
 
 
@@ -63,7 +64,8 @@ def figures_dir() -> Path:
 
 def find_chromium() -> str | None:
     """A chromium/chrome executable for kaleido: ``$BROWSER_PATH``, else one on ``PATH``."""
-    candidates = [os.environ.get("BROWSER_PATH"), *(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))]
+    candidates = [os.environ.get("BROWSER_PATH"),
+                  *(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))]
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
@@ -77,7 +79,8 @@ class FigureView(widgets.VBox):
     def __init__(self, figure: go.Figure, controls: list[widgets.Widget], **kwargs):
         self.figure = figure
         self.output = widgets.Output()
-        self.save_button = widgets.Button(description="Save HTML", icon="download", layout=widgets.Layout(width="120px"),
+        self.save_button = widgets.Button(description="Save HTML", icon="download",
+                                          layout=widgets.Layout(width="120px"),
                                           tooltip="write this figure as a standalone interactive HTML file")
         self.saved_label = widgets.HTML("")
         self.save_button.on_click(self._on_save)
@@ -86,7 +89,8 @@ class FigureView(widgets.VBox):
         self.refresh()
 
     def save_html(self, path: str | os.PathLike) -> Path:
-        """Write the current figure as one standalone HTML file (plotly's JS inlined: works offline, no CDN)."""
+        """Write the current figure as one standalone HTML file (plotly's JS inlined: works offline, no
+        CDN)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.figure.write_html(path, include_plotlyjs=True, full_html=True)
@@ -99,8 +103,8 @@ class FigureView(widgets.VBox):
                              "or use save_html")
         chromium = find_chromium()
         if chromium is None:
-            raise EmlocError("PNG export needs a chromium browser: `apt-get install chromium` (or set BROWSER_PATH), "
-                             "or use save_html")
+            raise EmlocError("PNG export needs a chromium browser: `apt-get install chromium` "
+                             "(or set BROWSER_PATH), or use save_html")
         os.environ.setdefault("BROWSER_PATH", chromium)  # kaleido finds the browser through it
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,8 @@ class FigureView(widgets.VBox):
 
     def default_filename(self) -> str:
         """``<view>-<YYYYmmdd-HHMMSS>.html``, e.g. ``spectrumexplorer-20250101-093000.html``."""
-        return f"{re.sub(r'[^a-z0-9]+', '', type(self).__name__.lower())}-{time.strftime('%Y%m%d-%H%M%S')}.html"
+        return (f"{re.sub(r'[^a-z0-9]+', '', type(self).__name__.lower())}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}.html")
 
     def _on_save(self, _button=None) -> None:
         try:

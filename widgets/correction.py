@@ -48,16 +48,23 @@ class CorrectionInspector(FigureView):
 
 
     def _empty_figure(self, report: pd.DataFrame) -> go.Figure:
-        figure = make_subplots(rows=3, cols=1, shared_xaxes=True, row_heights=[0.45, 0.25, 0.3], vertical_spacing=0.07,
-                               subplot_titles=("misalignment of original + adapter vs fine-tuned emulator, on span(A)",
+        figure = make_subplots(rows=3, cols=1, shared_xaxes=True, row_heights=[0.45, 0.25, 0.3],
+                               vertical_spacing=0.07,
+                               subplot_titles=("misalignment of original + adapter vs fine-tuned emulator, "
+                                               "on span(A)",
                                                "LoRA columns scaled down by the clamp",
-                                               "how much of the emulator's error the adapter learned (1 = all)"))
-        for name, label in (("before", "before correction (B A as trained)"), ("after", "after correction (A', B^)")):
+                                               "how much of the emulator's error the adapter learned "
+                                               "(1 = all)"))
+        for name, label in (("before", "before correction (B A as trained)"),
+                            ("after", "after correction (A', B^)")):
             figure.add_trace(go.Scatter(name=label, meta=name, mode="lines+markers", line_color=COLOURS[name],
-                                        hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.4f}}<extra></extra>"),
+                                        hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.4f}}"
+                                                      f"<extra></extra>"),
                              row=1, col=1)
-        figure.add_trace(go.Bar(name="clamped columns", meta="clamped", marker_color=COLOURS["clamped"], showlegend=False,
-                                hovertemplate="layer %{x}: %{y:.1f}% of columns clamped<br>%{text}<extra></extra>"),
+        figure.add_trace(go.Bar(name="clamped columns", meta="clamped", marker_color=COLOURS["clamped"],
+                                showlegend=False,
+                                hovertemplate="layer %{x}: %{y:.1f}% of columns clamped<br>%{text}"
+                                              "<extra></extra>"),
                          row=2, col=1)
         for name, label, colour in (("coefficient", "c: s B~ ≈ c (W − W')Q", COLOURS["emulator"]),
                                     ("cosine", "cos(s B~, (W − W')Q)", COLOURS["plain"])):
@@ -65,7 +72,8 @@ class CorrectionInspector(FigureView):
                                         hovertemplate=f"{label}<br>layer %{{x}}: %{{y:.3g}}<extra></extra>"),
                              row=3, col=1)
         figure.add_hline(y=1.0, line_dash="dot", line_color="#aaaaaa", row=3, col=1)
-        figure.update_yaxes(title_text="s‖D − D_applied‖ / ‖W'Q + sB~‖", row=1, col=1, rangemode="tozero")
+        figure.update_yaxes(title_text="s‖D − D_applied‖ / ‖W'Q + sB~‖", row=1, col=1,
+                            rangemode="tozero")
         figure.update_yaxes(title_text="% clamped", range=[0, 100], row=2, col=1)
         figure.update_yaxes(title_text="c, cosine", row=3, col=1)
         figure.update_xaxes(title_text="layer", row=3, col=1)
@@ -93,13 +101,16 @@ class CorrectionInspector(FigureView):
             self.trace("clamped").update(x=x, y=100 * layers["clamped_share"].to_numpy(), text=text)
             if "update_mismatch_coefficient" in self.saved_report:
                 learned = compensation_by_layer(self.saved_report, module_type)
-                self.trace("coefficient").update(x=list(learned.index), y=learned["update_mismatch_coefficient"].to_numpy())
-                self.trace("cosine").update(x=list(learned.index), y=learned["update_mismatch_cosine"].to_numpy())
+                self.trace("coefficient").update(x=list(learned.index),
+                                                 y=learned["update_mismatch_coefficient"].to_numpy())
+                self.trace("cosine").update(x=list(learned.index),
+                                            y=learned["update_mismatch_cosine"].to_numpy())
             lam = "no clamp" if self.lam is None else f"λ = {self.lam:.3g}"
             self.figure.layout.title.text = f"LoRA correction ({lam}): misalignment per layer"
         touched = int((report["clamped_columns"] > 0).sum())
         self.stats.value = (f"{lam}: the clamp touched {touched} of {len(report)} modules and "
-                            f"{int(report['clamped_columns'].sum())} of {int(report['columns'].sum())} LoRA columns · "
+                            f"{int(report['clamped_columns'].sum())} of {int(report['columns'].sum())} "
+                            f"LoRA columns · "
                             f"mean misalignment {report['misalignment_before'].mean():.4f} before → "
                             f"{report['misalignment_after'].mean():.4f} after")
         self.refresh()

@@ -16,7 +16,8 @@ ERRORS = {"whitened": "calibration error ‖(W−W')X‖/‖WX‖ (activation-aw
           "plain": "weight error ‖W−W'‖/‖W‖ (plain SVD)"}
 SHOW = {"error": "relative error per module", "rank": "rank per module",
         "rank_change": "rank change vs uniform per module"}
-ALLOCATIONS = {"uniform": "uniform (every module keeps ρ)", "global": "global (same budget, least summed error)"}
+ALLOCATIONS = {"uniform": "uniform (every module keeps ρ)",
+               "global": "global (same budget, least summed error)"}
 # Colour scales that keep small values visible: no white at the low end; the change map is white at 0.
 SCALES = {"error": "YlOrRd", "rank": "Viridis", "rank_change": "RdBu"}
 COLOURBAR = {"error": "rel. error", "rank": "rank", "rank_change": "Δ rank"}
@@ -47,11 +48,14 @@ class ErrorMap(FigureView):
                                               layout=widgets.Layout(width="500px"))
         self.allocation_dropdown = widgets.Dropdown(
             options=[(label, key) for key, label in ALLOCATIONS.items()], description="allocation",
-            value="global" if "rank_uniform" in self.report.columns else "uniform", layout=widgets.Layout(width="500px"))
-        self.show_dropdown = widgets.Dropdown(options=[(label, key) for key, label in SHOW.items()], value="error",
+            value="global" if "rank_uniform" in self.report.columns else "uniform",
+            layout=widgets.Layout(width="500px"))
+        self.show_dropdown = widgets.Dropdown(options=[(label, key) for key, label in SHOW.items()],
+                                              value="error",
                                               description="show", layout=widgets.Layout(width="500px"))
         self.stats = stat_line("")
-        controls = [self.ratio_slider, self.kind_dropdown, self.allocation_dropdown, self.show_dropdown, self.stats]
+        controls = [self.ratio_slider, self.kind_dropdown, self.allocation_dropdown, self.show_dropdown,
+                    self.stats]
         super().__init__(self._empty_figure(), controls)
         self.update()
         for control in controls[:-1]:
@@ -59,18 +63,24 @@ class ErrorMap(FigureView):
 
 
     def _empty_figure(self) -> go.Figure:
-        figure = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True, horizontal_spacing=0.03,
+        figure = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True,
+                               horizontal_spacing=0.03,
                                subplot_titles=("relative error per module", "parameters saved per layer"))
         figure.add_trace(go.Heatmap(name="relative error", meta="error", colorscale=SCALES["error"], zmin=0,
                                     colorbar=dict(title="rel. error", x=1.02, len=0.9),
-                                    hovertemplate="layer %{y} · %{x}<br>%{text}<extra></extra>"), row=1, col=1)
-        figure.add_trace(go.Bar(name="parameters saved", meta="saved", orientation="h", marker_color=COLOURS["emulator"],
-                                hovertemplate="layer %{y}: %{x:.3f} M parameters saved<extra></extra>"), row=1, col=2)
-        figure.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if len(set(self.report["layer"])) <= 12 else 5,
+                                    hovertemplate="layer %{y} · %{x}<br>%{text}<extra></extra>"),
+                         row=1, col=1)
+        figure.add_trace(go.Bar(name="parameters saved", meta="saved", orientation="h",
+                                marker_color=COLOURS["emulator"],
+                                hovertemplate="layer %{y}: %{x:.3f} M parameters saved<extra></extra>"),
+                         row=1, col=2)
+        figure.update_yaxes(title_text="layer", autorange="reversed",
+                            dtick=1 if len(set(self.report["layer"])) <= 12 else 5,
                             row=1, col=1)
         figure.update_xaxes(title_text="module type", row=1, col=1)
         figure.update_xaxes(title_text="millions", row=1, col=2)
-        figure.update_layout(template=TEMPLATE, height=520, showlegend=False, margin=dict(l=60, r=90, t=80, b=50))
+        figure.update_layout(template=TEMPLATE, height=520, showlegend=False,
+                             margin=dict(l=60, r=90, t=80, b=50))
         return figure
 
     def table(self):
@@ -104,10 +114,12 @@ class ErrorMap(FigureView):
             what = ERRORS[kind] if show == "error" else SHOW[show]
             self.figure.layout.title.text = (f"Emulator at ρ = {rho:.2f}, {self.allocation_dropdown.value} "
                                              f"allocation: {what}")
-        self.stats.value = (f"ρ = {rho:.2f}: the compressed layers keep {after / 1e6:.2f} M of {before / 1e6:.2f} M "
-                            f"parameters (saves {(before - after) / 1e6:.2f} M, {100 * (1 - after / before):.0f}%) · "
+        self.stats.value = (f"ρ = {rho:.2f}: the compressed layers keep {after / 1e6:.2f} M of "
+                            f"{before / 1e6:.2f} M parameters (saves {(before - after) / 1e6:.2f} M, "
+                            f"{100 * (1 - after / before):.0f}%) · "
                             f"mean error {table['error'].mean():.3f}, worst {table['error'].max():.3f} "
-                            f"({table.loc[table['error'].idxmax(), 'module']}), Σ error² {(table['error'] ** 2).sum():.3f}"
+                            f"({table.loc[table['error'].idxmax(), 'module']}), "
+                            f"Σ error² {(table['error'] ** 2).sum():.3f}"
                             f" · {int((table['rank_change'] != 0).sum())} modules off the uniform rank")
         self.refresh()
 

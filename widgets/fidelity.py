@@ -40,15 +40,20 @@ class FidelityView(FigureView):
         figure = new_figure(height=460, legend=dict(orientation="h", y=-0.22, yanchor="top"),
                             xaxis_title="decoder layer", yaxis_title="relative error")
         figure.update_layout(margin_b=120)
-        figure.add_trace(go.Scatter(name="end-to-end drift of the residual stream ‖h−h̃‖/‖h‖", meta="drift",
+        figure.add_trace(go.Scatter(name="end-to-end drift of the residual stream ‖h−h̃‖/‖h‖",
+                                    meta="drift",
                                     mode="lines+markers", line_color=COLOURS["emulator"],
                                     hovertemplate="after layer %{x}: drift %{y:.4f}<extra></extra>"))
-        figure.add_trace(go.Scatter(name="per-layer calibration error ‖(W−W')X‖/‖WX‖, mean", meta="calibration mean",
+        figure.add_trace(go.Scatter(name="per-layer calibration error ‖(W−W')X‖/‖WX‖, mean",
+                                    meta="calibration mean",
                                     mode="lines+markers", line_color=COLOURS["original"],
-                                    hovertemplate="layer %{x}: mean calibration error %{y:.4f}<extra></extra>"))
-        figure.add_trace(go.Scatter(name="per-layer calibration error, max", meta="calibration max", mode="lines",
+                                    hovertemplate="layer %{x}: mean calibration error %{y:.4f}"
+                                                  "<extra></extra>"))
+        figure.add_trace(go.Scatter(name="per-layer calibration error, max", meta="calibration max",
+                                    mode="lines",
                                     line=dict(color=COLOURS["original"], dash="dot"),
-                                    hovertemplate="layer %{x}: max calibration error %{y:.4f}<extra></extra>"))
+                                    hovertemplate="layer %{x}: max calibration error %{y:.4f}"
+                                                  "<extra></extra>"))
         return figure
 
     def table(self) -> pd.DataFrame:
@@ -82,7 +87,8 @@ def _kl_html(fidelity: dict, table: pd.DataFrame) -> str:
     if not kl["all"]["tokens"]:
         return "no predicted tokens in the fidelity report: measure it on longer samples"
     parts = [f"<b>KL(original ‖ emulator)</b> per token: mean {kl['all']['mean']:.4f}, "
-             f"median {kl['all']['median']:.4f}, p90 {kl['all']['p90']:.4f} over {kl['all']['tokens']} tokens"]
+             f"median {kl['all']['median']:.4f}, p90 {kl['all']['p90']:.4f} "
+             f"over {kl['all']['tokens']} tokens"]
     if kl["response"]["tokens"]:
         parts.append(f"on response tokens {kl['response']['mean']:.4f}")
     parts.append(f"same top-1 next token {100 * kl['all']['top1_agreement']:.1f}%")

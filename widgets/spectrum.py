@@ -15,9 +15,9 @@ KINDS = {"plain": "plain SVD of W", "whitened": "activation-aware (whitened W S)
 class SpectrumExplorer(FigureView):
     """Pick a layer and module type; move the rank slider to see kept energy and relative error.
 
-    Traces (keys for ``view.trace(key)``): ``sigma plain``, ``sigma whitened`` (``sigma_i / sigma_1``, log scale), ``rank``
-    (the slider's rank on the left), ``error plain``, ``error whitened`` (relative error of keeping
-    ``k``), ``at rank`` (both errors at the slider's rank), ``ratio rank`` (the rank ``rho`` picks).
+    Traces (keys for ``view.trace(key)``): ``sigma plain``, ``sigma whitened`` (``sigma_i / sigma_1``, log
+    scale), ``rank`` (the slider's rank on the left), ``error plain``, ``error whitened`` (relative error of
+    keeping ``k``), ``at rank`` (both errors at the slider's rank), ``ratio rank`` (the rank ``rho`` picks).
     """
 
     def __init__(self, factors: EmulatorFactors):
@@ -54,21 +54,30 @@ class SpectrumExplorer(FigureView):
         figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
             "singular values (normalised, log scale)", "relative error of keeping the top k"))
         for kind in KINDS:
-            figure.add_trace(go.Scatter(name=KINDS[kind], meta=f"sigma {kind}", legendgroup=kind, mode="lines", line_color=COLOURS[kind],
-                                        hovertemplate=f"{KINDS[kind]}<br>i = %{{x}}<br>σ_i/σ_1 = %{{y:.3g}}<extra></extra>"),
+            figure.add_trace(go.Scatter(name=KINDS[kind], meta=f"sigma {kind}", legendgroup=kind,
+                                        mode="lines", line_color=COLOURS[kind],
+                                        hovertemplate=f"{KINDS[kind]}<br>i = %{{x}}<br>σ_i/σ_1 = %{{y:.3g}}"
+                                                      f"<extra></extra>"),
                              row=1, col=1)
-        figure.add_trace(go.Scatter(name="slider rank", meta="rank", mode="lines", line=dict(color="black", dash="dot"), showlegend=False,
+        figure.add_trace(go.Scatter(name="slider rank", meta="rank", mode="lines",
+                                    line=dict(color="black", dash="dot"), showlegend=False,
                                     hovertemplate="slider rank r = %{x}<extra></extra>"), row=1, col=1)
-        for kind, label in (("plain", "weight error ‖W−W'‖/‖W‖"), ("whitened", "calibration error ‖(W−W')X‖/‖WX‖")):
-            figure.add_trace(go.Scatter(name=label, meta=f"error {kind}", legendgroup=kind, mode="lines", showlegend=False,
+        for kind, label in (("plain", "weight error ‖W−W'‖/‖W‖"),
+                            ("whitened", "calibration error ‖(W−W')X‖/‖WX‖")):
+            figure.add_trace(go.Scatter(name=label, meta=f"error {kind}", legendgroup=kind, mode="lines",
+                                        showlegend=False,
                                         line_color=COLOURS[kind],
-                                        hovertemplate=f"{label}<br>k = %{{x}}<br>error = %{{y:.3f}}<extra></extra>"),
+                                        hovertemplate=f"{label}<br>k = %{{x}}<br>error = %{{y:.3f}}"
+                                                      f"<extra></extra>"),
                              row=1, col=2)
-        figure.add_trace(go.Scatter(name="errors at the slider rank", meta="at rank", mode="markers", showlegend=False,
+        figure.add_trace(go.Scatter(name="errors at the slider rank", meta="at rank", mode="markers",
+                                    showlegend=False,
                                     marker=dict(size=10, color=[COLOURS["plain"], COLOURS["whitened"]],
                                                 line=dict(color="black", width=1)),
-                                    hovertemplate="r = %{x}<br>error = %{y:.3f}<extra></extra>"), row=1, col=2)
-        figure.add_trace(go.Scatter(name="rank chosen by ρ", meta="ratio rank", mode="lines", line=dict(color="black", dash="dash"),
+                                    hovertemplate="r = %{x}<br>error = %{y:.3f}<extra></extra>"),
+                         row=1, col=2)
+        figure.add_trace(go.Scatter(name="rank chosen by ρ", meta="ratio rank", mode="lines",
+                                    line=dict(color="black", dash="dash"),
                                     hovertemplate="rank chosen by ρ: %{x}<extra></extra>"), row=1, col=2)
         figure.update_xaxes(title_text="index i", row=1, col=1)
         figure.update_yaxes(title_text="σ_i / σ_1", type="log", row=1, col=1)
@@ -91,7 +100,8 @@ class SpectrumExplorer(FigureView):
             self.rank_slider.value = min(int(row.rank), n)
         with self.figure.batch_update():
             for kind, curves in self.curves.items():
-                self.trace(f"sigma {kind}").update(x=list(range(1, len(curves["sigma"]) + 1)), y=curves["normalised"])
+                self.trace(f"sigma {kind}").update(x=list(range(1, len(curves["sigma"]) + 1)),
+                                                   y=curves["normalised"])
                 self.trace(f"error {kind}").update(x=list(range(len(curves["error"]))), y=curves["error"])
             self.trace("ratio rank").update(x=[row.rank, row.rank], y=[0, 1])
             self.figure.layout.title.text = (f"Singular value spectra of {row.module} "
@@ -104,19 +114,23 @@ class SpectrumExplorer(FigureView):
     def _update_rank(self) -> None:
         row = self._row()
         r = self.rank_slider.value
-        summary = {kind: rank_summary(c, r, row.out_features, row.in_features) for kind, c in self.curves.items()}
+        summary = {kind: rank_summary(c, r, row.out_features, row.in_features)
+                   for kind, c in self.curves.items()}
         floor = float(min(c["normalised"][-1] for c in self.curves.values()))
         with self.figure.batch_update():
             self.trace("rank").update(x=[max(r, 1), max(r, 1)], y=[max(floor, 1e-12), 1])
-            self.trace("at rank").update(x=[r, r], y=[summary["plain"]["error"], summary["whitened"]["error"]])
+            self.trace("at rank").update(x=[r, r],
+                                         y=[summary["plain"]["error"], summary["whitened"]["error"]])
         self.stats.value = _stats_html(row, summary)
         self.refresh()
 
 
 def _stats_html(row, summary: dict) -> str:
     w, p = summary["whitened"], summary["plain"]
-    return (f"<b>r = {w['rank']}</b> keeps {100 * w['parameter_share']:.1f}% of W's parameters (ρ ≈ {w['ratio']:.2f}) · "
-            f"<span style='color:{COLOURS['whitened']}'>activation-aware: kept energy {100 * w['kept_energy']:.1f}%, "
+    return (f"<b>r = {w['rank']}</b> keeps {100 * w['parameter_share']:.1f}% of W's parameters "
+            f"(ρ ≈ {w['ratio']:.2f}) · "
+            f"<span style='color:{COLOURS['whitened']}'>activation-aware: "
+            f"kept energy {100 * w['kept_energy']:.1f}%, "
             f"calibration error {w['error']:.3f}</span> · "
             f"<span style='color:{COLOURS['plain']}'>plain SVD: kept energy {100 * p['kept_energy']:.1f}%, "
             f"weight error {p['error']:.3f}</span><br>"

@@ -27,7 +27,8 @@ class TrainingMonitor(FigureView):
         self.stats = {which: stat_line("waiting") for which in MODELS}
         figure = new_figure(title_text="LoRA training loss", height=400, legend=dict(orientation="h", y=-0.2))
         for which, label in MODELS.items():
-            figure.add_scatter(name=label, meta=which, x=[], y=[], mode="lines+markers", line_color=COLOURS[which], marker_size=4,
+            figure.add_scatter(name=label, meta=which, x=[], y=[], mode="lines+markers",
+                               line_color=COLOURS[which], marker_size=4,
                                hovertemplate=f"{label}<br>step %{{x}}<br>loss %{{y:.4f}}<extra></extra>")
         figure.update_xaxes(title_text="optimizer step")
         figure.update_yaxes(title_text="training loss (response tokens)")
@@ -53,7 +54,7 @@ class TrainingMonitor(FigureView):
     def show_history(self, which: str, summary: dict | list) -> None:
         """Draw a finished run: ``summary`` is ``run.history(which)`` or a ``[(step, loss), ...]`` list."""
         history = summary["history"] if isinstance(summary, dict) else summary
-        self.points[which] = [(int(s), float(l)) for s, l in history]
+        self.points[which] = [(int(s), float(loss)) for s, loss in history]
         if self.total_steps is None and history:
             self.total_steps = max(s for s, _ in self.points[which])
         text = f"finished: {len(history)} steps, final loss {history[-1][1]:.4f}" if history else "no steps"

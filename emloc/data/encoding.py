@@ -9,7 +9,8 @@ IGNORE_INDEX = -100
 
 
 def chat_messages(task: Task, prompt: str, response: str | None = None) -> list[dict[str, str]]:
-    """The conversation: the task's system prompt (if any), the user's ``prompt``, the assistant's ``response``."""
+    """The conversation: the task's system prompt (if any), the user's ``prompt``, the assistant's
+    ``response``."""
     messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
     messages.append({"role": "user", "content": prompt})
     if response is not None:
@@ -20,7 +21,8 @@ def chat_messages(task: Task, prompt: str, response: str | None = None) -> list[
 def prompt_text(tokenizer, task: Task, prompt: str) -> str:
     """The generation prompt, through the tokenizer's chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(chat_messages(task, prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(chat_messages(task, prompt), tokenize=False,
+                                             add_generation_prompt=True)
     prefix = f"{task.system_prompt}\n\n" if task.system_prompt else ""
     return f"{prefix}Question: {prompt}\nAnswer: "
 
@@ -29,7 +31,8 @@ def response_text(tokenizer, task: Task, example: Example) -> str:
     """What follows the prompt in a finished conversation (the response and its end-of-turn tokens)."""
     prompt = prompt_text(tokenizer, task, example.prompt)
     if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(chat_messages(task, example.prompt, example.response), tokenize=False)
+        full = tokenizer.apply_chat_template(chat_messages(task, example.prompt, example.response),
+                                             tokenize=False)
         if full.startswith(prompt):
             return full[len(prompt):]
     return example.response + (tokenizer.eos_token or "")
@@ -37,7 +40,8 @@ def response_text(tokenizer, task: Task, example: Example) -> str:
 
 def _token_ids(tokenizer, task: Task, example: Example) -> tuple[list[int], list[int]]:
     """The prompt's and the response's token ids, uncut."""
-    prompt_ids = tokenizer(prompt_text(tokenizer, task, example.prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_text(tokenizer, task, example.prompt),
+                           add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(response_text(tokenizer, task, example), add_special_tokens=False)["input_ids"]
     return prompt_ids, answer_ids
 
@@ -60,27 +64,34 @@ def hygiene_line(report: dict) -> str | None:
     parts = []
     verb = "removed" if report.get("removed", True) else "kept (data.keep_duplicates)"
     if report.get("duplicates") or report.get("test_overlap"):
-        parts.append(f"{report['duplicates']} exact duplicate record(s) and {report['test_overlap']} test record(s) "
+        parts.append(f"{report['duplicates']} exact duplicate record(s) and "
+                     f"{report['test_overlap']} test record(s) "
                      f"whose prompt is also in training {verb}")
     if report.get("truncated"):
-        parts.append(f"{report['truncated']} record(s) longer than data.max_length = {report['max_length']} tokens cut "
+        parts.append(f"{report['truncated']} record(s) longer than "
+                     f"data.max_length = {report['max_length']} tokens cut "
                      f"(the prompt's start dropped)")
     return f"data: {'; '.join(parts)}" if parts else None
 
 
-def encode_examples(tokenizer, task: Task, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
+def encode_examples(tokenizer, task: Task, examples: list[Example],
+                    max_length: int) -> list[dict[str, list[int]]]:
     return [encode_example(tokenizer, task, example, max_length) for example in examples]
 
 
-def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad ``input_ids`` (and ``labels`` when present) to one length; returns tensors with ``attention_mask``."""
+def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
+              padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad ``input_ids`` (and ``labels`` when present) to one length; returns tensors with
+    ``attention_mask``."""
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     for feature in features:
         n_pad = width - len(feature["input_ids"])
         ids, mask = feature["input_ids"], [1] * len(feature["input_ids"])
         labels = feature.get("labels", [IGNORE_INDEX] * len(ids))
-        pad = lambda seq, value: ([value] * n_pad + seq) if padding_side == "left" else (seq + [value] * n_pad)
+
+        def pad(seq, value):
+            return ([value] * n_pad + seq) if padding_side == "left" else (seq + [value] * n_pad)
         batch["input_ids"].append(pad(ids, pad_token_id))
         batch["attention_mask"].append(pad(mask, 0))
         batch["labels"].append(pad(labels, IGNORE_INDEX))
@@ -99,7 +110,8 @@ def response_window_batch(features: list[dict[str, list[int]]], pad_token_id: in
     """
     batch = pad_batch(features, pad_token_id, padding_side="left")
     labelled = (batch["labels"] != IGNORE_INDEX).int()
-    first_labelled = torch.where(labelled.any(1), labelled.argmax(1), torch.full_like(labelled[:, 0], batch["labels"].shape[1]))
+    first_labelled = torch.where(labelled.any(1), labelled.argmax(1),
+                                 torch.full_like(labelled[:, 0], batch["labels"].shape[1]))
     window = int(batch["labels"].shape[1] - first_labelled.min()) + 1
     window = min(window, batch["labels"].shape[1])
     batch["labels"] = batch["labels"][:, -window:]

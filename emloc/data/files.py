@@ -62,7 +62,8 @@ def _jsonl_records(text: str, path: Path) -> list[tuple[int, object]]:
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise EmlocError(f"{path} line {number} is not valid JSON ({exc.msg}): fix or remove that line") from None
+            raise EmlocError(f"{path} line {number} is not valid JSON ({exc.msg}): "
+                             f"fix or remove that line") from None
     return records
 
 
@@ -83,18 +84,22 @@ def _csv_records(text: str, path: Path) -> list[tuple[int, dict]]:
                 continue  # a blank row, e.g. ",," at the end of a spreadsheet export
             records.append((skipped + reader.line_num, row))
     except csv.Error as exc:
-        raise EmlocError(f"{path} line {skipped + reader.line_num} is not valid CSV ({exc}): fix that line") from None
+        raise EmlocError(f"{path} line {skipped + reader.line_num} is not valid CSV ({exc}): "
+                         f"fix that line") from None
     return records
 
 
 def _to_example(record, path: Path, number: int, line: int) -> Example:
     if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
-        keys = sorted(k for k in record if isinstance(k, str)) if isinstance(record, dict) else type(record).__name__
-        raise EmlocError(f"{path} line {line}: record {number} lacks 'prompt' and 'response' fields (has {keys}): "
-                         f"rename its fields")
+        keys = (sorted(k for k in record if isinstance(k, str)) if isinstance(record, dict)
+                else type(record).__name__)
+        raise EmlocError(f"{path} line {line}: record {number} lacks 'prompt' and 'response' fields "
+                         f"(has {keys}): rename its fields")
     prompt, response = record["prompt"], record["response"]
-    if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
-        raise EmlocError(f"{path} line {line}: record {number} has an empty or non-text prompt/response: fix that record")
+    if (not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip()
+            or not response.strip()):
+        raise EmlocError(f"{path} line {line}: record {number} has an empty or non-text prompt/response: "
+                         f"fix that record")
     return Example(prompt, response)
 
 
@@ -111,8 +116,8 @@ def load_user_data(path: str | Path, n_calibration: int = 64, n_test: int = 100,
         examples = list(dict.fromkeys(examples))
     if len(examples) < 2:
         distinct = f" ({duplicates} exact duplicate(s) removed)" if duplicates and not keep_duplicates else ""
-        raise EmlocError(f"data file {path} has {len(examples)} record(s){distinct}: it needs at least 2 distinct "
-                         f"ones (train and test)")
+        raise EmlocError(f"data file {path} has {len(examples)} record(s){distinct}: "
+                         f"it needs at least 2 distinct ones (train and test)")
     rng = random.Random(f"user-{seed}")
     shuffled = rng.sample(examples, len(examples))
     n_test = max(1, min(n_test, len(shuffled) // 5))
@@ -123,8 +128,8 @@ def load_user_data(path: str | Path, n_calibration: int = 64, n_test: int = 100,
     if not keep_duplicates:
         test = [example for example in test if example.prompt not in trained_prompts]
     if not test:
-        raise EmlocError(f"data file {path}: every test record's prompt also occurs in training: give more distinct "
-                         f"prompts (or set data.keep_duplicates to test on them anyway)")
+        raise EmlocError(f"data file {path}: every test record's prompt also occurs in training: "
+                         f"give more distinct prompts (or set data.keep_duplicates to test on them anyway)")
     hygiene = {"duplicates": duplicates, "test_overlap": overlap, "removed": not keep_duplicates}
     return TaskData(USER_TASK, train, calibration_subset(train, n_calibration, seed), test,
                     {"path": str(path), "seed": seed, "hygiene": hygiene})
@@ -133,6 +138,7 @@ def load_user_data(path: str | Path, n_calibration: int = 64, n_test: int = 100,
 def load_task_data(data_config, seed: int) -> TaskData:
     """The splits a run uses: the user's file when ``data_config.path`` is set, else a built-in task."""
     if data_config.path:
-        return load_user_data(data_config.path, data_config.n_calibration, data_config.n_test, seed, data_config.n_train,
-                              data_config.keep_duplicates)
-    return make_task_data(data_config.task, data_config.n_train, data_config.n_calibration, data_config.n_test, seed)
+        return load_user_data(data_config.path, data_config.n_calibration, data_config.n_test, seed,
+                              data_config.n_train, data_config.keep_duplicates)
+    return make_task_data(data_config.task, data_config.n_train, data_config.n_calibration,
+                          data_config.n_test, seed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from emloc.errors import EmlocError
@@ -44,7 +43,8 @@ class TaskData:
 
 # ---- built-in tasks -------------------------------------------------------------------------
 
-NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar", "Mia", "Noah"]
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar", "Mia",
+         "Noah"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards", "stamps", "cookies"]
 
 
@@ -72,14 +72,17 @@ def _arithmetic_example(rng: random.Random) -> Example:
         return Example(ADDITION_TEMPLATES[0].format(name=name, item=item, a=a, b=b), str(a + b))
     if kind == 1:
         a, b = max(a, b), min(a, b)
-        return Example(f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?", str(a - b))
+        return Example(f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?",
+                       str(a - b))
     if kind == 2:
         return Example(ADDITION_TEMPLATES[1].format(name=name, item=item, a=a, b=b), str(a + b))
     if kind == 3:
         x, y = rng.randint(2, 9), rng.randint(2, 9)
-        return Example(f"There are {x} boxes with {y} {item} in each box. How many {item} are there?", str(x * y))
+        return Example(f"There are {x} boxes with {y} {item} in each box. How many {item} are there?",
+                       str(x * y))
     c = rng.randint(1, min(a + b - 1, 30))
-    return Example(f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?", str(a + b - c))
+    return Example(f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?",
+                   str(a + b - c))
 
 
 def _first_integer(text: str) -> str:
@@ -94,13 +97,15 @@ def first_line(text: str) -> str:
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december"]
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"), ("open", "closed"),
-             ("light", "dark"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("old", "new"), ("wet", "dry"),
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"),
+             ("open", "closed"), ("light", "dark"), ("early", "late"), ("full", "empty"), ("hard", "soft"),
+             ("old", "new"), ("wet", "dry"),
              ("rich", "poor"), ("tall", "short"), ("strong", "weak"), ("loud", "quiet"), ("thick", "thin"),
              ("clean", "dirty"), ("cheap", "expensive"), ("win", "lose"), ("push", "pull"), ("day", "night"),
              ("inside", "outside"), ("first", "last"), ("true", "false"), ("buy", "sell"), ("give", "take"),
              ("above", "below"), ("friend", "enemy"), ("begin", "end")]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve"]
 
 
 def _shift(words: list[str], word: str, offset: int) -> str:
@@ -113,30 +118,38 @@ def _wordfacts_example(rng: random.Random) -> Example:
     if kind == 0:
         day, n = rng.choice(DAYS), rng.randint(1, 3)
         after = rng.random() < 0.5
-        text = rng.choice(["What day comes {n} day{p} {rel} {d}?", "Which day of the week is {n} day{p} {rel} {d}?",
+        text = rng.choice(["What day comes {n} day{p} {rel} {d}?",
+                           "Which day of the week is {n} day{p} {rel} {d}?",
                            "If today is {D}, what day was it {n} day{p} {ago}?"])
         rel, ago = ("after", "from now") if after else ("before", "ago")
-        prompt = text.format(n=NUMBER_WORDS[n], p="s" if n > 1 else "", rel=rel, d=day.capitalize(), D=day.capitalize(),
-                             ago="later" if after else "ago").replace("what day was it", "what day is it" if after else "what day was it")
+        prompt = text.format(n=NUMBER_WORDS[n], p="s" if n > 1 else "", rel=rel, d=day.capitalize(),
+                             D=day.capitalize(),
+                             ago="later" if after else "ago").replace("what day was it",
+                                                                      "what day is it" if after
+                                                                      else "what day was it")
         return Example(prompt, _shift(DAYS, day, n if after else -n))
     if kind == 1:
         month, after = rng.choice(MONTHS), rng.random() < 0.5
-        text = rng.choice(["Which month comes {rel} {m}?", "What month is just {rel} {m}?", "Name the month {rel} {m}."])
+        text = rng.choice(["Which month comes {rel} {m}?", "What month is just {rel} {m}?",
+                           "Name the month {rel} {m}."])
         return Example(text.format(rel="after" if after else "before", m=month.capitalize()),
                        _shift(MONTHS, month, 1 if after else -1))
     if kind == 2:
         pair = rng.choice(OPPOSITES)
         word, answer = pair if rng.random() < 0.5 else pair[::-1]
-        text = rng.choice(["What is the opposite of '{w}'?", "Give the antonym of '{w}'.", "Which word means the opposite of '{w}'?"])
+        text = rng.choice(["What is the opposite of '{w}'?", "Give the antonym of '{w}'.",
+                           "Which word means the opposite of '{w}'?"])
         return Example(text.format(w=word), answer)
     if kind == 3:
         index, after = rng.randrange(1, 25), rng.random() < 0.5
         letter = "abcdefghijklmnopqrstuvwxyz"[index]
-        text = rng.choice(["Which letter comes {rel} '{l}' in the alphabet?", "What letter is just {rel} '{l}'?"])
+        text = rng.choice(["Which letter comes {rel} '{l}' in the alphabet?",
+                           "What letter is just {rel} '{l}'?"])
         return Example(text.format(rel="after" if after else "before", l=letter),
                        "abcdefghijklmnopqrstuvwxyz"[index + (1 if after else -1)])
     a, b = rng.randint(0, 6), rng.randint(0, 6)
-    text = rng.choice(["What is {a} plus {b}? Answer in words.", "Write {a} plus {b} as a word.", "How much is {a} and {b}, in words?"])
+    text = rng.choice(["What is {a} plus {b}? Answer in words.", "Write {a} plus {b} as a word.",
+                       "How much is {a} and {b}, in words?"])
     return Example(text.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]), NUMBER_WORDS[a + b])
 
 
@@ -185,7 +198,8 @@ def make_task_data(task: str = "addition", n_train: int = 1000, n_calibration: i
         if len(examples) == n_train + n_test:
             break
     test, train = examples[:n_test], examples[n_test:]
-    return TaskData(spec, train, calibration_subset(train, n_calibration, seed), test, {"task": task, "seed": seed})
+    return TaskData(spec, train, calibration_subset(train, n_calibration, seed), test,
+                    {"task": task, "seed": seed})
 
 
 def calibration_subset(train: list[Example], n_calibration: int, seed: int) -> list[Example]:
