@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, prepared_run, threads  # noqa: E402
 
 from emloc.calibration import target_linears  # noqa: E402
-from emloc.emulator import _factorise, build_factors  # noqa: E402
+from emloc.svd_emulator import _factorise, build_factors  # noqa: E402
 from emloc.targets import layer_index  # noqa: E402
 from emloc.lowrank import calibration_error, official_whitened_truncation, rank_from_ratio  # noqa: E402
 

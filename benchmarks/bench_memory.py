@@ -144,7 +144,7 @@ def child(stage: str, steps: int) -> dict:
         result |= {"s_per_step": step_seconds(times, warmup=2), "checkpointing": True, "steps": steps,
                    "seq_len": seq_len}
     elif stage == "construction":
-        from emloc.emulator import build_factors
+        from emloc.svd_emulator import build_factors
         build_factors(run.fresh_model(), run.stats(), cfg.emulator, progress=False)
     elif stage == "correction":
         from emloc.correction import correct_adapter

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from emloc.emulator import count_parameters
+from emloc.svd_emulator import count_parameters
 from emloc.models import load_tokenizer
 
 BIG_CONFIG = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=30,

@@ -30,7 +30,7 @@ from torch import nn
 from emloc import io
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig, LoraConfigSpec
-from emloc.emulator import count_parameters
+from emloc.svd_emulator import count_parameters
 from emloc.targets import layer_index, module_type
 from emloc.errors import EmlocError
 from emloc.lora import add_lora
@@ -69,7 +69,7 @@ class StructuredEmulator:
     kv_groups: dict[int, int] = field(default_factory=dict)
     """Pruning: query heads kept per key/value head, by layer."""
 
-    # the emloc.emulators.Emulator interface
+    # the emloc.emulator_kinds.Emulator interface
     corrects: ClassVar[bool] = False
     """No LoRA correction: these emulators have no dense ``W'`` to correct against."""
     transfer_adapter: ClassVar[str] = "recovered"

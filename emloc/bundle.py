@@ -424,7 +424,7 @@ def _extract_and_place(tar, members, manifest: dict, file: Path, target: Path, k
 def light_factors(run_dir: str | Path):
     """The emulator's spectra and report without its factors (``u``, ``v`` empty): all the spectrum
     explorer, the error map and :mod:`emloc.reports` need. Works on a bundle's run and on a full run."""
-    from emloc.emulator import EmulatorFactors
+    from emloc.svd_emulator import EmulatorFactors
     folder = Path(run_dir) / "emulator"
     report = io.read_csv(folder / "report.csv")
     spectra_flat = io.read_tensors(folder / "spectra.safetensors")

@@ -22,7 +22,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from emloc.config import CORRECTION_METHODS
-from emloc.emulator import EmulatorFactors
+from emloc.svd_emulator import EmulatorFactors
 from emloc.targets import layer_index, module_type
 from emloc.errors import EmlocError
 

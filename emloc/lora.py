@@ -17,7 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from emloc.config import LoraConfigSpec
 from emloc.data import PaddingCollator
-from emloc.emulator import LowRankLinear
+from emloc.svd_emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small

@@ -21,8 +21,8 @@ from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
 from emloc.data import IGNORE_INDEX, TaskData, count_truncated, encode_examples, hygiene_line, load_task_data
-from emloc.emulator import count_parameters, load_emulator_lean
-from emloc.emulators import Emulator, as_emulator
+from emloc.svd_emulator import count_parameters, load_emulator_lean
+from emloc.emulator_kinds import Emulator, as_emulator
 from emloc.errors import EmlocError
 from emloc.evaluation import evaluate_variants
 from emloc.fidelity import fidelity_report
@@ -195,7 +195,7 @@ def recovered_adapter(run: Run, which: str, peft_model):
 def lean_emulator_for_training(run: Run):
     """The model ``emloc train --on emulator`` trains, loaded without ever holding the original model.
 
-    SVD emulators come from :func:`emloc.emulator.load_emulator_lean` (the original's targeted weights are
+    SVD emulators come from :func:`emloc.svd_emulator.load_emulator_lean` (the original's targeted weights are
     never read); the structured baselines (layer drop, prune) and models without safetensors files fall back
     to ``run.emulator()``, which loads the original first.
     """

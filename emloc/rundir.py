@@ -33,8 +33,8 @@ import torch
 from emloc import io
 from emloc.calibration import CalibrationStats
 from emloc.config import RunConfig
-from emloc.emulator import count_parameters
-from emloc.emulators import Emulator, emulator_kind, factor_tensors, write_factor_folder
+from emloc.svd_emulator import count_parameters
+from emloc.emulator_kinds import Emulator, emulator_kind, factor_tensors, write_factor_folder
 from emloc.errors import EmlocError
 from emloc.stages import STAGE, STAGES, Stage
 
@@ -224,7 +224,7 @@ class RunDir:
     # ---- artifacts ----
     @property
     def emulator_kind(self) -> type:
-        """The :class:`~emloc.emulators.Emulator` class of this config's ``emulator.method``."""
+        """The :class:`~emloc.emulator_kinds.Emulator` class of this config's ``emulator.method``."""
         return emulator_kind(self.config.emulator.method)
 
     @property
@@ -239,7 +239,7 @@ class RunDir:
         return CalibrationStats(covariances, meta["input_of"], meta["token_counts"], meta["n_samples"])
 
     def factors(self) -> Emulator:
-        """The built emulator: :class:`~emloc.emulators.SvdEmulator` factors or a structured baseline."""
+        """The built emulator: :class:`~emloc.emulator_kinds.SvdEmulator` factors or a structured baseline."""
         self.require("build")
         method = self.build_manifest().get("method", "activation_aware")
         return self.emulator_kind.load(self.dir / "emulator", method)

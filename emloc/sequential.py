@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from emloc.calibration import PairedStats, paired_stats_from_accumulator, recording_inputs, target_linears
 from emloc.config import EmulatorConfig
-from emloc.emulator import EmulatorFactors, factor_linear, set_submodule, swap_in_low_rank
+from emloc.svd_emulator import EmulatorFactors, factor_linear, set_submodule, swap_in_low_rank
 from emloc.errors import EmlocError
 from emloc.layerwalk import LayerBatch, first_inputs, llama_decoder, merge_stats, through_layer
 from emloc.models import last_decoder_layer

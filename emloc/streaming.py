@@ -4,7 +4,7 @@ The model is built on the ``meta`` device from its config (no weights). Calibrat
 leave the embeddings, then for each decoder layer in turn: its weights are read from the
 safetensors shards, the hidden states go through it with the calibration hooks on (``C`` per
 distinct input, exactly as :func:`emloc.calibration.collect_statistics` collects them), its
-linears are factored with :func:`emloc.emulator.factor_linear` (the same math as the in-memory
+linears are factored with :func:`emloc.svd_emulator.factor_linear` (the same math as the in-memory
 build), the factors go to disk, and the layer's weights are dropped. The hidden states move on
 through the *original* layer, as in the in-memory calibration. Peak memory is about one layer's
 weights, the embeddings and the calibration activations.
@@ -35,7 +35,7 @@ from emloc import io
 from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator
 from emloc.config import EmulatorConfig
 from emloc import sequential
-from emloc.emulator import count_parameters
+from emloc.svd_emulator import count_parameters
 from emloc.errors import EmlocError
 from emloc.layerwalk import (LayerBatch, first_inputs, llama_decoder, merge_stats, qualified_name,
                              through_layer)

@@ -1,7 +1,7 @@
 """Which linears an emulator targets, by name: their layer index, module type, ratio and the ones left dense.
 
 Pure functions of qualified module names (``model.layers.3.mlp.down_proj``) and config values; the modules
-that walk a model (:mod:`emloc.emulator`, :mod:`emloc.allocation`, :mod:`emloc.sequential`) ask here.
+that walk a model (:mod:`emloc.svd_emulator`, :mod:`emloc.allocation`, :mod:`emloc.sequential`) ask here.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.config import EmulatorConfig, LoraConfigSpec
 from emloc.correction import correct_adapter
 from emloc.data import IGNORE_INDEX, pad_batch
-from emloc.emulator import EmulatorFactors, build_factors, emulate
+from emloc.svd_emulator import EmulatorFactors, build_factors, emulate
 from emloc.errors import EmlocError
 from emloc.lora import load_adapter, train_lora
 

@@ -7,7 +7,7 @@ import torch
 from emloc import allocation
 from emloc.calibration import collect_statistics
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig, RunConfig
-from emloc.emulator import build_factors
+from emloc.svd_emulator import build_factors
 from emloc.errors import EmlocError
 from emloc.lowrank import break_even_rank
 

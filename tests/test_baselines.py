@@ -152,8 +152,8 @@ def test_unknown_method_and_unsupported_options_are_one_line_errors(tiny_model_d
 
 def test_every_emulator_kind_round_trips_through_its_folder_and_applies_alike(baseline_runs, tmp_path):
     """One interface: load -> save -> load gives the same emulator, and applying it gives the manifest's size."""
-    from emloc.emulator import count_parameters
-    from emloc.emulators import SvdEmulator, emulator_kind
+    from emloc.svd_emulator import count_parameters
+    from emloc.emulator_kinds import SvdEmulator, emulator_kind
 
     for method, run in baseline_runs.items():
         kind = emulator_kind(method)

@@ -6,7 +6,7 @@ from peft import PeftModel
 from emloc.calibration import collect_statistics
 from emloc.config import EmulatorConfig, LLAMA_PROJECTIONS, LoraConfigSpec
 from emloc.correction import clamp_columns, correct_adapter, correct_lora_pair, lora_layers, reclamp_report
-from emloc.emulator import build_factors, emulate
+from emloc.svd_emulator import build_factors, emulate
 from emloc.lora import add_lora, lora_scaling
 from emloc.models import tiny_llama
 

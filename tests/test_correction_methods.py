@@ -143,7 +143,7 @@ def test_diagnostics_on_constructed_cases():
 def tiny_run():
     from emloc.calibration import collect_statistics
     from emloc.config import EmulatorConfig, LoraConfigSpec
-    from emloc.emulator import build_factors, emulate
+    from emloc.svd_emulator import build_factors, emulate
     from emloc.lora import add_lora
     from emloc.models import tiny_llama
     torch.manual_seed(0)

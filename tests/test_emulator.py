@@ -4,7 +4,7 @@ from peft import get_peft_model_state_dict
 
 from emloc.calibration import collect_statistics
 from emloc.config import EmulatorConfig, LLAMA_PROJECTIONS, LoraConfigSpec
-from emloc.emulator import EmulatorFactors, LowRankLinear, build_factors, count_parameters, emulate
+from emloc.svd_emulator import EmulatorFactors, LowRankLinear, build_factors, count_parameters, emulate
 from emloc.models import last_decoder_layer
 from emloc.targets import excluded_modules, ratio_for
 from emloc.lora import add_lora

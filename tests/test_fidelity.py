@@ -9,7 +9,7 @@ from emloc import fidelity
 from emloc.calibration import collect_statistics
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig, RunConfig
 from emloc.data import IGNORE_INDEX
-from emloc.emulator import build_factors, emulate
+from emloc.svd_emulator import build_factors, emulate
 from emloc.errors import EmlocError
 from emloc.models import tiny_llama
 from emloc.rundir import RunDir, save_fidelity

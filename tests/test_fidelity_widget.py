@@ -12,7 +12,7 @@ import widgets
 from emloc import fidelity
 from emloc.calibration import collect_statistics
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig
-from emloc.emulator import build_factors, emulate
+from emloc.svd_emulator import build_factors, emulate
 from emloc.models import tiny_llama
 
 

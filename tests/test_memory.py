@@ -4,8 +4,8 @@ import torch
 
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig
-from emloc.emulator import build_factors, emulate
-from emloc.emulator import load_emulator_lean
+from emloc.svd_emulator import build_factors, emulate
+from emloc.svd_emulator import load_emulator_lean
 from emloc.memory import LedgerSettings, ledger, model_config, parameter_counts
 from emloc.models import meta_model
 from emloc.models import tiny_llama
@@ -54,7 +54,7 @@ def test_training_on_the_lean_emulator_equals_training_on_the_swapped_one(tmp_pa
     pipeline.build(run, pipeline.calibrate(run))
     features, cfg = run.features("train"), run.config
     lean = lean_emulator_for_training(run)
-    from emloc.emulator import LowRankLinear
+    from emloc.svd_emulator import LowRankLinear
     assert sum(isinstance(m, LowRankLinear) for m in lean.modules()) == 2 * 7 - 1  # every projection but the last down_proj
     histories = [train_lora(model, features, cfg.lora, cfg.emulator.target_modules, run.tokenizer.pad_token_id,
                             seed=0, progress=False).history for model in (lean, run.emulator())]

@@ -24,7 +24,7 @@ from emloc import io, pipeline
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.cli import main
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig, LoraConfigSpec, RunConfig
-from emloc.emulator import build_factors, emulate
+from emloc.svd_emulator import build_factors, emulate
 from emloc.errors import EmlocError
 from emloc.lora import add_lora, load_adapter
 from emloc.models import load_model, load_tokenizer, tiny_llama

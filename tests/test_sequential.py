@@ -108,7 +108,7 @@ def test_damping_solves_the_ridge_problem_and_pulls_towards_W():
 from emloc import sequential, streaming                                          # noqa: E402
 from emloc.calibration import collect_statistics, target_linears                  # noqa: E402
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig                        # noqa: E402
-from emloc.emulator import build_factors, emulate                                 # noqa: E402
+from emloc.svd_emulator import build_factors, emulate                                 # noqa: E402
 from emloc.models import tiny_llama, torch_threads                               # noqa: E402
 
 

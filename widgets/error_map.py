@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from emloc.allocation import allocation_at_ratio
-from emloc.emulator import EmulatorFactors
+from emloc.svd_emulator import EmulatorFactors
 from emloc.reports import error_curves, errors_at_ranks, errors_at_ratio, layer_grid
 from widgets._base import COLOURS, TEMPLATE, FigureView, stat_line
 

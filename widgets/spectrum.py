@@ -5,7 +5,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from emloc.emulator import EmulatorFactors
+from emloc.svd_emulator import EmulatorFactors
 from emloc.reports import rank_summary, spectrum_curves
 from widgets._base import COLOURS, TEMPLATE, FigureView, stat_line
 

@@ -1,5 +1,8 @@
-"""Stage 1b: the emulator. Each targeted ``nn.Linear`` becomes a :class:`LowRankLinear` with the same
-name, ``in_features`` and ``out_features``, so a LoRA adapter trained on it fits the original model.
+"""Stage 1b, the SVD emulator: the low-rank layer, its factors and their construction (and lean loading).
+
+Each targeted ``nn.Linear`` becomes a :class:`LowRankLinear` with the same name, ``in_features`` and
+``out_features``, so a LoRA adapter trained on it fits the original model. The emulator *kinds* (this one and
+the structured baselines) behind one interface are in :mod:`emloc.emulator_kinds`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from torch import nn
 from emloc import baselines, io
 from emloc.calibration import CalibrationStats
 from emloc.config import EmulatorConfig
-from emloc.emulator import EmulatorFactors, build_factors, emulate
+from emloc.svd_emulator import EmulatorFactors, build_factors, emulate
 from emloc.errors import EmlocError
 
 
@@ -59,7 +59,7 @@ def write_factor_folder(folder: Path, write_factors: Callable[[Path], None], spe
 
 
 class SvdEmulator(EmulatorFactors):
-    """:class:`~emloc.emulator.EmulatorFactors` (``u``, ``v`` per module, spectra, report) as an
+    """:class:`~emloc.svd_emulator.EmulatorFactors` (``u``, ``v`` per module, spectra, report) as an
     :class:`Emulator`."""
 
     corrects: ClassVar[bool] = True
@@ -106,6 +106,6 @@ def emulator_kind(method: str) -> type:
 
 
 def as_emulator(emulator) -> Emulator:
-    """Plain :class:`~emloc.emulator.EmulatorFactors` (e.g. from ``build_factors``) as an
+    """Plain :class:`~emloc.svd_emulator.EmulatorFactors` (e.g. from ``build_factors``) as an
     :class:`Emulator`."""
     return emulator if hasattr(emulator, "apply") else SvdEmulator.of(emulator)
