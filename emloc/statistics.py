@@ -1,4 +1,9 @@
-"""Confidence intervals: the two-level bootstrap (resample seeds, then test items), and its fallbacks.
+"""Confidence intervals: seed-level Student-t intervals, the two-level bootstrap, and their fallbacks.
+
+The seed-level functions (:func:`seed_interval`, :func:`paired_difference`, :func:`gap_closed_interval`,
+:func:`verdict`, :func:`comparison_sentence`) treat each seed as one observation; with 3 or 5 seeds they keep
+their 95% (a simulation test checks 93-97% coverage), where the two-level bootstrap below undercovers (it
+cannot reach past the most extreme seed). Comparisons between variants are paired differences per seed.
 
 Pure numpy functions, the one statistics module of the project (sweep tables, seed tables, the correction
 sweep, the results board). The bootstrap needs per-item scores; when only per-seed means exist (a
@@ -15,16 +20,11 @@ per replicate serves all seeds, so the between-item spread is not averaged away 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
 import numpy as np
-
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (larger df use the normal 1.96).
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
-
 
 def bootstrap_means(groups: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0,
                     shared_items: bool = False) -> np.ndarray:
@@ -93,11 +93,131 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """95% Student-t interval of the mean of ``values`` (several seeds); a point when only one."""
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of ``values`` (several seeds); a point when only one
+    (:func:`seed_interval` without the mean)."""
+    return seed_interval(values, confidence)[1:]
+
+
+# ---- seed-level intervals: what a 95% label can promise with 3 or 5 seeds -------------------------------
+#
+# With a handful of seeds the between-seed spread dominates and a percentile bootstrap cannot reach past the
+# most extreme seed, so its "95%" intervals undercover. These functions treat each seed as one observation
+# (its mean over the test items, or a paired difference on the same items) and use Student's t with n - 1
+# degrees of freedom: exact for normal seed means, and shown by a simulation test to cover 93-97% of the
+# time on two-level (seeds x items) data with 3 and 5 seeds.
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(probability: float, df: float) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (bisection on
+    :func:`t_cdf`)."""
+    if not 0.0 < probability < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < probability < 1 and df > 0, got {probability}, {df}")
+    low, high = -1e3, 1e3
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)`` over per-seed values (one number per seed) by Student's t with ``n - 1``
+    degrees of freedom; ``low == high == mean`` for a single seed (no spread to measure: report it as one
+    seed)."""
     x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()), float(x.mean()))
-    t = _T95[len(x) - 2] if len(x) - 1 <= len(_T95) else 1.96
-    half = t * x.std(ddof=1) / math.sqrt(len(x))
-    return (float(x.mean() - half), float(x.mean() + half))
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if x.size < 2:
+        return (mean, mean, mean)
+    half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return (mean, mean - half, mean + half)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float],
+                      confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of ``a - b`` paired by seed (both measured on the same seeds and test items)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs one value per seed for both, got {a.shape} and {b.shape}")
+    return seed_interval(a - b, confidence)
+
+
+def gap_closed_interval(variant: Sequence[float], lower: Sequence[float], upper: Sequence[float],
+                        confidence: float = 0.95) -> dict:
+    """The share of the ``lower -> upper`` gap a variant closes, as a ratio of means over seeds, with a
+    seed-level interval (the ratio estimator's linearisation, Student's t with ``n - 1`` degrees of freedom).
+
+    ``variant``, ``lower`` (e.g. zero-shot) and ``upper`` (e.g. LoRA on the original) hold one value per seed.
+    Returns ``{"estimate", "low", "high", "defined", "reason"}``; the share is *undefined* (NaNs, with the
+    reason) when the gap's own paired interval does not lie above zero: a ratio over a gap that may be zero or
+    negative means nothing, however it comes out (e.g. 1.333 [-1.0, 6.0] from a 0.025 gap).
+    """
+    v, lo, up = (np.asarray(x, dtype=float) for x in (variant, lower, upper))
+    gap, gained = up - lo, v - lo
+    gap_mean, gap_low, gap_high = seed_interval(gap, confidence)
+    if gap.size < 2 or not gap_low > 0:
+        why = ("one seed: the gap's spread is unknown" if gap.size < 2 else
+               f"the gap {gap_mean:.3f} [{gap_low:.3f}, {gap_high:.3f}] is not above zero")
+        return {"estimate": math.nan, "low": math.nan, "high": math.nan, "defined": False,
+                "reason": f"undefined: {why}"}
+    ratio = float(gained.mean() / gap_mean)
+    residuals = gained - ratio * gap
+    half = (t_quantile(0.5 + confidence / 2, gap.size - 1) * float(residuals.std(ddof=1))
+            / math.sqrt(gap.size) / gap_mean)
+    return {"estimate": ratio, "low": ratio - half, "high": ratio + half, "defined": True, "reason": ""}
+
+
+def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
+    """How an interval of a paired difference ``A - B`` reads: ``"beats"``, ``"within noise"`` or
+    ``"worse"``."""
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+        return "within noise"
+    better = low > 0 if higher_is_better else high < 0
+    return "beats" if better else "worse"
+
+
+def comparison_sentence(a: str, b: str, difference: tuple[float, float, float], metric: str = "accuracy",
+                        higher_is_better: bool = True, seeds: int | None = None) -> str:
+    """One sentence for docs and notebooks, produced from the paired interval, never typed:
+    ``"transfer corrected beats transfer uncorrected on accuracy: +0.051 [+0.012, +0.090], 5 seeds"``."""
+    mean, low, high = difference
+    word = verdict(low, high, higher_is_better)
+    relation = {"beats": f"{a} beats {b}", "worse": f"{a} is worse than {b}",
+                "within noise": f"{a} and {b} are within noise of each other"}[word]
+    counted = f", {seeds} seeds" if seeds is not None else ""
+    return f"{relation} on {metric}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]{counted}"
