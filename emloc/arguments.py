@@ -33,6 +33,23 @@ class OneLineParser(argparse.ArgumentParser):
         choices = getattr(action, "choices", None)
         return f"{message} (one of {', '.join(map(str, choices))})" if choices else message
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is reported by the subcommand it was given to (its help lists
+        the flags that exist)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._innermost(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def _innermost(self, namespace) -> argparse.ArgumentParser:
+        """The (sub)parser of the subcommand that ``namespace`` chose, or this parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+                if isinstance(chosen, OneLineParser):
+                    return chosen._innermost(namespace)
+        return self
+
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(dash_values_joined(args, self), namespace)

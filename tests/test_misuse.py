@@ -69,6 +69,8 @@ def test_other_parser_mistakes_are_one_line(place, capsys):
     refused(place, ["run"], capsys, "required: --out")
     refused(place, ["bundle", "unpack"], capsys, "required: file", "emloc bundle unpack --help")
     refused(place, ["export", "--out", "x"], capsys, "required: notebooks")
+    refused(place, ["run", "--out", "r", "--bogus"], capsys, "unrecognized arguments: --bogus: see `emloc run --help`")
+    refused(place, ["bundle", "unpack", "b.tar.gz", "--bogus"], capsys, "see `emloc bundle unpack --help`")
 
 
 def test_out_that_is_an_existing_file(place, capsys):
