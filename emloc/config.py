@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 from emloc.errors import EmlocError
 
-# Every choice a config field offers, defined once: the config check, the command line's choices and the
-# docs read these.
+# Every choice a config field offers, defined once: the config check and the command line's choices read
+# these.
 EMULATOR_METHODS = ("activation_aware", "plain", "layer_drop", "prune")
 CORRECTION_METHODS = ("official", "aligned", "activation_aware")
 ALLOCATIONS = ("uniform", "global")

@@ -124,13 +124,17 @@ class RunDir:
     def manifest_path(self, stage: str) -> Path:
         return self.dir / "manifests" / f"{stage}.json"
 
-    def is_done(self, stage: str) -> bool:
-        path = self.manifest_path(stage)
-        if not path.exists():
-            return False
+    def _manifest(self, stage: str) -> dict | None:
+        """``stage``'s manifest, or ``None`` when it is missing or garbled (an unfinished stage)."""
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = json.loads(self.manifest_path(stage).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing, not UTF-8, not JSON
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def is_done(self, stage: str) -> bool:
+        manifest = self._manifest(stage)
+        if manifest is None:
             return False
         if stage in ADAPTER_STAGES and not self.adapter_matches(ADAPTER_STAGES[stage]):
             return False
@@ -149,10 +153,8 @@ class RunDir:
 
     def stage_fingerprint(self, stage: str) -> str | None:
         """The fingerprint ``stage``'s manifest records (``None``: not finished, or a garbled manifest)."""
-        try:
-            return json.loads(self.manifest_path(stage).read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            return None
+        manifest = self._manifest(stage)
+        return None if manifest is None else manifest.get("fingerprint")
 
     def adopt_stage(self, stage: str, donor: "RunDir") -> None:
         """Hard-link ``stage``'s artifacts and manifest from ``donor`` (a run that finished it with the same

@@ -40,8 +40,9 @@ COLOURS = {
 }
 VARIANT_LABELS = {variant.name: variant.label for variant in VARIANT_SPECS}
 """Every evaluated variant of the registry (:data:`emloc.stages.VARIANT_SPECS`) by its label."""
+_VARIANT_ROLES = {**COLOURS, "emulator": "#fdbf6f"}
 _SPARE_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
-VARIANT_COLOURS = {variant.name: {**COLOURS, "emulator": "#fdbf6f"}.get(variant.name, _SPARE_COLOURS[i % 4])
+VARIANT_COLOURS = {variant.name: _VARIANT_ROLES.get(variant.name, _SPARE_COLOURS[i % len(_SPARE_COLOURS)])
                    for i, variant in enumerate(VARIANT_SPECS)}
 """A colour for every variant of the registry: its role's colour, the emulator alone in light orange (else it
 would share emulator_lora's orange), and a spare colour for a variant added later, so no view misses one."""
