@@ -16,8 +16,13 @@ They come from the pipeline's own ``calibrate`` and ``build`` stages, on one run
 under ``--runs`` (seed 0); training keeps ``train_lora`` with a callback that snapshots the adapter.
 Results are appended to ``runs.csv`` (one row per (task, ratio, steps, seed, setting) with the per-item
 correctness as a 0/1 string), so an interrupted sweep resumes where it stopped. ``--summarize`` prints and
-writes ``summary.md``: mean accuracy and a 95% bootstrap interval over seeds and test items, plus the paired
-difference to ``uncorrected``.
+writes ``summary.md`` from ``runs.csv``: per setting the mean accuracy over seeds (each seed's accuracy over
+the test items is one observation) with its 95% Student-t interval over seeds, and the differences to
+``uncorrected`` and to ``official_l3`` paired by seed (same test items), each with its verdict ("beats",
+"within noise", "worse"); loss likewise where per-seed loss is stored. A point with one seed says so: its
+interval is the single value and its differences get no verdict. See ``emloc.statistics``.
+
+    PYTHONPATH=. python benchmarks/correction_sweep.py --summarize --out benchmarks/results/correction_arithmetic
 """
 from __future__ import annotations
 
@@ -177,46 +182,119 @@ def run_sweep(args) -> None:
                 evaluate_corrections(setup, snapshot, key, done, out, args.settings)
 
 
-def _paired_difference(rows, reference) -> str:
-    """Mean and 95% interval of ``rows - reference`` accuracy, paired per seed and (shared) test item."""
+INTERVAL_NOTE = ("95% intervals: Student-t over seeds (one observation per seed: its accuracy over the task's "
+                 "test items); differences paired by seed on the same test items; verdict: \"beats\" / "
+                 "\"worse\" when the paired interval excludes 0, else \"within noise\". \"1 seed\": no spread "
+                 "to measure, the interval is the single value and a difference gets no verdict.")
+REFERENCES = ("uncorrected", "official_l3")
+"""Every setting is compared with these two, paired by seed: no correction and the default correction."""
+
+
+def per_seed(rows, column: str):
+    """``column`` per seed (indexed by seed), NaNs dropped; ``accuracy`` is each seed's mean over its items."""
     import numpy as np
-    from emloc.statistics import bootstrap_ci
-    common = [s for s in rows.index if s in reference.index]
-    if not common:
+    if column == "accuracy":
+        values = rows["correct"].map(lambda s: float(np.mean([c == "1" for c in s])))
+        return values.set_axis(rows["seed"]).sort_index()
+    return rows.set_index("seed")[column].astype(float).dropna().sort_index()
+
+
+def setting_interval(values, bounds=None) -> dict:
+    """Mean over seeds and its 95% Student-t interval (:func:`emloc.statistics.seed_interval`, clipped to
+    ``bounds``); one seed: the single value (``seeds == 1``: say so)."""
+    from emloc.statistics import seed_interval
+    mean, low, high = seed_interval(list(values), bounds=bounds)
+    if len(values) == 1:
+        low = high = mean
+    return {"mean": mean, "low": low, "high": high, "seeds": len(values)}
+
+
+def paired(values, reference, higher_is_better: bool = True) -> dict | None:
+    """``values - reference`` paired by seed (:func:`emloc.statistics.paired_difference`) on the seeds both
+    have, with its verdict; ``None`` when they share no seed; one shared seed: no verdict (``"1 seed"``)."""
+    from emloc.statistics import paired_difference, verdict
+    common = values.index.intersection(reference.index)
+    if len(common) == 0:
+        return None
+    mean, low, high = paired_difference(values.loc[common].to_numpy(), reference.loc[common].to_numpy())
+    word = verdict(low, high, higher_is_better) if len(common) > 1 else "1 seed"
+    return {"mean": mean, "low": low, "high": high, "seeds": len(common), "verdict": word}
+
+
+def summary_table(runs):
+    """One row per (task, ratio, steps, setting): accuracy over seeds with its interval, the paired
+    differences to each of :data:`REFERENCES` (accuracy, and loss where per-seed loss is stored) and the mean
+    update/mismatch diagnostics. Numbers only; :func:`summary_markdown` formats them."""
+    import pandas as pd
+    order = ["zero_shot", "emulator_lora", "uncorrected", *(n for n, _, _ in SETTINGS)]
+    has_loss = runs["loss"].notna().any()
+    rows = []
+    for (task, ratio, steps), group in runs.groupby(["task", "ratio", "steps"], sort=True):
+        by_setting = {name: part for name, part in group.groupby("setting")}
+        names = [s for s in order if s in by_setting] + sorted(set(by_setting) - set(order))
+        metrics = [("accuracy", True)] + ([("loss", False)] if has_loss else [])
+        values = {(name, m): per_seed(by_setting[name], m) for name in names for m, _ in metrics}
+        for setting in names:
+            row = {"task": task, "ratio": ratio, "steps": steps, "setting": setting}
+            for metric, higher in metrics:
+                own = values[setting, metric]
+                row[metric] = setting_interval(own, (0.0, 1.0) if metric == "accuracy" else None) if len(own) else None
+                for ref in REFERENCES:
+                    compared = (ref in by_setting and setting not in (ref, "zero_shot") and len(own))
+                    row[f"{metric}_minus_{ref}"] = (paired(own, values[ref, metric], higher) if compared
+                                                    else None)
+            corrected = setting.startswith(("official", "aligned", "activation"))
+            for column, name in (("update_mismatch_cosine", "cos"), ("update_mismatch_coefficient", "coef")):
+                row[name] = by_setting[setting][column].mean() if corrected else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval_text(cell, signed: bool = False) -> str:
+    if cell is None or (isinstance(cell, float) and cell != cell):
         return ""
-    pairs = [np.stack([rows.loc[s, "items"], reference.loc[s, "items"]]) for s in common]
-    mean, low, high = bootstrap_ci(pairs, lambda means: means[0] - means[1], shared_items=True)
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    mean = f.format(cell["mean"])
+    if cell["seeds"] < 2:
+        return f"{mean} (1 seed)"
+    return f"{mean} [{f.format(cell['low'])}, {f.format(cell['high'])}]"
+
+
+def _scientific(value) -> str:
+    import math
+    return "" if value is None or math.isnan(value) else f"{value:.1e}"
+
+
+def summary_markdown(table) -> str:
+    """The table of :func:`summary_table` as Markdown, the intervals' definition above it."""
+    metrics = ["accuracy"] + (["loss"] if "loss" in table.columns else [])
+    header = ["task", "ratio", "steps", "setting", "seeds"]
+    for metric in metrics:
+        header += [f"{metric} (95% CI)"]
+        for ref in REFERENCES:
+            header += [f"{metric} minus {ref} (95% CI)", f"vs {ref}"]
+    header += ["update/mismatch cos", "coef"]
+    lines = [INTERVAL_NOTE, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict("records"):
+        seeds = row["accuracy"]["seeds"] if row["accuracy"] else 0
+        cells = [row["task"], row["ratio"], row["steps"], row["setting"], seeds]
+        for metric in metrics:
+            cells.append(_interval_text(row[metric]))
+            for ref in REFERENCES:
+                difference = row[f"{metric}_minus_{ref}"]
+                cells += [_interval_text(difference, signed=True), difference["verdict"] if difference else ""]
+        cells += [_scientific(row["cos"]), _scientific(row["coef"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize(args) -> str:
-    """Markdown table: accuracy per (task, ratio, steps, setting) and paired differences to no correction
-    and to the default correction (official, lambda 3)."""
-    import numpy as np
+    """Write ``summary.md`` from ``runs.csv`` (see :func:`summary_table`) and return it."""
     import pandas as pd
-    from emloc.statistics import bootstrap_ci
     runs = pd.read_csv(Path(args.out) / "runs.csv", dtype={"correct": str})
-    runs["items"] = runs["correct"].map(lambda s: np.array([c == "1" for c in s], dtype=float))
-    lines = ["| task | ratio | steps | setting | seeds | accuracy (95% CI) | minus uncorrected (95% CI) "
-             "| minus official_l3 (95% CI) | update/mismatch cos | coef |", "|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["zero_shot", "emulator_lora", "uncorrected", *(n for n, _, _ in SETTINGS)]
-    fmt = lambda v: "" if np.isnan(v) else f"{v:.1e}"
-    for (task, ratio, steps), group in runs.groupby(["task", "ratio", "steps"], sort=True):
-        by_setting = {name: rows.set_index("seed").sort_index() for name, rows in group.groupby("setting")}
-        for setting in [s for s in order if s in by_setting]:
-            rows = by_setting[setting]
-            # every seed is scored on the same test items of the task: the crossed design
-            m, lo, hi = bootstrap_ci([items[None] for items in rows["items"]], shared_items=True)
-            versus = [_paired_difference(rows, by_setting[ref]) if ref in by_setting and setting not in (ref, "zero_shot")
-                      else "" for ref in ("uncorrected", "official_l3")]
-            corrected = setting.startswith(("official", "aligned", "activation"))
-            cos = rows["update_mismatch_cosine"].mean() if corrected else float("nan")
-            coef = rows["update_mismatch_coefficient"].mean() if corrected else float("nan")
-            lines.append(f"| {task} | {ratio} | {steps} | {setting} | {len(rows)} | {m:.3f} [{lo:.3f}, {hi:.3f}] "
-                         f"| {versus[0]} | {versus[1]} | {fmt(cos)} | {fmt(coef)} |")
-    table = "\n".join(lines)
-    (Path(args.out) / "summary.md").write_text(table + "\n", encoding="utf-8")
-    return table
+    text = summary_markdown(summary_table(runs))
+    (Path(args.out) / "summary.md").write_text(text + "\n", encoding="utf-8")
+    return text
 
 
 def main(argv=None) -> int:

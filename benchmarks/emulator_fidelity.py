@@ -7,6 +7,14 @@ and the emulator's response loss and accuracy. ``--train`` also runs LoRA, the c
 variants (the share of the zero-shot -> full-LoRA gap closed, accuracy and loss). Finished points are kept in
 ``OUT/points/<name>`` and reused; calibration statistics are shared between settings.
 
+``--summarize`` rewrites ``intervals.csv``, ``no_interval.csv`` and ``summary.md`` from ``points.csv`` (no
+model runs). Each seed is one observation (``emloc.statistics``): means over seeds with 95% Student-t
+intervals; the share of the gap closed is a ratio of means over seeds, mean(variant - zero_shot) /
+mean(full_lora - zero_shot), undefined (with the reason) when the gap's own paired interval is not above zero
+or with one seed; corrected minus uncorrected is paired by seed. A full-LoRA loss taken from a sweep that
+stores only its mean has no seed interval (nor has the loss gap closed built on it): such rows go to
+``no_interval.csv`` with the reason, so every row of ``intervals.csv`` has ``ci_low <= mean <= ci_high``.
+
     PYTHONPATH=. python benchmarks/emulator_fidelity.py --tasks addition --ratios 0.5 --seeds 0 1 2
     PYTHONPATH=. python benchmarks/emulator_fidelity.py --summarize
 """
@@ -14,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from emloc import pipeline, sweeps
 from emloc.config import PRESETS, RunConfig, merge_dicts
-from emloc.statistics import t_interval
+from emloc.statistics import gap_closed_interval, paired_difference, seed_interval, verdict
 
 SETTINGS = {
     "today": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": False},
@@ -41,22 +50,42 @@ def point_config(task: str, ratio: float, seed: int, setting: str, steps: int) -
     return RunConfig.from_dict(raw)
 
 
+PER_SEED, SWEEP_MEAN = "per seed", "sweep mean, no per-seed value"
+"""Where a point's full-LoRA loss comes from (``full_lora_loss_source`` in ``points.csv``): its own seed, or a
+stored sweep that keeps only the mean over its seeds (then it gets no seed interval)."""
+
+
 def reference_full_lora(sweep: Path, seed: int) -> dict:
-    """LoRA on the original at ``seed`` from a stored sweep of the same task and preset (its accuracy on the
-    same test items; its loss is the sweep's mean over seeds: only the mean is stored). LoRA on the original
-    does not depend on the emulator, so points can share it instead of training it again."""
+    """LoRA on the original at ``seed`` from a stored sweep of the same task and preset: its accuracy on the
+    same test items, and its loss at that seed when the sweep stores per-seed losses (``seeds.csv``, or a
+    ``loss.csv`` with a ``seed`` column), else the sweep's mean over its seeds, marked ``loss_source =
+    SWEEP_MEAN``. LoRA on the original does not depend on the emulator, so points can share it instead of
+    training it again."""
     items = pd.read_csv(sweep / "items.csv")
     accuracy = items[(items["variant"] == "full_lora") & (items["seed"] == seed)].drop_duplicates("item")["correct"]
-    losses = pd.read_csv(sweep / "loss.csv")
-    loss = losses.loc[losses["variant"] == "full_lora", "loss"].iloc[0]
     if accuracy.empty:
         raise SystemExit(f"{sweep} has no full_lora items for seed {seed}")
-    return {"accuracy": float(accuracy.mean()), "loss": float(loss)}
+    loss, source = full_lora_loss(sweep, seed)
+    return {"accuracy": float(accuracy.mean()), "loss": loss, "loss_source": source}
+
+
+def full_lora_loss(sweep: Path, seed: int) -> tuple[float, str]:
+    """``(loss, source)``: the full-LoRA loss at ``seed`` when the sweep has per-seed values, else its mean."""
+    for name in ("seeds.csv", "loss.csv"):
+        path = sweep / name
+        table = pd.read_csv(path) if path.exists() else pd.DataFrame()
+        if {"seed", "variant", "loss"} <= set(table.columns):
+            losses = table.loc[(table["variant"] == "full_lora") & (table["seed"] == seed), "loss"].dropna()
+            if not losses.empty:
+                return float(losses.iloc[0]), PER_SEED
+    losses = pd.read_csv(sweep / "loss.csv")
+    return float(losses.loc[losses["variant"] == "full_lora", "loss"].iloc[0]), SWEEP_MEAN
 
 
 def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None = None) -> dict:
-    """The point's numbers, computing only the stages that are not finished; ``full_lora`` (accuracy, loss)
-    replaces training and evaluating LoRA on the original."""
+    """The point's numbers, computing only the stages that are not finished; ``full_lora`` (accuracy, loss,
+    loss_source) replaces training and evaluating LoRA on the original. The per-row ``*_gap_closed`` columns
+    are this seed's shares; summaries use the ratio of means over seeds instead (:func:`seed_intervals`)."""
     sweeps.adopt_finished_stages(run, donors)
     trained = ["train_emulator", "correct"] + ([] if full_lora else ["train_original"])
     pipeline.run_stages(run, ["calibrate", "build", "fidelity"] + (trained if train else []))
@@ -75,6 +104,7 @@ def measure(run: pipeline.Run, train: bool, donors: list, full_lora: dict | None
     for variant, numbers in v.items():
         row[f"{variant}_accuracy"], row[f"{variant}_loss"] = numbers["accuracy"], numbers["loss"]
     if train:
+        row["full_lora_loss_source"] = full_lora.get("loss_source", PER_SEED) if full_lora else PER_SEED
         acc_gap = v["full_lora"]["accuracy"] - v["zero_shot"]["accuracy"]
         loss_gap = v["zero_shot"]["loss"] - v["full_lora"]["loss"]
         for name in ("emulator_lora", "transfer_uncorrected", "transfer_corrected"):
@@ -121,41 +151,154 @@ NO_ADAPTER = ["kl_all", "kl_response", "top1_agreement", "drift_last", "emulator
 """Measures of the emulator alone: the same whether or not its point also trained LoRA."""
 
 
+GAP_VARIANTS = ["emulator_lora", "transfer_uncorrected", "transfer_corrected"]
+"""The variants measured by the share of the zero-shot -> full-LoRA gap they close."""
+COLUMNS = [*GROUP, "measure", "mean", "ci_low", "ci_high", "seeds", "defined", "reason", "verdict"]
+INTERVAL_NOTE = ("95% intervals: Student-t over seeds (one observation per seed); differences paired by seed on "
+                 "the same test items, with their verdict; gap closed: ratio of means over seeds, "
+                 "mean(variant - zero_shot) / mean(full_lora - zero_shot) (for loss: zero_shot - variant over "
+                 "zero_shot - full_lora), with its linearised t interval, undefined when the gap's own paired "
+                 "interval is not above zero. \"1 seed\": the interval is the single value.")
+ONE_SEED = "1 seed: the interval is the single value"
+
+
+def full_lora_loss_per_seed(points: pd.DataFrame) -> pd.Series:
+    """Whether each point's ``full_lora_loss`` is its own seed's (``full_lora_loss_source``). Points recorded
+    before that column existed took LoRA on the original from a stored sweep's mean (``--full-lora-from``):
+    a full-LoRA loss repeated exactly on several seeds of a task is that mean, not a per-seed value."""
+    nothing = pd.Series(index=points.index, dtype=object)
+    source = points.get("full_lora_loss_source", nothing)
+    per_seed = source.eq(PER_SEED)
+    legacy = source.isna() & points.get("full_lora_loss", nothing).notna()
+    for _, rows in points[legacy].groupby("task"):
+        repeated = rows.groupby("full_lora_loss")["seed"].transform("nunique") > 1
+        per_seed[rows.index] = ~repeated
+    return per_seed
+
+
 def intervals(points: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval.
+    """One row per (task, ratio, steps, trained, setting, measure): mean over seeds and its 95% t interval
+    (``defined``; ``reason`` says why not, or "1 seed"); see :func:`seed_intervals`.
 
     The emulator-alone measures of trained and untrained points are pooled per emulator (task, ratio, seed,
     setting) and reported under ``trained = False``; trained groups carry the adapters' measures."""
+    points = points.assign(full_lora_loss_per_seed=full_lora_loss_per_seed(points))
     emulators = points.groupby(["task", "ratio", "seed", "setting"], sort=False).first().reset_index()
     adapters = points[points["trained"]].drop(columns=NO_ADAPTER)
-    return pd.concat([seed_intervals(emulators.assign(trained=False)[KEYS + NO_ADAPTER]), seed_intervals(adapters)],
-                     ignore_index=True)
+    parts = [seed_intervals(emulators.assign(trained=False)[KEYS + NO_ADAPTER]), seed_intervals(adapters)]
+    return pd.concat([p for p in parts if not p.empty], ignore_index=True).reindex(columns=COLUMNS)
+
+
+def _row(key: dict, measure: str, mean: float, low: float, high: float, seeds: int, defined: bool,
+         reason: str = "", word: str = "") -> dict:
+    defined = defined and math.isfinite(low) and math.isfinite(high)
+    return key | {"measure": measure, "mean": mean, "ci_low": low, "ci_high": high, "seeds": seeds,
+                  "defined": defined, "reason": reason or (ONE_SEED if defined and seeds == 1 else ""),
+                  "verdict": word}
 
 
 def seed_intervals(points: pd.DataFrame) -> pd.DataFrame:
-    measures = [c for c in points.columns if c not in KEYS and points[c].notna().any()]
+    """Per group of seeds (:data:`GROUP`): every stored measure's mean with :func:`seed_interval`; the full-LoRA
+    loss without an interval when it is a sweep's mean (no per-seed value); the share of the gap closed per
+    variant as a ratio of means (:func:`gap_closed_interval`, accuracy and loss); and transfer_corrected minus
+    transfer_uncorrected paired by seed (:func:`paired_difference`, with its :func:`verdict`)."""
+    skip = set(KEYS) | {"full_lora_loss_source", "full_lora_loss_per_seed"}
+    measures = [c for c in points.columns
+                if c not in skip and not c.endswith("gap_closed") and points[c].notna().any()]
     rows = []
     for key, group in points.groupby(GROUP, sort=False):
+        key = dict(zip(GROUP, key))
+        sweep_mean = ("full_lora_loss_per_seed" in group and group["full_lora_loss"].notna().any()
+                      and not group.loc[group["full_lora_loss"].notna(), "full_lora_loss_per_seed"].all())
         for measure in measures:
-            values = group[measure].dropna().tolist()
-            if values:
-                low, high = t_interval(values)
-                rows.append(dict(zip(GROUP, key)) | {"measure": measure, "mean": sum(values) / len(values),
-                                                    "ci_low": low, "ci_high": high, "seeds": len(values)})
-    return pd.DataFrame(rows)
+            values = group[measure].dropna().astype(float).tolist()
+            if not values:
+                continue
+            if measure == "full_lora_loss" and sweep_mean:
+                rows.append(_row(key, measure, sum(values) / len(values), math.nan, math.nan, len(values), False,
+                                 f"{SWEEP_MEAN}: no seed interval"))
+                continue
+            mean, low, high = seed_interval(values)
+            rows.append(_row(key, measure, mean, low, high, len(values), True))
+        rows += _gap_rows(key, group, sweep_mean)
+        rows += _difference_rows(key, group)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _gap_rows(key: dict, group: pd.DataFrame, sweep_mean: bool) -> list[dict]:
+    rows = []
+    for variant in GAP_VARIANTS:
+        for metric, sign, suffix in (("accuracy", 1.0, "_gap_closed"), ("loss", -1.0, "_loss_gap_closed")):
+            columns = [f"{v}_{metric}" for v in (variant, "zero_shot", "full_lora")]
+            if not set(columns) <= set(group.columns):
+                continue
+            values = group[columns].dropna().astype(float)
+            if values.empty:
+                continue
+            closed = gap_closed_interval(*(sign * values[c].to_numpy() for c in columns))
+            low, high, defined, reason = closed["low"], closed["high"], closed["defined"], closed["reason"]
+            if metric == "loss" and sweep_mean and defined:
+                low, high, defined = math.nan, math.nan, False
+                reason = f"estimate only: the full-LoRA loss is the {SWEEP_MEAN}, no seed interval"
+            rows.append(_row(key, variant + suffix, closed["estimate"], low, high, len(values), defined, reason))
+    return rows
+
+
+def _difference_rows(key: dict, group: pd.DataFrame) -> list[dict]:
+    rows = []
+    for metric, higher in (("accuracy", True), ("loss", False)):
+        columns = [f"transfer_corrected_{metric}", f"transfer_uncorrected_{metric}"]
+        if not set(columns) <= set(group.columns):
+            continue
+        values = group[columns].dropna().astype(float)
+        if values.empty:
+            continue
+        mean, low, high = paired_difference(values[columns[0]].to_numpy(), values[columns[1]].to_numpy())
+        measure = f"corrected_minus_uncorrected_{metric}"
+        if len(values) < 2:  # one difference says nothing about noise: no interval, no verdict
+            rows.append(_row(key, measure, mean, math.nan, math.nan, 1, False,
+                             "1 seed: a single difference has no interval and no verdict"))
+        else:
+            rows.append(_row(key, measure, mean, low, high, len(values), True, word=verdict(low, high, higher)))
+    return rows
+
+
+def _cell(row) -> str:
+    if not row["defined"]:
+        if math.isnan(row["mean"]):
+            return "undefined"
+        return f"{row['mean']:.3f} ({'1 seed, ' if row['seeds'] == 1 else ''}no interval)"
+    text = f"{row['mean']:.3f} (1 seed)" if row["seeds"] == 1 else \
+        f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    return f"{text} {row['verdict']}" if row["verdict"] and row["seeds"] > 1 else text
 
 
 def summarize() -> pd.DataFrame:
-    """``intervals.csv`` (tidy) and ``summary.md`` (one row per setting, "mean [low, high]" per measure)."""
+    """``intervals.csv`` (tidy: the measures whose interval is defined, ``ci_low <= mean <= ci_high``),
+    ``no_interval.csv`` (the others, with the reason) and ``summary.md`` (per setting "mean [low, high]" per
+    measure, no-adapter and trained tables apart, then the reasons)."""
     tidy = intervals(pd.read_csv(RESULTS / "points.csv"))
-    tidy.to_csv(RESULTS / "intervals.csv", index=False)
-    cells = tidy.assign(text=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if n > 1 else f"{m:.3f}"
-                              for m, lo, hi, n in zip(tidy["mean"], tidy["ci_low"], tidy["ci_high"], tidy["seeds"])])
-    table = cells.pivot_table(index=GROUP, columns="measure", values="text", aggfunc="first", sort=False)
-    seeds = tidy.groupby(GROUP, sort=False)["seeds"].max().rename("seeds")
-    table = table.join(seeds).reset_index()
-    (RESULTS / "summary.md").write_text(table.to_markdown(index=False) + "\n", encoding="utf-8")
-    return table
+    defined = tidy["defined"].astype(bool)
+    tidy[defined].to_csv(RESULTS / "intervals.csv", index=False)
+    tidy[~defined].to_csv(RESULTS / "no_interval.csv", index=False)
+    cells = tidy.assign(text=[_cell(row) for row in tidy.to_dict("records")])
+    parts, tables = [INTERVAL_NOTE], []
+    for trained, title in ((False, "Emulator alone (no adapter)"), (True, "After LoRA (trained points)")):
+        rows = cells[cells["trained"] == trained]
+        if rows.empty:
+            continue
+        table = rows.pivot_table(index=GROUP, columns="measure", values="text", aggfunc="first", sort=False)
+        seeds = rows.groupby(GROUP, sort=False)["seeds"].max().rename("seeds")
+        table = table[[m for m in rows["measure"].unique()]].join(seeds).reset_index().fillna("")
+        tables.append(table)
+        parts += [f"## {title}", table.to_markdown(index=False)]
+    notes = tidy[~defined | (tidy["reason"].ne("") & tidy["reason"].ne(ONE_SEED))]
+    if not notes.empty:
+        parts += ["## Without an interval", "\n".join(
+            f"- {r['task']}, ratio {r['ratio']}, {r['steps']} steps, {'trained' if r['trained'] else 'no adapter'}, "
+            f"{r['setting']}, {r['measure']}: {r['reason']}" for r in notes.to_dict("records"))]
+    (RESULTS / "summary.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def main(argv=None) -> int:
@@ -169,11 +312,13 @@ def main(argv=None) -> int:
     parser.add_argument("--full-lora-from", help="a stored sweep of the same task and preset (e.g. "
                         "benchmarks/results/sweep_addition) whose LoRA-on-the-original results replace training it")
     parser.add_argument("--out", default="runs/emulator_fidelity")
-    parser.add_argument("--summarize", action="store_true", help="only rewrite summary.md from points.csv")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only rewrite intervals.csv, no_interval.csv and summary.md from points.csv")
     args = parser.parse_args(argv)
     if not args.summarize:
         run_points(args)
-    print(summarize().to_string())
+    summarize()
+    print((RESULTS / "summary.md").read_text(encoding="utf-8"))
     return 0
 
 

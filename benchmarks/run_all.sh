@@ -29,3 +29,4 @@ if [ -z "${SKIP_BIG:-}" ]; then
 fi
 $PY benchmarks/bench_memory_ledger.py
 $PY benchmarks/summarize.py
+$PY benchmarks/render_docs.py  # the tables quoted in the docs, from the files just written

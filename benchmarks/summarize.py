@@ -11,7 +11,13 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
 
+from emloc import provenance  # noqa: E402
 from emloc.baselines import is_structured  # noqa: E402
+
+
+NOTE = ("`low`/`high`: the 95% seed-level interval (Student-t over seeds, differences paired by seed) where the claim "
+        "has one; `verdict` reads it against the target (`undecided` when it spans the target), else the measured value. "
+        "`measured under`: the settings of the claim's source (its provenance record).")
 
 
 def _json(name: str) -> dict | None:
@@ -43,21 +49,56 @@ def _transfer_claims(path: Path, column: str, what: str, detail) -> list[dict]:
     for method in table["emulator.method"].unique():
         row = table[(table["emulator.method"] == method) & (table["variant"] == _transfer_variant(method))]
         if len(row):
+            row = row.iloc[0]
             rows.append({"claim": f"{method}: transfer closes >= 80% of the zero-shot -> LoRA {what} gap (ratio 0.5)",
-                         "measured": row.iloc[0][column], "target": 0.8, "direction": ">=", "detail": detail(row.iloc[0])})
+                         "measured": row[column], "low": row.get("ci_low", float("nan")),
+                         "high": row.get("ci_high", float("nan")), "target": 0.8, "direction": ">=",
+                         "detail": detail(row), "source": path.parent.name, "seed_statistic": True})
     return rows
 
 
 def gap_claims(sweep: Path) -> list[dict]:
-    """The share of the zero-shot -> LoRA accuracy gap closed by the transfer, with its interval."""
+    """The share of the zero-shot -> LoRA accuracy gap closed by the transfer, with its seed-level interval."""
     return _transfer_claims(sweep / "gap.csv", "gap_closed", "accuracy", lambda row: (
-        f"95% CI [{row['ci_low']:.2f}, {row['ci_high']:.2f}], {row['seeds']} seeds x 100 items, {row['variant']}, task addition"))
+        f"{row['seeds']} seeds, {row['variant']}, task addition" + (f"; {row['reason']}" if not row.get("defined", True) else "")))
 
 
 def loss_claims(sweep: Path) -> list[dict]:
-    """The same share on the mean response-token loss (no interval: only seed means are stored)."""
+    """The same share on the mean response-token loss (an interval only where per-seed losses are stored)."""
     return _transfer_claims(sweep / "loss.csv", "loss_gap_closed", "*loss*", lambda row: (
-        f"response-token loss {row['loss']:.3f}, {row['seeds']} seeds, {row['variant']}; no interval"))
+        f"response-token loss {row['loss']:.3f}, {row['seeds']} seeds, {row['variant']}"
+        + ("" if "gap_low" in row else "; no interval: per-seed losses were not stored")))
+
+
+def baseline_claims(sweep: Path) -> list[dict]:
+    """EMLoC's transfer against each baseline's at ratio 0.5: the paired difference per seed and its verdict."""
+    path = sweep / "baselines.csv"
+    if not path.exists():
+        return []
+    table = _at_base_point(pd.read_csv(path))
+    return [{"claim": f"EMLoC's transfer beats {row['method']}'s on accuracy (ratio 0.5, paired by seed)",
+             "measured": row["difference"], "low": row["ci_low"], "high": row["ci_high"], "target": 0.0,
+             "direction": ">", "detail": row["sentence"], "source": sweep.name, "seed_statistic": True}
+            for _, row in table[table["metric"] == "accuracy"].iterrows()]
+
+
+def verdict(measured: float, low: float, high: float, target: float, direction: str, seed_statistic) -> str:
+    """``held`` / ``not held`` from the interval when there is one (``undecided`` when it spans the target);
+    a statistic over seeds without one is ``undecided``; a single measurement (speed, memory) is read from its
+    value."""
+    above = direction.startswith(">")
+    if pd.notna(low) and pd.notna(high):
+        if (low > target) if direction == ">" else (low >= target if above else high <= target):
+            return "held"
+        if (high <= target) if direction == ">" else (high < target if above else low > target):
+            return "not held"
+        return "undecided: the interval spans the target"
+    if seed_statistic is True:
+        return "undecided: no interval (per-seed values not stored)"
+    if pd.isna(measured):
+        return "undefined"
+    return "held" if (measured > target if direction == ">" else measured >= target if above else measured <= target) \
+        else "not held"
 
 
 def _step_detail(memory: dict, step: dict | None) -> str:
@@ -99,40 +140,46 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
     if construction:
         rows.append({"claim": "construction >= 3x faster than the official algorithm (same statistics)",
                      "measured": construction["speedup_pure"], "target": 3.0, "direction": ">=",
-                     "detail": f"factors only; with spectra + report (`emloc build`): {construction['speedup_build_factors']:.2f}x"})
+                     "detail": f"factors only; with spectra + report (`emloc build`): {construction['speedup_build_factors']:.2f}x", "source": "construction.json"})
     if memory and "step_time_emulator_over_original" in memory:
         rows.append({"claim": "emulator LoRA step time <= 0.6x the original's (ratio 0.5, checkpointing on)",
                      "measured": memory["step_time_emulator_over_original"], "target": 0.6, "direction": "<=",
-                     "detail": _step_detail(memory, step)})
+                     "detail": _step_detail(memory, step), "source": "memory.json"})
     elif step:
         rows.append({"claim": "emulator step time <= 0.6x the original's (ratio 0.5)",
                      "measured": step["emulator_over_original"], "target": 0.6, "direction": "<=",
-                     "detail": f"{step['emulator_s_per_step']:.3f} s vs {step['original_s_per_step']:.3f} s per step, batch {step['batch_size']}"})
+                     "detail": f"{step['emulator_s_per_step']:.3f} s vs {step['original_s_per_step']:.3f} s per step, batch {step['batch_size']}", "source": "training_step_ratio0.5.json"})
     if memory:
         rows.append({"claim": "peak memory of LoRA on the emulator <= inference with the original (default model)",
                      "measured": memory["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",
-                     "detail": f"float32, checkpointing on; LoRA emulator / LoRA original = {memory['lora_emulator_over_lora_original']:.2f}"})
-    for memory_big in map(_json, big_result_files()):
+                     "detail": f"float32, checkpointing on; LoRA emulator / LoRA original = {memory['lora_emulator_over_lora_original']:.2f}", "source": "memory.json"})
+    for name in big_result_files():
+        memory_big = _json(name)
         rows.append({"claim": f"peak memory of LoRA on the emulator <= inference with the original "
                               f"({memory_big['parameters'] / 1e9:.2f}B {memory_big['dtype']}, weights dominate)",
                      "measured": memory_big["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",
-                     "detail": _big_detail(memory_big)})
+                     "detail": _big_detail(memory_big), "source": name})
     class_start = _json("class_start.json")
     if class_start:
         rows.append({"claim": "a fresh clone with a prepared class bundle reaches the quickstart's results board in <= 60 s",
                      "measured": class_start["clone_to_board_s"], "target": float(class_start["target_s"]),
-                     "direction": "<=", "detail": _class_detail(class_start)})
-    rows += gap_claims(results / "sweep_addition") + loss_claims(results / "sweep_addition")
+                     "direction": "<=", "detail": _class_detail(class_start), "source": "class_start.json"})
+    sweep = results / "sweep_addition"
+    rows += gap_claims(sweep) + loss_claims(sweep) + baseline_claims(sweep)
     table = pd.DataFrame(rows)
     if len(table):
-        table["held"] = [m >= t if d == ">=" else m <= t for m, t, d in zip(table["measured"], table["target"], table["direction"])]
-    return table
+        for column in ("low", "high", "seed_statistic"):
+            table[column] = table[column] if column in table else float("nan")
+        table["verdict"] = [verdict(*row) for row in table[["measured", "low", "high", "target", "direction", "seed_statistic"]].itertuples(index=False)]
+        table["held"] = table["verdict"] == "held"
+        table["measured under"] = [provenance.measured_under(provenance.read(results / source)) for source in table["source"]]
+    return table.drop(columns=["source", "seed_statistic"])
 
 
 def main() -> None:
     table = claims()
     table.to_csv(RESULTS / "claims.csv", index=False)
-    (RESULTS / "claims.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n", encoding="utf-8")
+    (RESULTS / "claims.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n\n" + NOTE + "\n", encoding="utf-8")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 

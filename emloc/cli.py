@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
                                 "(for models too large for memory)")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage")
-    sweep = sub.add_parser("sweep", help="a grid of runs with bootstrap tables (see emloc.sweeps)")
+    sweep = sub.add_parser("sweep", help="a grid of runs with seed-level tables (see emloc.sweeps)")
     sweep.add_argument("--grid", required=True, help="YAML file with base, grid and optional variants")
     sweep.add_argument("--out", required=True,
                        help="sweep directory: one run directory per point (resumable)")
@@ -231,6 +231,8 @@ def execute_sweep(args: argparse.Namespace) -> int:
     print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["correction"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["loss"].to_string(float_format=lambda x: f"{x:.3f}"))
+    for sentence in tables["baselines"].get("sentence", []):
+        print(sentence)
     print(f"sweep finished in {time.perf_counter() - start:.1f} s; runs in {args.out}")
     return 0
 

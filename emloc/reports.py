@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from emloc.lowrank import break_even_rank, rank_from_ratio, relative_error_curve
-from emloc.statistics import bootstrap_ci, t_interval, wilson_interval
+from emloc.statistics import ACCURACY, gap_closed_interval, seed_interval, wilson_interval
 
 SPECTRUM_KINDS = ("whitened", "plain")
 BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -127,18 +127,19 @@ def compensation_by_layer(report: pd.DataFrame, module_type: str | None = None) 
 
 # ---- results ---------------------------------------------------------------------------------
 
-def variant_summary(results: dict | list[dict], correct: dict | list[dict] | None = None, n_boot: int = 2000,
+def variant_summary(results: dict | list[dict], correct: dict | list[dict] | None = None,
                     confidence: float = 0.95) -> pd.DataFrame:
     """Accuracy and loss per variant with 95% intervals, from one ``results.json`` or one per seed.
 
-    ``correct``: per seed (same order as ``results``), ``variant -> 0/1 per test item``, e.g.
-    :func:`emloc.evaluation.item_correctness`. With it, the accuracy interval is the two-level bootstrap of
-    :mod:`emloc.statistics` (seeds, then items; each seed has its own test items), the one the sweeps use.
-    Without it (only the per-seed means of ``results.json``), the documented fallback: Student-t over seeds,
-    or the Wilson interval over the test items of a single seed. The loss has no per-item values: Student-t
-    over seeds, no interval for one seed. Columns: ``accuracy, accuracy_low, accuracy_high, loss, loss_low,
-    loss_high, seeds, n, interval`` (of the accuracy: ``bootstrap``, ``t`` or ``wilson``), ``loss_interval``
-    (``t`` or ``none``), ``loss_gap_closed`` (:func:`loss_gap_closed`, on the mean losses).
+    Several seeds: each seed is one observation, Student-t over the per-seed values (:mod:`emloc.statistics`,
+    the intervals the sweeps use; they keep their 95% with 3 or 5 seeds). One seed: the accuracy gets the
+    Wilson interval over its test items (item noise only; ``correct``, that seed's ``variant -> 0/1 per
+    test item`` from :func:`emloc.evaluation.item_correctness`, gives the exact count) and the loss none.
+    Columns: ``accuracy, accuracy_low, accuracy_high, loss, loss_low, loss_high, seeds, n, interval`` (of the
+    accuracy: ``t`` or ``wilson``), ``loss_interval`` (``t`` or ``none``), ``loss_gap_closed``
+    (:func:`loss_gap_closed`, on the mean losses: a ratio of means) and, with several seeds, its interval
+    ``loss_gap_low, loss_gap_high`` (NaN with the reason in ``loss_gap_note`` when the gap's own interval is
+    not above zero).
     """
     runs = [results] if isinstance(results, dict) else list(results)
     items = None if correct is None else ([correct] if isinstance(correct, dict) else list(correct))
@@ -148,27 +149,43 @@ def variant_summary(results: dict | list[dict], correct: dict | list[dict] | Non
         raise ValueError(f"variant_summary got {len(runs)} results but {len(items)} per-item correctness "
                          f"records: give one per seed, in the same order")
     order = [v for v in runs[0]["variants"] if all(v in r["variants"] for r in runs)]
+    per_seed = {v: pd.DataFrame([r["variants"][v] for r in runs]) for v in order}
     rows = {}
-    for variant in order:
-        acc = [r["variants"][variant]["accuracy"] for r in runs]
-        loss = [r["variants"][variant]["loss"] for r in runs]
-        n = int(runs[0]["variants"][variant]["n"])
-        if items is not None:
-            groups = [np.asarray(seed[variant], dtype=float)[None] for seed in items]
-            accuracy, *acc_ci = bootstrap_ci(groups, n_boot=n_boot, confidence=confidence)
-            kind = "bootstrap"
-        elif len(runs) == 1:
-            accuracy, acc_ci, kind = float(np.mean(acc)), wilson_interval(round(acc[0] * n), n), "wilson"
+    for variant, values in per_seed.items():
+        n = int(values["n"].iloc[0])
+        if len(runs) > 1:
+            accuracy, *acc_ci = seed_interval(values["accuracy"], confidence, bounds=ACCURACY)
+            kind = "t"
         else:
-            accuracy, acc_ci, kind = float(np.mean(acc)), t_interval(acc), "t"
-        loss_ci = (loss[0], loss[0]) if len(runs) == 1 else t_interval(loss)
+            accuracy = float(values["accuracy"].iloc[0])
+            right = sum(items[0][variant]) if items is not None else round(accuracy * n)
+            acc_ci, kind = wilson_interval(int(right), n), "wilson"
+        loss, *loss_ci = seed_interval(values["loss"], confidence)
         rows[variant] = {"accuracy": accuracy, "accuracy_low": acc_ci[0], "accuracy_high": acc_ci[1],
-                         "loss": float(np.mean(loss)), "loss_low": loss_ci[0], "loss_high": loss_ci[1],
+                         "loss": loss, "loss_low": loss_ci[0], "loss_high": loss_ci[1],
                          "seeds": len(runs), "n": n, "interval": kind,
                          "loss_interval": "none" if len(runs) == 1 else "t"}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table["loss_gap_closed"] = loss_gap_closed(table["loss"])
+    table = table.join(_loss_gap_intervals({v: values["loss"] for v, values in per_seed.items()}, confidence))
+    undefined = table["loss_gap_note"].str.startswith("undefined")
+    table.loc[undefined, "loss_gap_closed"] = np.nan  # a ratio over a gap that may be zero means nothing
     return table
+
+
+def _loss_gap_intervals(losses: dict[str, pd.Series], confidence: float) -> pd.DataFrame:
+    """Per variant, the interval of the loss gap closed over seeds (lower loss is better: negated)."""
+    rows = {}
+    for variant, loss in losses.items():
+        if len(loss) < 2 or not {"zero_shot", "full_lora"} <= set(losses):
+            rows[variant] = {"loss_gap_low": np.nan, "loss_gap_high": np.nan,
+                             "loss_gap_note": "one seed: no interval" if len(loss) < 2 else "no reference"}
+            continue
+        closed = gap_closed_interval(-loss.to_numpy(), -losses["zero_shot"].to_numpy(),
+                                     -losses["full_lora"].to_numpy(), confidence)
+        rows[variant] = {"loss_gap_low": closed["low"], "loss_gap_high": closed["high"],
+                         "loss_gap_note": closed["reason"]}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def loss_gap_closed(loss: pd.Series, lower: str = "zero_shot", upper: str = "full_lora") -> pd.Series:

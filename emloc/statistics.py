@@ -99,6 +99,10 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return seed_interval(values, confidence)[1:]
 
 
+ACCURACY = (0.0, 1.0)
+"""The bounds of an accuracy (:func:`seed_interval`)."""
+
+
 # ---- seed-level intervals: what a 95% label can promise with 3 or 5 seeds -------------------------------
 #
 # With a handful of seeds the between-seed spread dominates and a percentile bootstrap cannot reach past the
@@ -154,10 +158,12 @@ def t_quantile(probability: float, df: float) -> float:
     return (low + high) / 2
 
 
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def seed_interval(values: Sequence[float], confidence: float = 0.95,
+                  bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """``(mean, low, high)`` over per-seed values (one number per seed) by Student's t with ``n - 1``
     degrees of freedom; ``low == high == mean`` for a single seed (no spread to measure: report it as one
-    seed)."""
+    seed). ``bounds``: the range the quantity lies in (``(0, 1)`` for an accuracy); the interval is clipped
+    to it, which shortens it only where it holds no possible value (the coverage stays)."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return (math.nan, math.nan, math.nan)
@@ -165,16 +171,20 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     if x.size < 2:
         return (mean, mean, mean)
     half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return (mean, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    return (mean, max(low, bounds[0]), min(high, bounds[1])) if bounds else (mean, low, high)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float],
                       confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)`` of ``a - b`` paired by seed (both measured on the same seeds and test items)."""
+    """``(mean, low, high)`` of ``a - b`` paired by seed (both measured on the same seeds and test items); one
+    seed gives NaN bounds: a single difference says nothing about noise, so :func:`verdict` reads it as
+    ``within noise``."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired_difference needs one value per seed for both, got {a.shape} and {b.shape}")
-    return seed_interval(a - b, confidence)
+    mean, low, high = seed_interval(a - b, confidence)
+    return (mean, low, high) if a.size > 1 else (mean, math.nan, math.nan)
 
 
 def gap_closed_interval(variant: Sequence[float], lower: Sequence[float], upper: Sequence[float],
@@ -219,5 +229,7 @@ def comparison_sentence(a: str, b: str, difference: tuple[float, float, float], 
     word = verdict(low, high, higher_is_better)
     relation = {"beats": f"{a} beats {b}", "worse": f"{a} is worse than {b}",
                 "within noise": f"{a} and {b} are within noise of each other"}[word]
-    counted = f", {seeds} seeds" if seeds is not None else ""
+    counted = f", {seeds} seed{'s' * (seeds != 1)}" if seeds is not None else ""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{relation} on {metric}: {mean:+.3f} (no interval{counted})"
     return f"{relation} on {metric}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]{counted}"

@@ -1,4 +1,4 @@
-"""Sweeps: a grid of run configs -> one run directory per point -> tables with bootstrap intervals.
+"""Sweeps: a grid of run configs -> one run directory per point -> tables with seed-level intervals.
 
 A grid file (YAML)::
 
@@ -16,7 +16,8 @@ another sub-grid takes its value from ``base``, so every point has a value on ev
 Points that share a stage's inputs share its work: a finished stage with the same fingerprint in
 another point is hard-linked, not recomputed (e.g. ``train_original`` once per seed), and a variant
 already evaluated with the same inputs is reused. Each point keeps ``point.json`` with per-item
-correctness, so tables can bootstrap over test items and seeds.
+correctness, accuracy and loss; the tables (:mod:`emloc.sweep_tables`) treat each seed as one
+observation and pair every comparison by seed.
 """
 from __future__ import annotations
 
@@ -25,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
-from emloc import io
-from emloc.statistics import bootstrap_ci, gap_closed
+from emloc import io, provenance, sweep_tables
 from emloc.config import PRESETS, RunConfig, merge_dicts, nested
 from emloc.errors import EmlocError
 from emloc.rundir import CORRECTION_SKIPPED, fingerprint
@@ -37,8 +36,7 @@ from emloc.stages import STAGES, VARIANT_SPECS, evaluated
 
 VARIANT_STAGE = {variant.name: variant.stage for variant in VARIANT_SPECS}
 """The stage whose fingerprint fixes a variant's result (with the evaluation settings)."""
-GAP_VARIANTS = [variant.name for variant in VARIANT_SPECS if variant.gap]
-"""The variants measured by the share of the zero-shot -> LoRA-on-the-original gap they close."""
+GAP_VARIANTS = sweep_tables.GAP_VARIANTS
 
 
 @dataclass
@@ -46,7 +44,7 @@ class SweepSpec:
     base: dict = field(default_factory=dict)
     grid: dict | list = field(default_factory=dict)
     variants: list = field(default_factory=lambda: list(VARIANT_STAGE))
-    n_boot: int = 2000
+    n_boot: int = 2000  # unused since the tables use seed-level intervals; kept so older grid files load
     confidence: float = 0.95
 
     @property
@@ -113,13 +111,19 @@ def _lookup(config: RunConfig, dotted: str):
     return value
 
 
-def point_config(spec: SweepSpec, point: dict) -> RunConfig:
-    base = dict(spec.base)
-    preset = base.pop("preset", None)
-    raw = merge_dicts(PRESETS[preset], base) if preset else base
+def point_overrides(spec: SweepSpec, point: dict) -> dict:
+    """The point's settings over the defaults: the grid's ``base`` (with its ``preset``) and the point's
+    values."""
+    raw = dict(spec.base)
     for key, value in point.items():
         raw = merge_dicts(raw, nested(key, value))
-    return RunConfig.from_dict(raw)
+    return raw
+
+
+def point_config(spec: SweepSpec, point: dict) -> RunConfig:
+    raw = point_overrides(spec, point)
+    preset = raw.pop("preset", None)
+    return RunConfig.from_dict(merge_dicts(PRESETS[preset], raw) if preset else raw)
 
 
 def point_name(point: dict) -> str:
@@ -225,132 +229,61 @@ def _finished_points(out: str | Path) -> tuple[SweepSpec, list[tuple[dict, dict]
     return spec, [(point, io.read_json(path)["variants"]) for point, path in paths if path.exists()]
 
 
-def _groups(items: pd.DataFrame, variants: list[str]) -> list[np.ndarray]:
-    """Per seed, a ``(len(variants), n_items)`` array; seeds lacking a variant are left out."""
-    groups = []
-    for _, seed_items in items.groupby("seed"):
-        wide = seed_items.pivot_table(index="variant", columns="item", values="correct")
-        if set(variants) <= set(wide.index):
-            groups.append(wide.loc[variants].to_numpy())
-    return groups
-
-
-def _by_point(items: pd.DataFrame, axes: list[str]):
-    """``(axis values, rows)`` per point of the per-item table (the whole table when there are no axes)."""
-    for key, group in items.groupby(axes, sort=False) if axes else [((), items)]:
-        yield dict(zip(axes, key if isinstance(key, tuple) else (key,))), group
-
-
-def summary_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
-                  confidence: float = 0.95) -> pd.DataFrame:
-    """Accuracy per (axes, variant): mean over items and seeds, bootstrap interval, counts."""
-    rows = []
-    for key, group in items.groupby([*axes, "variant"], sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        mean, low, high = bootstrap_ci(_groups(group, [key[-1]]), n_boot=n_boot, confidence=confidence)
-        rows.append({**dict(zip([*axes, "variant"], key)), "accuracy": mean, "ci_low": low, "ci_high": high,
-                     "seeds": group["seed"].nunique(), "items": len(group)})
-    return pd.DataFrame(rows)
-
-
-def gap_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
-              confidence: float = 0.95) -> pd.DataFrame:
-    """Share of the zero-shot -> LoRA-on-original accuracy gap closed, paired per seed and item."""
-    rows = []
-    for point, group in _by_point(items, axes):
-        for variant in GAP_VARIANTS:
-            groups = _groups(group, [variant, "zero_shot", "full_lora"])
-            if groups:
-                share, low, high = bootstrap_ci(groups, gap_closed, n_boot, confidence)
-                rows.append({**point, "variant": variant, "gap_closed": share,
-                             "ci_low": low, "ci_high": high, "seeds": len(groups)})
-    return pd.DataFrame(rows)
-
-
-def correction_table(items: pd.DataFrame, axes: list[str], n_boot: int = 2000,
-                     confidence: float = 0.95) -> pd.DataFrame:
-    """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed and
-    item."""
-    rows = []
-    for point, group in _by_point(items, axes):
-        groups = _groups(group, ["transfer_corrected", "transfer_uncorrected"])
-        if groups:
-            effect, low, high = bootstrap_ci(groups, lambda means: means[0] - means[1], n_boot, confidence)
-            rows.append({**point, "corrected_minus_uncorrected": effect, "ci_low": low, "ci_high": high,
-                         "seeds": len(groups), "within_noise": bool(low <= 0 <= high)})
-    return pd.DataFrame(rows)
-
-
-def loss_table(out: str | Path, axes: list[str]) -> pd.DataFrame:
-    """Mean response-token loss per (axes, variant) over seeds, and the share of the zero-shot -> LoRA
-    loss gap closed, ``(L_zero - L) / (L_zero - L_full)``, from the seed means (no item-level interval:
-    only the mean loss per variant is stored)."""
-    _, finished = _finished_points(out)
-    rows = [{**point, "variant": v, "loss": rec["loss"]}
-            for point, variants in finished for v, rec in variants.items()]
-    if not rows:
-        return pd.DataFrame(columns=[*axes, "variant", "loss", "seeds", "loss_gap_closed"])
-    frame = pd.DataFrame(rows)
-    keys = [*axes, "variant"]
-    table = frame.groupby(keys, sort=False).agg(loss=("loss", "mean"),
-                                                seeds=("seed", "nunique")).reset_index()
-    reference = table.set_index(keys)["loss"]
-    def closed(row):
-        base = tuple(row[a] for a in axes)
-        zero, full = reference.get((*base, "zero_shot")), reference.get((*base, "full_lora"))
-        return ((zero - row["loss"]) / (zero - full) if zero is not None and full is not None and zero != full
-                else float("nan"))
-    table["loss_gap_closed"] = table.apply(closed, axis=1)
-    return table
-
-
-def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """One row per point, one column per variant: ``"accuracy [low, high]"`` (for reading, not computing)."""
-    if summary.empty:
-        return pd.DataFrame(columns=[*axes, *VARIANT_STAGE])
-    cells = summary.assign(cell=[f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
-                                 zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])])
-    wide = (cells.pivot(index=axes, columns="variant", values="cell") if axes
-            else cells.set_index("variant")[["cell"]].T)
-    ordered = [v for v in VARIANT_STAGE if v in wide.columns]
-    return wide[ordered].fillna("").reset_index()
-
-
-def summary_figure(summary: pd.DataFrame, axes: list[str], title: str = "Accuracy (95% bootstrap interval)"):
-    """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
-    import plotly.graph_objects as go
-    label = (summary[axes].astype(str).agg(", ".join, axis=1) if axes
-             else pd.Series("all", index=summary.index))
-    figure = go.Figure()
-    for variant, rows in summary.assign(label=label).groupby("variant", sort=False):
-        figure.add_bar(name=variant, x=rows["label"], y=rows["accuracy"],
-                       error_y={"type": "data", "symmetric": False,
-                                "array": rows["ci_high"] - rows["accuracy"],
-                                "arrayminus": rows["accuracy"] - rows["ci_low"]})
-    figure.update_layout(barmode="group", title=title, yaxis_title="exact-match accuracy",
-                         xaxis_title=", ".join(axes))
-    return figure
+def seeds_table(out: str | Path) -> pd.DataFrame:
+    """One row per (point, variant) of every finished point: ``seed``, the axes, ``variant``, ``accuracy``,
+    ``loss``, ``items``, ``correct`` (the input of :mod:`emloc.sweep_tables`)."""
+    spec, finished = _finished_points(out)
+    rows = [{**point, "variant": variant, "accuracy": rec["accuracy"], "loss": rec["loss"],
+             "items": len(rec["correct"]), "correct": int(sum(rec["correct"]))}
+            for point, variants in finished for variant, rec in variants.items()]
+    return pd.DataFrame(rows, columns=["seed", *spec.axes, "variant", "accuracy", "loss", "items", "correct"])
 
 
 def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Compute the items/summary/gap/correction/loss tables of a sweep; write CSV, Markdown and the figure
-    (JSON)."""
-    out = Path(out)
-    spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
-    target = Path(tables_dir) if tables_dir else out / "tables"
-    items = items_table(out)
-    tables = {"items": items, "summary": summary_table(items, spec.axes, spec.n_boot, spec.confidence),
-              "gap": gap_table(items, spec.axes, spec.n_boot, spec.confidence),
-              "correction": correction_table(items, spec.axes, spec.n_boot, spec.confidence),
-              "loss": loss_table(out, spec.axes)}
-    for name, table in tables.items():
-        with io.atomic_path(target / f"{name}.csv") as tmp:
-            table.to_csv(tmp, index=False)
-    tables["wide"] = wide_table(tables["summary"], spec.axes)
-    for name, table in tables.items():
-        if name != "items":
-            with io.atomic_path(target / f"{name}.md") as tmp:
-                tmp.write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n", encoding="utf-8")
-    with io.atomic_path(target / "summary_figure.json") as tmp:
-        summary_figure(tables["summary"], spec.axes).write_json(str(tmp))
+    """Compute the tables of a sweep (:func:`emloc.sweep_tables.all_tables`) from its finished points; write
+    CSV, Markdown and the figure (JSON) to ``tables_dir`` (default ``OUT/tables``)."""
+    spec = spec_from_dict(io.read_yaml(Path(out) / "grid.yaml"))
+    tables = {"items": items_table(out), **sweep_tables.all_tables(seeds_table(out), spec.axes)}
+    target = Path(tables_dir) if tables_dir else Path(out) / "tables"
+    write_table_files(tables, spec.axes, target)
+    provenance.write(target, sweep_provenance(spec, tables["seeds"]["seed"].unique().tolist()))
     return tables
+
+
+def sweep_provenance(spec: SweepSpec, seeds: list) -> dict:
+    """The settings of every point (less the seed, listed once), for :mod:`emloc.provenance`."""
+    configs = {}
+    for point in spec.points():
+        settings = {axis: value for axis, value in point.items() if axis != "seed"}
+        configs.setdefault(point_name(settings) or "base", point_overrides(spec, settings))
+    return provenance.record(configs, command="emloc sweep", seeds=sorted(int(s) for s in seeds),
+                             grid={"base": spec.base, "grid": spec.grid, "variants": spec.variants})
+
+
+def rewrite_tables(folder: str | Path) -> dict[str, pd.DataFrame]:
+    """Recompute the tables of a stored sweep folder from its ``items.csv`` (and ``seeds.csv``, which holds
+    the per-seed losses; without it the stored loss table is left as it is), e.g. after a change of the
+    statistics."""
+    folder = Path(folder)
+    items = pd.read_csv(folder / "items.csv")
+    seeds = (pd.read_csv(folder / "seeds.csv") if (folder / "seeds.csv").exists()
+             else sweep_tables.seeds_from_items(items))
+    axes = [c for c in seeds.columns if c not in ("seed", "variant", "accuracy", "loss", "items", "correct")]
+    tables = {"items": items, **sweep_tables.all_tables(seeds, axes)}
+    if seeds["loss"].isna().all():
+        del tables["loss"]  # keep the stored loss table: its per-seed values are not here to recompute it
+    write_table_files(tables, axes, folder)
+    return tables
+
+
+def write_table_files(tables: dict[str, pd.DataFrame], axes: list[str], target: Path) -> None:
+    """CSV of every table but ``wide``, Markdown of every table but the long ones, the summary figure."""
+    for name, table in tables.items():
+        if name != "wide":
+            with io.atomic_path(target / f"{name}.csv") as tmp:
+                table.to_csv(tmp, index=False)
+        if name not in ("items", "seeds"):
+            with io.atomic_path(target / f"{name}.md") as tmp:
+                tmp.write_text(sweep_tables.as_markdown(table), encoding="utf-8")
+    with io.atomic_path(target / "summary_figure.json") as tmp:
+        sweep_tables.summary_figure(tables["summary"], axes).write_json(str(tmp))

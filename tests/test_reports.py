@@ -12,6 +12,7 @@ import torch
 from emloc.errors import EmlocError
 from emloc.lowrank import calibration_error, rank_from_ratio, whitened_truncation
 from emloc.notebook import ensure, notebook_run, notebook_run_dir
+from emloc.statistics import wilson_interval
 from emloc.reports import (error_curves, errors_at_ratio, layer_grid, memory_table, misalignment_by_layer, rank_summary,
                            spectrum_curves, variant_summary)
 
@@ -94,24 +95,43 @@ def test_variant_summary_and_memory():
     assert memory.loc["emulator", "share_of_original"] == pytest.approx(0.6)
 
 
-def test_variant_summary_with_items_is_the_sweeps_bootstrap():
-    """Given per-item correctness, the board's accuracy interval is the sweeps' bootstrap on the same items."""
-    from emloc.sweeps import summary_table
+def test_variant_summary_is_the_sweeps_seed_level_summary():
+    """Several seeds: the board's accuracy interval is the sweeps' Student-t over seed means; one seed: Wilson
+    over the test items counted from ``correct``."""
+    from emloc.sweep_tables import seeds_from_items, summary_table
     rng = np.random.default_rng(0)
     correct = [{"zero_shot": [0] * 10, "emulator_lora": list(rng.integers(0, 2, 10))} for _ in range(3)]
     runs = [results(float(np.mean(c["emulator_lora"])), 1.0 + i) for i, c in enumerate(correct)]
     summary = variant_summary(runs, correct)
     items = pd.DataFrame([{"seed": seed, "variant": "emulator_lora", "item": i, "correct": c}
                           for seed, record in enumerate(correct) for i, c in enumerate(record["emulator_lora"])])
-    sweep = summary_table(items, []).iloc[0]
+    sweep = summary_table(seeds_from_items(items), []).iloc[0]
     row = summary.loc["emulator_lora"]
-    assert row["interval"] == "bootstrap" and row["loss_interval"] == "t"
+    assert row["interval"] == "t" == sweep["interval"] and row["loss_interval"] == "t"
     assert (row["accuracy"], row["accuracy_low"], row["accuracy_high"]) == pytest.approx(
         (sweep["accuracy"], sweep["ci_low"], sweep["ci_high"]), abs=1e-12)
     assert row["accuracy"] == pytest.approx(np.mean([r["variants"]["emulator_lora"]["accuracy"] for r in runs]))
     assert summary.loc["zero_shot", "accuracy_high"] == 0.0      # never right: a point interval
+    one = variant_summary(runs[0], correct[0]).loc["emulator_lora"]
+    assert one["interval"] == "wilson" and (one["accuracy_low"], one["accuracy_high"]) == pytest.approx(
+        wilson_interval(sum(correct[0]["emulator_lora"]), 10))
     with pytest.raises(ValueError, match="one per seed"):
         variant_summary(runs, correct[:2])
+
+
+def test_loss_gap_closed_is_undefined_when_the_gap_is_doubtful():
+    """With several seeds the loss gap closed carries its interval, and is undefined (NaN, with the reason)
+    when the zero-shot -> full-LoRA gap's own interval reaches zero."""
+    def run(zero, full, lora):
+        return {"variants": {"zero_shot": {"accuracy": 0.0, "loss": zero, "n": 10},
+                             "emulator_lora": {"accuracy": 0.0, "loss": lora, "n": 10},
+                             "full_lora": {"accuracy": 0.0, "loss": full, "n": 10}}}
+    clear = variant_summary([run(4.0, 1.0, 2.5), run(4.1, 1.1, 2.4), run(3.9, 0.9, 2.6)])
+    row = clear.loc["emulator_lora"]
+    assert row["loss_gap_closed"] == pytest.approx(0.5) and row["loss_gap_low"] < 0.5 < row["loss_gap_high"]
+    doubtful = variant_summary([run(4.0, 3.9, 3.95), run(4.0, 4.1, 4.0), run(4.0, 3.95, 4.0)])
+    assert np.isnan(doubtful.loc["emulator_lora", "loss_gap_closed"])
+    assert "not above zero" in doubtful.loc["emulator_lora", "loss_gap_note"]
 
 
 def test_notebook_run_directory_and_reuse(tmp_path, monkeypatch):

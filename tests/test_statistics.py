@@ -1,4 +1,4 @@
-"""emloc.statistics: the t / Wilson fallbacks (the bootstrap itself is tested in test_sweeps.py)."""
+"""emloc.statistics: seed-level intervals, their coverage, paired differences, gap closed, Wilson, bootstrap."""
 import math
 
 import numpy as np
@@ -69,7 +69,8 @@ def test_paired_difference_edge_cases():
     mean, low, high = paired_difference([0.29, 0.09, 0.03], [0.0, 0.0, 0.0])  # the issue's per-seed gains
     assert mean == pytest.approx(0.1367, abs=1e-4) and low < 0 < high
     assert verdict(low, high) == "within noise"
-    assert paired_difference([0.5], [0.4]) == pytest.approx((0.1, 0.1, 0.1))  # one seed: a point
+    mean, low, high = paired_difference([0.5], [0.4])  # one seed: no interval, so no verdict either
+    assert mean == pytest.approx(0.1) and np.isnan(low) and np.isnan(high) and verdict(low, high) == "within noise"
     with pytest.raises(ValueError, match="one value per seed"):
         paired_difference([0.1, 0.2], [0.1])
 
@@ -100,3 +101,5 @@ def test_comparison_sentences_come_from_the_interval():
     assert text == "corrected beats uncorrected on accuracy: +0.051 [+0.012, +0.090], 5 seeds"
     noise = comparison_sentence("corrected", "uncorrected", (0.02, -0.03, 0.07))
     assert noise.startswith("corrected and uncorrected are within noise of each other")
+    one = comparison_sentence("a", "b", paired_difference([0.3], [0.1]), seeds=1)
+    assert one == "a and b are within noise of each other on accuracy: +0.200 (no interval, 1 seed)"

@@ -73,21 +73,39 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     assert len(inodes) == 1
     summary = sweeps.pd.read_csv(tables / "summary.csv")
     assert len(summary) == 2 * 6 and (summary["seeds"] == 2).all() and (summary["items"] == 12).all()
+    assert summary["interval"].eq("t").all()
     assert ((summary["ci_low"] <= summary["accuracy"] + 1e-12) & (summary["accuracy"] <= summary["ci_high"] + 1e-12)).all()
     zero = summary[summary["variant"] == "zero_shot"]["accuracy"]
     assert zero.nunique() == 1  # the same zero-shot items for both methods
     assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
     wide = (tables / "wide.md").read_text()
-    assert wide.count("\n") == 2 + 2 and "transfer_corrected" in wide  # header, rule, one row per method
+    assert wide.split("\n\n")[0].count("\n") == 2 + 1 and "transfer_corrected" in wide  # header, rule, a row per method
     effect = sweeps.pd.read_csv(tables / "correction.csv").set_index("emulator.method")
     by_method = summary.set_index(["emulator.method", "variant"])["accuracy"]
     for method in ["activation_aware", "plain"]:
         expected = by_method[(method, "transfer_corrected")] - by_method[(method, "transfer_uncorrected")]
         assert effect.loc[method, "corrected_minus_uncorrected"] == pytest.approx(expected)
         assert effect.loc[method, "ci_low"] <= expected + 1e-12 <= effect.loc[method, "ci_high"] + 2e-12
+        assert effect.loc[method, "verdict"] in {"beats", "worse", "within noise"}
     loss = sweeps.pd.read_csv(tables / "loss.csv").set_index(["emulator.method", "variant"])
-    assert loss.loc[("plain", "zero_shot"), "loss_gap_closed"] == 0 and loss.loc[("plain", "full_lora"), "loss_gap_closed"] == 1
+    seeds = sweeps.pd.read_csv(tables / "seeds.csv")
+    assert len(seeds) == 4 * 6 and seeds["loss"].notna().all()
+    plain_zero = seeds[(seeds["emulator.method"] == "plain") & (seeds["variant"] == "zero_shot")]["loss"]
+    assert loss.loc[("plain", "zero_shot"), "loss"] == pytest.approx(plain_zero.mean())
+    assert loss.loc[("plain", "zero_shot"), "loss_low"] <= plain_zero.mean() <= loss.loc[("plain", "zero_shot"), "loss_high"]
+    baselines = sweeps.pd.read_csv(tables / "baselines.csv")
+    assert set(baselines["method"]) == {"plain"} and set(baselines["metric"]) == {"accuracy", "loss"}
+    assert baselines["sentence"].str.startswith("EMLoC (activation_aware)").all()
+    # the stored folder's tables are recomputed from its own files
+    record = sweeps.provenance.read(tables / "summary.csv")
+    assert record["declares"] == "current defaults" and sweeps.provenance.stale_settings(record) == []
+    assert record["seeds"] == [0, 1] and set(record["configs"]) == {"method=activation_aware", "method=plain"}
+    stored = {name: sweeps.pd.read_csv(tables / f"{name}.csv") for name in ("summary", "gap", "loss")}
+    (tables / "summary.csv").unlink()
+    sweeps.rewrite_tables(tables)
+    for name, table in stored.items():
+        sweeps.pd.testing.assert_frame_equal(sweeps.pd.read_csv(tables / f"{name}.csv"), table)
     # a second sweep resumes: no stage is redone
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("manifests/*.json")}
     assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables)]) == 0

@@ -178,8 +178,9 @@ def test_results_board_metric_and_seeds(tiny_run):
     assert variant_summary([results, other])["interval"].eq("t").all()
 
 
-def test_results_board_bootstraps_rescored_items(tiny_run):
-    """With per-item correctness re-scored from the saved predictions, the board shows the sweeps' bootstrap."""
+def test_results_board_with_rescored_items(tiny_run):
+    """Per-item correctness re-scored from the saved predictions; several seeds get the sweeps' Student-t over
+    seeds, one seed the Wilson interval from the counted items."""
     from emloc.data import make_task_data
     from emloc.evaluation import item_correctness
     results = tiny_run.results()
@@ -189,8 +190,9 @@ def test_results_board_bootstraps_rescored_items(tiny_run):
         assert len(items) == results["variants"][variant]["n"] and set(items) <= {0, 1}
         assert sum(items) / len(items) == results["variants"][variant]["accuracy"]
     board = widgets.results_board([results, results], correct=[correct, correct])
-    assert board.summary["interval"].eq("bootstrap").all()
-    assert "bootstrap" in board.stats.value
+    assert board.summary["interval"].eq("t").all()
+    assert "Student-t over seeds" in board.stats.value
+    assert widgets.results_board(results, correct=correct).summary["interval"].eq("wilson").all()
     np.testing.assert_allclose(ydata(board.trace("variants")), [results["variants"][v]["accuracy"] for v in correct])
     low, high = board.summary["accuracy_low"], board.summary["accuracy_high"]
     assert ((low <= board.summary["accuracy"] + 1e-12) & (board.summary["accuracy"] <= high + 1e-12)).all()

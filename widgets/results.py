@@ -26,10 +26,9 @@ class ResultsBoard(FigureView):
     memory of the original model and the emulator. Next to each accuracy bar, a hatched bar shows the share of
     the zero-shot -> full-LoRA loss gap the variant closed (``loss_gap_closed``: 0 = zero-shot, 1 = full
     LoRA), which tells what a short training taught a variant while every accuracy is still 0. Intervals
-    (:func:`emloc.reports.variant_summary`): with ``correct`` (per seed, from
-    :func:`emloc.evaluation.item_correctness`) the accuracy gets the sweeps' 95% bootstrap over seeds and test
-    items; without it, the fallback: Student-t over seeds, or Wilson over the test items of one seed. The
-    loss: Student-t over seeds, none for one seed.
+    (:func:`emloc.reports.variant_summary`, the sweeps' seed-level statistics): Student-t over seeds, each
+    seed one observation; for one seed, Wilson over its test items (``correct``, per seed from
+    :func:`emloc.evaluation.item_correctness`, counts them) and no interval on the loss.
 
     Traces: ``variants`` (bars with error bars), ``gap`` (loss gap closed; hidden for the loss metric),
     ``memory`` (bars, MB).
@@ -120,8 +119,8 @@ class ResultsBoard(FigureView):
     def _stats_text(self) -> str:
         memory = self.memory
         seeds = len(self.results)
-        interval = {"bootstrap": "bootstrap over seeds and test items", "t": "Student-t over seeds",
-                    "wilson": "Wilson over test items"}[self.summary["interval"].iloc[0]]
+        interval = {"t": "Student-t over seeds",
+                    "wilson": "Wilson over test items (one seed)"}[self.summary["interval"].iloc[0]]
         return (f"{seeds} seed(s), {int(self.summary['n'].iloc[0])} test items each, "
                 f"95% accuracy intervals: {interval} · "
                 f"emulator {memory.loc['emulator', 'parameters'] / 1e6:.1f} M vs original "
@@ -134,7 +133,7 @@ class ResultsBoard(FigureView):
 def results_board(results: dict | list[dict], correct: dict | list[dict] | None = None) -> ResultsBoard:
     """The results board for ``run.results()``, or a list of results (one per seed).
 
-    For bootstrap intervals pass ``correct=item_correctness(run.results(), run.data)`` (a list, one per seed,
-    for several runs; :func:`emloc.evaluation.item_correctness`).
+    ``correct=item_correctness(run.results(), run.data)`` (a list, one per seed, for several runs;
+    :func:`emloc.evaluation.item_correctness`) gives a single seed's Wilson interval its exact item count.
     """
     return ResultsBoard(results, correct)

@@ -1,0 +1,224 @@
+"""A sweep's tables from its per-seed results: accuracy and loss with seed-level 95% intervals, the share of
+the gap closed, and every comparison as a paired difference per seed.
+
+Input: the *seeds table*, one row per (seed, grid point, variant) with ``accuracy`` (mean over that seed's
+test items), ``loss`` (NaN where it was not stored), ``items`` (test items) and ``correct`` (items right).
+Each seed is one observation (:mod:`emloc.statistics`): with 3 or 5 seeds these intervals keep their 95%,
+where a bootstrap over seeds and items undercovers. With a single seed at a point there is no spread to
+measure: the accuracy gets the Wilson interval over its test items (labelled ``wilson``: item noise only)
+and comparisons get no interval (``within noise``).
+
+Every comparison pairs seeds: the variants of one point, and the points of one seed, are scored on the same
+test items (the test split depends on the task and the seed only).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from emloc.emulator_kinds import emulator_kind
+from emloc.stages import VARIANT_SPECS
+from emloc.statistics import (ACCURACY, comparison_sentence, gap_closed_interval, paired_difference,
+                              seed_interval, verdict, wilson_interval)
+
+VARIANTS = [variant.name for variant in VARIANT_SPECS]
+GAP_VARIANTS = [variant.name for variant in VARIANT_SPECS if variant.gap]
+"""The variants measured by the share of the zero-shot -> LoRA-on-the-original gap they close."""
+REFERENCE_METHOD = "activation_aware"
+"""The emulator the baselines are compared against (EMLoC's)."""
+INTERVAL_NOTE = ("95% intervals: Student-t over seeds (one observation per seed); differences paired by seed "
+                 "on the same test items; one seed: Wilson over its test items, comparisons without interval")
+
+
+def seeds_from_items(items: pd.DataFrame) -> pd.DataFrame:
+    """The seeds table from the per-item table (``seed, axes..., variant, item, correct``); ``loss`` NaN."""
+    keys = [c for c in items.columns if c not in ("item", "correct")]
+    if items.empty:
+        return pd.DataFrame(columns=[*keys, "accuracy", "loss", "items", "correct"])
+    table = items.groupby(keys, sort=False)["correct"].agg(accuracy="mean", items="size", correct="sum")
+    return table.reset_index().assign(loss=math.nan)
+
+
+def transfer_variant(method: str) -> str:
+    """The transfer a method is judged by: corrected where the emulator has a ``W'`` to correct."""
+    return "transfer_corrected" if emulator_kind(method).corrects else "transfer_uncorrected"
+
+
+def _points(seeds: pd.DataFrame, axes: list[str]):
+    """``(axis values, rows)`` per grid point (the whole table when there are no axes)."""
+    for key, group in seeds.groupby(axes, sort=False, dropna=False) if axes else [((), seeds)]:
+        yield dict(zip(axes, key if isinstance(key, tuple) else (key,))), group
+
+
+def _per_seed(rows: pd.DataFrame, variants: list[str], column: str) -> pd.DataFrame:
+    """``seed x variant`` values of ``column``, only seeds that have every variant."""
+    wide = rows.pivot_table(index="seed", columns="variant", values=column, dropna=False)
+    missing = [v for v in variants if v not in wide.columns]
+    return pd.DataFrame(columns=variants) if missing else wide[variants].dropna()
+
+
+def _interval(values, seeds: int) -> tuple[float, float]:
+    """The seed-level interval, NaN when a single seed leaves nothing to measure."""
+    _, low, high = seed_interval(values)
+    return (low, high) if seeds > 1 else (math.nan, math.nan)
+
+
+def summary_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Accuracy per (axes, variant): the mean over seeds of the seed means, its interval, counts."""
+    rows = []
+    for key, group in seeds.groupby([*axes, "variant"], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(group) > 1:
+            mean, low, high = seed_interval(group["accuracy"], bounds=ACCURACY)
+            kind = "t"
+        else:
+            mean = float(group["accuracy"].iloc[0])
+            low, high = wilson_interval(int(group["correct"].iloc[0]), int(group["items"].iloc[0]))
+            kind = "wilson"
+        rows.append({**dict(zip([*axes, "variant"], key)), "accuracy": mean, "ci_low": low, "ci_high": high,
+                     "seeds": len(group), "items": int(group["items"].sum()), "interval": kind})
+    return pd.DataFrame(rows)
+
+
+def _gap_row(point: dict, variant: str, values: pd.DataFrame, lower: str, upper: str, sign: float) -> dict:
+    closed = gap_closed_interval(sign * values[variant], sign * values[lower], sign * values[upper])
+    return {**point, "variant": variant, "gap_closed": closed["estimate"], "ci_low": closed["low"],
+            "ci_high": closed["high"], "seeds": len(values), "defined": closed["defined"],
+            "reason": closed["reason"]}
+
+
+def gap_table(seeds: pd.DataFrame, axes: list[str], metric: str = "accuracy") -> pd.DataFrame:
+    """Share of the zero-shot -> LoRA-on-the-original gap closed (ratio of means over seeds, with its
+    interval; undefined, with the reason, when the gap's own interval is not above zero). ``metric``:
+    ``accuracy`` (higher is better) or ``loss`` (lower is better)."""
+    sign = 1.0 if metric == "accuracy" else -1.0
+    rows = []
+    for point, group in _points(seeds, axes):
+        for variant in GAP_VARIANTS:
+            values = _per_seed(group, [variant, "zero_shot", "full_lora"], metric)
+            if len(values):
+                rows.append(_gap_row(point, variant, values, "zero_shot", "full_lora", sign))
+    return pd.DataFrame(rows)
+
+
+def _difference_row(a: pd.Series, b: pd.Series, higher_is_better: bool) -> dict:
+    mean, low, high = paired_difference(a, b)
+    return {"difference": mean, "ci_low": low, "ci_high": high, "seeds": len(a),
+            "verdict": verdict(low, high, higher_is_better)}
+
+
+def correction_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Correction on vs off: ``transfer_corrected - transfer_uncorrected`` accuracy, paired per seed."""
+    rows = []
+    for point, group in _points(seeds, axes):
+        values = _per_seed(group, ["transfer_corrected", "transfer_uncorrected"], "accuracy")
+        if len(values):
+            row = _difference_row(values["transfer_corrected"], values["transfer_uncorrected"], True)
+            rows.append({**point, "corrected_minus_uncorrected": row.pop("difference"), **row,
+                         "within_noise": row["verdict"] == "within noise"})
+    return pd.DataFrame(rows)
+
+
+def baseline_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """EMLoC against each other emulator method at the same other settings: the paired difference per seed of
+    their transfers (accuracy, and loss where stored), with the verdict and the sentence to quote."""
+    if "emulator.method" not in axes:
+        return pd.DataFrame()
+    others = [a for a in axes if a != "emulator.method"]
+    rows = []
+    for point, group in _points(seeds, others):
+        methods = list(group["emulator.method"].unique())
+        if REFERENCE_METHOD not in methods:
+            continue
+        ours = group[(group["emulator.method"] == REFERENCE_METHOD)
+                     & (group["variant"] == transfer_variant(REFERENCE_METHOD))].set_index("seed")
+        for method in (m for m in methods if m != REFERENCE_METHOD):
+            theirs = group[(group["emulator.method"] == method)
+                           & (group["variant"] == transfer_variant(method))].set_index("seed")
+            for metric, higher in (("accuracy", True), ("loss", False)):
+                paired = pd.concat([ours[metric], theirs[metric]], axis=1, join="inner").dropna()
+                if paired.empty:
+                    continue
+                row = _difference_row(paired.iloc[:, 0], paired.iloc[:, 1], higher)
+                sentence = comparison_sentence(f"EMLoC ({REFERENCE_METHOD})", method,
+                                               (row["difference"], row["ci_low"], row["ci_high"]),
+                                               metric, higher, row["seeds"])
+                rows.append({**point, "method": method, "metric": metric, **row, "sentence": sentence})
+    return pd.DataFrame(rows)
+
+
+def loss_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Mean response-token loss per (axes, variant) with its interval over seeds, and the share of the
+    zero-shot -> LoRA loss gap closed (the same definition as the accuracy's)."""
+    columns = [*axes, "variant", "loss", "loss_low", "loss_high", "seeds", "loss_gap_closed", "gap_low",
+               "gap_high", "gap_defined", "reason"]
+    stored = seeds.dropna(subset=["loss"])
+    if stored.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for point, group in _points(stored, axes):
+        gaps = {row["variant"]: row for row in gap_table(group, [], "loss")
+                .to_dict("records")} if {"zero_shot", "full_lora"} <= set(group["variant"]) else {}
+        for variant, rows_of in group.groupby("variant", sort=False):
+            mean = float(rows_of["loss"].mean())
+            low, high = _interval(rows_of["loss"], len(rows_of))
+            gap = gaps.get(variant) or _reference_gap(variant, len(rows_of))
+            rows.append({**point, "variant": variant, "loss": mean, "loss_low": low, "loss_high": high,
+                         "seeds": len(rows_of), "loss_gap_closed": gap["gap_closed"],
+                         "gap_low": gap["ci_low"], "gap_high": gap["ci_high"], "gap_defined": gap["defined"],
+                         "reason": gap["reason"]})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _reference_gap(variant: str, seeds: int) -> dict:
+    """The gap's two ends close none and all of it by definition; other variants without a gap: undefined."""
+    ends = {"zero_shot": 0.0, "full_lora": 1.0}
+    if variant in ends:
+        return {"gap_closed": ends[variant], "ci_low": math.nan, "ci_high": math.nan, "defined": True,
+                "reason": "the gap's own end"}
+    return {"gap_closed": math.nan, "ci_low": math.nan, "ci_high": math.nan, "defined": False,
+            "reason": "undefined: no zero-shot and full-LoRA loss on the same seeds"}
+
+
+def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per point, one column per variant: ``"accuracy [low, high]"`` (for reading, not computing)."""
+    if summary.empty:
+        return pd.DataFrame(columns=[*axes, *VARIANTS])
+    cells = summary.assign(cell=[f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                                 zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])])
+    wide = (cells.pivot(index=axes, columns="variant", values="cell") if axes
+            else cells.set_index("variant")[["cell"]].T)
+    ordered = [v for v in VARIANTS if v in wide.columns]
+    return wide[ordered].fillna("").reset_index()
+
+
+def summary_figure(summary: pd.DataFrame, axes: list[str],
+                   title: str = "Accuracy (95% interval over seeds)"):
+    """Grouped bars per variant over the axis combinations, with asymmetric error bars."""
+    import plotly.graph_objects as go
+    label = (summary[axes].astype(str).agg(", ".join, axis=1) if axes
+             else pd.Series("all", index=summary.index))
+    figure = go.Figure()
+    for variant, rows in summary.assign(label=label).groupby("variant", sort=False):
+        figure.add_bar(name=variant, x=rows["label"], y=rows["accuracy"],
+                       error_y={"type": "data", "symmetric": False,
+                                "array": rows["ci_high"] - rows["accuracy"],
+                                "arrayminus": rows["accuracy"] - rows["ci_low"]})
+    figure.update_layout(barmode="group", title=title, yaxis_title="exact-match accuracy",
+                         xaxis_title=", ".join(axes))
+    return figure
+
+
+def all_tables(seeds: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame]:
+    """Every table of a sweep from its seeds table."""
+    summary = summary_table(seeds, axes)
+    return {"seeds": seeds, "summary": summary, "gap": gap_table(seeds, axes),
+            "correction": correction_table(seeds, axes), "baselines": baseline_table(seeds, axes),
+            "loss": loss_table(seeds, axes), "wide": wide_table(summary, axes)}
+
+
+def as_markdown(table: pd.DataFrame) -> str:
+    """A table for reading, with the intervals' definition under it."""
+    return table.to_markdown(index=False, floatfmt=".3f") + f"\n\n{INTERVAL_NOTE}.\n"
+

@@ -1,0 +1,222 @@
+"""The benchmark scripts' summaries use the seed-level statistics of emloc.statistics (issue 24): intervals
+over per-seed values, differences paired by seed, the gap closed as a ratio of means, and no interval where
+there is no per-seed value to measure."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from emloc.statistics import gap_closed_interval, paired_difference, seed_interval
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import correction_sweep  # noqa: E402
+import emulator_fidelity  # noqa: E402
+import seed_table  # noqa: E402
+
+
+# ---- correction sweep ---------------------------------------------------------------------------------
+
+def _runs(scores: dict[str, list[str]], task: str = "addition", steps: int = 100) -> pd.DataFrame:
+    """A ``runs.csv`` frame: per setting one 0/1 string per seed (seeds 0, 1, ...)."""
+    rows = [{"task": task, "ratio": 0.5, "steps": steps, "seed": seed, "setting": setting,
+             "accuracy": correct.count("1") / len(correct), "loss": math.nan, "n": len(correct),
+             "update_mismatch_cosine": 1e-3, "update_mismatch_coefficient": 1e-4, "correct": correct}
+            for setting, per_seed in scores.items() for seed, correct in enumerate(per_seed)]
+    return pd.DataFrame(rows)
+
+
+UNCORRECTED = ["1100000000", "1110000000", "1111110000"]       # 0.2, 0.3, 0.6
+OFFICIAL_L3 = ["1000000000", "1100000000", "1111100000"]       # 0.1, 0.2, 0.5
+
+
+def _row(table: pd.DataFrame, setting: str) -> dict:
+    return table[table["setting"] == setting].iloc[0].to_dict()
+
+
+def test_correction_interval_is_seed_interval_of_per_seed_accuracy():
+    table = correction_sweep.summary_table(_runs({"uncorrected": UNCORRECTED, "official_l3": OFFICIAL_L3}))
+    cell = _row(table, "uncorrected")["accuracy"]
+    mean, low, high = seed_interval([0.2, 0.3, 0.6])
+    assert (cell["mean"], cell["low"], cell["high"], cell["seeds"]) == (
+        pytest.approx(mean), pytest.approx(max(low, 0.0)), pytest.approx(high), 3)  # an accuracy: clipped at 0
+    # wider than the per-seed spread: not a percentile interval that stops at the extreme seeds
+    assert low < 0 == cell["low"] and cell["high"] > 0.6
+
+
+def test_correction_difference_is_paired_by_seed_with_verdict():
+    table = correction_sweep.summary_table(_runs({"uncorrected": UNCORRECTED, "official_l3": OFFICIAL_L3}))
+    difference = _row(table, "official_l3")["accuracy_minus_uncorrected"]
+    expected = paired_difference([0.1, 0.2, 0.5], [0.2, 0.3, 0.6])   # -0.1 on every seed: no spread
+    assert difference["mean"] == pytest.approx(expected[0]) == pytest.approx(-0.1)
+    assert difference["verdict"] == "worse"
+    markdown = correction_sweep.summary_markdown(table)
+    assert "Student-t over seeds" in markdown and "paired by seed" in markdown
+    assert "| worse |" in markdown
+
+
+def test_correction_difference_of_identical_settings_is_zero_within_noise():
+    table = correction_sweep.summary_table(_runs({"uncorrected": UNCORRECTED, "aligned": list(UNCORRECTED)}))
+    difference = _row(table, "aligned")["accuracy_minus_uncorrected"]
+    assert difference["mean"] == 0 and difference["seeds"] == 3
+    assert difference["verdict"] == "within noise"
+
+
+def test_correction_one_seed_says_so():
+    runs = _runs({"uncorrected": ["1100000000"], "official_l3": ["1110000000"]})
+    table = correction_sweep.summary_table(runs)
+    row = _row(table, "official_l3")
+    assert row["accuracy"]["seeds"] == 1 and row["accuracy"]["low"] == row["accuracy"]["high"] == 0.3
+    assert row["accuracy_minus_uncorrected"]["verdict"] == "1 seed"
+    markdown = correction_sweep.summary_markdown(table)
+    line = next(line for line in markdown.splitlines() if "| official_l3 |" in line)
+    assert "| 0.300 (1 seed) | +0.100 (1 seed) | 1 seed |" in line
+
+
+def test_correction_summary_has_loss_only_where_stored():
+    runs = _runs({"uncorrected": UNCORRECTED, "official_l3": OFFICIAL_L3})
+    assert "loss (95% CI)" not in correction_sweep.summary_markdown(correction_sweep.summary_table(runs))
+    runs["loss"] = [1.0, 1.2, 1.4, 1.5, 1.7, 1.9]   # official_l3 loses 0.5 on every seed
+    row = _row(correction_sweep.summary_table(runs), "official_l3")
+    assert row["loss"]["mean"] == pytest.approx(1.7)
+    assert row["loss_minus_uncorrected"]["mean"] == pytest.approx(0.5)
+    assert row["loss_minus_uncorrected"]["verdict"] == "worse"   # higher loss is worse
+
+
+# ---- emulator fidelity -------------------------------------------------------------------------------
+
+def _points(variant: list[float], zero: list[float], full: list[float], full_loss: list[float],
+            source: str | None = "per seed") -> pd.DataFrame:
+    """Trained points of one group (one row per seed)."""
+    rows = []
+    for seed, (v, z, f, fl) in enumerate(zip(variant, zero, full, full_loss)):
+        row = {"task": "addition", "ratio": 0.5, "seed": seed, "setting": "today", "steps": 100,
+               "trained": True,
+               "kl_all": 0.3 + 0.01 * seed, "kl_response": 0.2, "top1_agreement": 0.7, "drift_last": 0.2,
+               "emulator_accuracy": 0.0, "emulator_loss": 4.0 + 0.1 * seed,
+               "zero_shot_accuracy": z, "zero_shot_loss": 4.0 + 0.1 * seed,
+               "emulator_lora_accuracy": v, "emulator_lora_loss": 1.0 + 0.1 * seed,
+               "transfer_uncorrected_accuracy": v, "transfer_uncorrected_loss": 1.0 + 0.1 * seed,
+               "transfer_corrected_accuracy": v, "transfer_corrected_loss": 1.1 + 0.1 * seed,
+               "full_lora_accuracy": f, "full_lora_loss": fl,
+               # the per-seed share a mean of ratios would average
+               "transfer_corrected_gap_closed": (v - z) / (f - z)}
+        if source is not None:
+            row["full_lora_loss_source"] = source
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _measure(tidy: pd.DataFrame, measure: str) -> dict:
+    return tidy[tidy["trained"].astype(bool) & (tidy["measure"] == measure)].iloc[0].to_dict()
+
+
+def test_fidelity_gap_closed_is_the_ratio_of_means():
+    variant, zero, full = [0.36, 0.07, 0.3], [0.0, 0.0, 0.0], [0.4, 0.7, 0.55]
+    points = _points(variant, zero, full, [0.1, 0.12, 0.09])
+    mean_of_ratios = np.mean([(v - z) / (f - z) for v, z, f in zip(variant, zero, full)])
+    ratio_of_means = np.mean(variant) / np.mean(full)
+    assert abs(mean_of_ratios - ratio_of_means) > 0.05     # the case tells the two apart
+    row = _measure(emulator_fidelity.intervals(points), "transfer_corrected_gap_closed")
+    expected = gap_closed_interval(variant, zero, full)
+    assert row["mean"] == pytest.approx(ratio_of_means) == pytest.approx(expected["estimate"])
+    assert row["ci_low"] == pytest.approx(expected["low"])
+    assert row["ci_high"] == pytest.approx(expected["high"])
+    assert row["defined"] and row["seeds"] == 3
+
+
+def test_fidelity_gap_closed_undefined_when_the_gap_is_not_above_zero():
+    points = _points([0.1, 0.3, 0.0], [0.1, 0.2, 0.1], [0.3, 0.1, 0.15], [0.1, 0.12, 0.09])
+    row = _measure(emulator_fidelity.intervals(points), "transfer_corrected_gap_closed")
+    assert not row["defined"] and math.isnan(row["mean"]) and math.isnan(row["ci_low"])
+    assert "not above zero" in row["reason"]
+
+
+def test_fidelity_full_lora_from_a_sweep_mean_gets_no_interval():
+    legacy = _points([0.1, 0.3, 0.5], [0.0] * 3, [0.8, 0.9, 0.85], [0.093] * 3, source=None)
+    for points in (legacy, legacy.assign(full_lora_loss_source=emulator_fidelity.SWEEP_MEAN)):
+        tidy = emulator_fidelity.intervals(points)
+        row = _measure(tidy, "full_lora_loss")
+        assert row["mean"] == pytest.approx(0.093) and not row["defined"]
+        assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+        assert emulator_fidelity.SWEEP_MEAN in row["reason"]
+        loss_gap = _measure(tidy, "transfer_corrected_loss_gap_closed")
+        assert not loss_gap["defined"] and math.isnan(loss_gap["ci_low"])
+        # the accuracy, stored per seed, keeps its interval
+        assert _measure(tidy, "full_lora_accuracy")["defined"]
+    per_seed = emulator_fidelity.intervals(_points([0.1, 0.3, 0.5], [0.0] * 3, [0.8, 0.9, 0.85],
+                                                   [0.09, 0.1, 0.095]))
+    row = _measure(per_seed, "full_lora_loss")
+    assert row["defined"] and row["ci_low"] < row["mean"] < row["ci_high"]
+
+
+def test_reference_full_lora_reads_per_seed_loss_when_stored(tmp_path):
+    items = pd.DataFrame({"seed": [0, 0, 1, 1], "variant": "full_lora", "item": [0, 1, 0, 1],
+                          "correct": [1, 0, 1, 1]})
+    items.to_csv(tmp_path / "items.csv", index=False)
+    pd.DataFrame({"variant": ["zero_shot", "full_lora"], "loss": [4.0, 0.093]}).to_csv(tmp_path / "loss.csv",
+                                                                                      index=False)
+    reference = emulator_fidelity.reference_full_lora(tmp_path, 1)
+    assert reference == {"accuracy": 1.0, "loss": 0.093, "loss_source": emulator_fidelity.SWEEP_MEAN}
+    pd.DataFrame({"seed": [0, 1], "variant": "full_lora", "loss": [0.09, 0.1]}).to_csv(tmp_path / "seeds.csv",
+                                                                                      index=False)
+    reference = emulator_fidelity.reference_full_lora(tmp_path, 1)
+    assert reference == {"accuracy": 1.0, "loss": 0.1, "loss_source": emulator_fidelity.PER_SEED}
+
+
+def test_fidelity_summary_files_keep_intervals_consistent(tmp_path, monkeypatch):
+    monkeypatch.setattr(emulator_fidelity, "RESULTS", tmp_path)
+    _points([0.1, 0.3, 0.5], [0.0] * 3, [0.8, 0.9, 0.85], [0.093] * 3, source=None).to_csv(
+        tmp_path / "points.csv", index=False)
+    emulator_fidelity.summarize()
+    tidy = pd.read_csv(tmp_path / "intervals.csv")
+    assert {"task", "ratio", "setting", "steps", "trained", "measure", "mean", "ci_low", "ci_high",
+            "seeds", "defined", "reason"} <= set(tidy.columns)
+    assert ((tidy["ci_low"] <= tidy["mean"] + 1e-9) & (tidy["mean"] <= tidy["ci_high"] + 1e-9)).all()
+    assert "full_lora_loss" not in set(tidy["measure"])
+    missing = pd.read_csv(tmp_path / "no_interval.csv")
+    assert "full_lora_loss" in set(missing["measure"]) and not missing["defined"].any()
+    text = (tmp_path / "summary.md").read_text()
+    assert "ratio of means" in text and "0.093 (no interval)" in text
+
+
+# ---- seed table --------------------------------------------------------------------------------------
+
+def _seed(zero, uncorrected, corrected, full) -> dict:
+    return {name: np.array(list(bits), dtype=float) for name, bits in
+            (("zero_shot", zero), ("transfer_uncorrected", uncorrected), ("transfer_corrected", corrected),
+             ("full_lora", full))}
+
+
+VARIANTS = ["zero_shot", "transfer_uncorrected", "transfer_corrected", "full_lora"]
+
+
+def test_seed_table_uses_seed_level_statistics():
+    seeds = [_seed("0000", "1000", "1100", "1110"), _seed("0000", "1000", "1000", "1111"),
+             _seed("1000", "1100", "1110", "1111")]
+    table = seed_table.table_from_seeds(seeds, VARIANTS)
+    corrected = [0.5, 0.25, 0.75]
+    mean, low, high = seed_interval(corrected, bounds=(0.0, 1.0))  # an accuracy: clipped to [0, 1]
+    row = table.loc["transfer_corrected"]
+    assert (row["accuracy"], row["ci_low"], row["ci_high"]) == (pytest.approx(mean), pytest.approx(low),
+                                                                 pytest.approx(high))
+    closed = gap_closed_interval(corrected, [0.0, 0.0, 0.25], [0.75, 1.0, 1.0])
+    assert row["gap_closed"] == pytest.approx(closed["estimate"]) and row["gap_defined"]
+    assert row["gap_closed"] == pytest.approx(np.mean([0.5, 0.25, 0.5]) / np.mean([0.75, 1.0, 0.75]))
+    effect = table.attrs["correction_effect"]
+    assert effect == pytest.approx(paired_difference(corrected, [0.25, 0.25, 0.5]))
+    assert table.attrs["correction_verdict"] == "within noise"
+    assert table.attrs["seeds"] == 3 and table.attrs["items"] == 12
+
+
+def test_seed_table_identical_transfers_are_within_noise_and_flat_gap_undefined():
+    seeds = [_seed("1000", "1100", "1100", "1000"), _seed("1000", "1000", "1000", "1100"),
+             _seed("1100", "1110", "1110", "1100")]
+    table = seed_table.table_from_seeds(seeds, VARIANTS)
+    assert table.attrs["correction_effect"][0] == 0
+    assert table.attrs["correction_verdict"] == "within noise"
+    row = table.loc["transfer_corrected"]
+    assert not row["gap_defined"] and math.isnan(row["gap_closed"]) and "not above zero" in row["gap_reason"]
