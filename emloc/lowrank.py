@@ -124,9 +124,24 @@ def calibration_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor
     return float((numerator / denominator).sqrt())
 
 
+def damped_gram(C_tilde: torch.Tensor, damping: float) -> torch.Tensor:
+    """``C~ + delta I`` (``in x in``, symmetrised), ``C~ = X~ X~^T``, ``delta = damping * mean(diag C~)``:
+    the Gram matrix ``X_aug X_aug^T`` of the ridge's augmented inputs ``X_aug = [X~, sqrt(delta) I]``
+    (``in x (T + in)``), under which :func:`sequential_truncation` truncates.
+
+    ``damping = 0`` returns ``C_tilde`` itself (the same tensor, untouched).
+    """
+    if damping <= 0:
+        return C_tilde
+    C_sym = (C_tilde + C_tilde.T) / 2
+    delta = damping * C_sym.diagonal().mean()
+    eye = torch.eye(C_sym.shape[0], dtype=C_sym.dtype, device=C_sym.device)
+    return C_sym + delta * eye
+
+
 def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, damping: float = 0.0,
                          rtol: float | None = None) -> torch.Tensor:
-    """``W_ls`` (``out x in``) minimising ``||W X - W_ls X~||_F^2 + delta ||W_ls - W||_F^2``, with
+    """``W_ls`` (``out x in``, any rank) minimising ``||W X - W_ls X~||_F^2 + delta ||W_ls - W||_F^2``, with
     ``C~ = X~ X~^T``, ``P = X X~^T`` (both ``in x in``) and ``delta = damping * mean(diag C~)``.
 
     The normal equations ``W_ls (C~ + delta I) = W P + delta W`` give
@@ -135,28 +150,34 @@ def least_squares_target(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor
     from ``W`` lies in the range of ``C~``; ``rtol``, default float32 epsilon, cuts the pseudo-inverse).
     ``X~ = X`` gives ``P = C~`` and ``W_ls = W`` exactly, for any damping.
     """
-    C_sym = (C_tilde + C_tilde.T) / 2
     if damping > 0:
-        delta = damping * C_sym.diagonal().mean()
-        eye = torch.eye(C_sym.shape[0], dtype=C_sym.dtype, device=C_sym.device)
         # X (C~ + delta I) = W (P - C~), solved from the right through the symmetric system
-        return W + torch.linalg.solve(C_sym + delta * eye, (W @ (P - C_tilde)).T).T
+        return W + torch.linalg.solve(damped_gram(C_tilde, damping), (W @ (P - C_tilde)).T).T
     if rtol is None:
         rtol = torch.finfo(torch.float32).eps
+    C_sym = (C_tilde + C_tilde.T) / 2
     return W + W @ (P - C_tilde) @ torch.linalg.pinv(C_sym, rtol=rtol, hermitian=True)
 
 
 def sequential_truncation(W: torch.Tensor, C_tilde: torch.Tensor, P: torch.Tensor, r: int,
                           damping: float = 0.0,
                           rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-``r`` factors ``(u, v)`` minimising ``||W X - u v X~||_F`` and the spectrum ``sigma`` of ``W_ls``
-    whitened by ``C~`` (see :func:`least_squares_target`, which ``damping`` regularises).
+    """Rank-``r`` factors ``(u, v)`` (``out x r``, ``r x in``) minimising, over ``W' = u v``,
 
-    ``||W X - W' X~||^2 = ||W X - W_ls X~||^2 + ||(W_ls - W') X~||^2`` (undamped), so ``W'`` is the
-    activation-aware truncation of ``W_ls`` under ``C~``: ``u = U_r``, ``v = U_r^T W_ls``, ``U_r`` the top
-    eigenvectors of ``W_ls C~ W_ls^T``.
+        ``||W X - W' X~||_F^2 + delta ||W' - W||_F^2``,   ``delta = damping * mean(diag C~)``,
+
+    and the whitened spectrum ``sigma`` of ``W_ls`` (:func:`least_squares_target`) under ``C~ + delta I``.
+
+    The objective is ``||Y_aug - W' X_aug||_F^2`` with ``X_aug = [X~, sqrt(delta) I]`` and
+    ``Y_aug = [W X, sqrt(delta) W]``: ``X_aug X_aug^T = C~ + delta I`` (:func:`damped_gram`) and ``W_ls``
+    solves its normal equations, so ``||Y_aug - W' X_aug||^2 = ||Y_aug - W_ls X_aug||^2 +
+    ||(W_ls - W') X_aug||^2`` and ``W'`` is the activation-aware truncation of ``W_ls`` under
+    ``C~ + delta I``: ``u = U_r``, ``v = U_r^T W_ls``, ``U_r`` the top eigenvectors of
+    ``W_ls (C~ + delta I) W_ls^T``. ``damping = 0`` is the plain reduced-rank regression
+    ``min ||W X - W' X~||_F`` (truncation under ``C~`` itself).
     """
-    return whitened_truncation(least_squares_target(W, C_tilde, P, damping, rtol), C_tilde, r)
+    W_ls = least_squares_target(W, C_tilde, P, damping, rtol)
+    return whitened_truncation(W_ls, damped_gram(C_tilde, damping), r)
 
 
 def sequential_error(W: torch.Tensor, W_emulated: torch.Tensor, C: torch.Tensor, P: torch.Tensor,

@@ -68,6 +68,9 @@ have no duplicates), so adding one keeps every finished built-in-task stage vali
 def _stage_parts(c: dict, stage: Stage) -> dict:
     if c["emulator"].get("calibration") != "sequential":
         c = c | {"emulator": {k: v for k, v in c["emulator"].items() if k not in SEQUENTIAL_ONLY}}
+    elif c["emulator"].get("sequential_damping", 0) > 0:
+        # damped builds truncate under C~ + delta I since issue 24: older damped factors are not reused
+        c = c | {"emulator": c["emulator"] | {"damped_truncation": "exact"}}
     if not c["data"].get("path"):
         c = c | {"data": {k: v for k, v in c["data"].items() if k not in DATA_FILE_ONLY}}
     if stage.config is None:

@@ -5,7 +5,8 @@ For decoder layer ``l`` the original layer gives ``X`` for each distinct linear 
 gives ``X~``, group by group in forward order with the groups already built swapped in
 (:func:`build_layer_sequentially`), accumulated as ``C = X X^T``, ``C~ = X~ X~^T`` and ``P = X X~^T``
 (:class:`emloc.calibration.PairedStats`). Each linear's ``W'`` then minimises
-``||W X - W' X~||_F`` (:func:`emloc.lowrank.sequential_truncation`). The original stream moves on
+``||W X - W' X~||_F^2 + delta ||W' - W||_F^2``, ``delta = sequential_damping * mean(diag C~)``
+(:func:`emloc.lowrank.sequential_truncation`; ``delta = 0`` without damping). The original stream moves on
 through the original layer, the emulator's through the layer with its low-rank linears swapped in.
 The derivation and the cost are in ``docs/sequential.md``. The same per-layer steps serve the
 in-memory build here and the layer-streamed one in :mod:`emloc.streaming`.

@@ -20,10 +20,10 @@ from transformers import AutoConfig
 from emloc.calibration import CalibrationStats, PairedStats, target_linears
 from emloc.config import EmulatorConfig
 from emloc.errors import EmlocError
-from emloc.lowrank import (break_even_rank, calibration_error, least_squares_target, plain_truncation,
-                           rank_from_ratio, relative_error_curve, sequential_error, whitened_basis,
-                           whitened_basis_from_gram, whitened_basis_from_right_gram, whitening_factor,
-                           project_onto_basis)
+from emloc.lowrank import (break_even_rank, calibration_error, damped_gram, least_squares_target,
+                           plain_truncation, rank_from_ratio, relative_error_curve, sequential_error,
+                           whitened_basis, whitened_basis_from_gram, whitened_basis_from_right_gram,
+                           whitening_factor, project_onto_basis)
 from emloc.models import (contiguous_output_layer_input, last_decoder_layer, meta_model, resolve_dtype,
                           resolve_model_path)
 from emloc.targets import excluded_modules, layer_index, module_type, ratio_for
@@ -134,9 +134,11 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
 
     ``u``/``v`` are in the layer's dtype on the CPU; ``S_cache`` reuses ``S`` across linears sharing an input;
     ``rank`` overrides the rank ``rho`` gives.
-    With :class:`PairedStats` (sequential calibration) ``W'`` minimises ``||W X - W' X~||_F``: the truncation
-    of ``W_ls`` under ``C~`` (:func:`emloc.lowrank.sequential_truncation`), and the report's
-    ``calibration_error`` is that relative error; the whitened spectrum is that of ``W_ls`` under ``C~``.
+    With :class:`PairedStats` (sequential calibration) ``W'`` minimises
+    ``||W X - W' X~||_F^2 + delta ||W' - W||_F^2`` (``delta = sequential_damping * mean(diag C~)``): the
+    truncation of the ridge solution ``W_ls`` under ``C~ + delta I``
+    (:func:`emloc.lowrank.sequential_truncation`); the report's ``calibration_error`` is
+    ``||W X - W' X~||_F / ||W X||_F`` and the whitened spectrum that of ``W_ls`` under ``C~ + delta I``.
     """
     compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
     W = linear.weight.detach().to(compute)
@@ -151,7 +153,8 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     if isinstance(stats, PairedStats):
         C_tilde, P = stats.C_tilde(name).to(W.device, compute), stats.P(name).to(W.device, compute)
         W_ls = least_squares_target(W, C_tilde, P, config.sequential_damping)
-        u, v, sigma = _factorise(W_ls, C_tilde, S_cache, stats.input_of[name], r, config.method)
+        u, v, sigma = _factorise(W_ls, damped_gram(C_tilde, config.sequential_damping), S_cache,
+                                 stats.input_of[name], r, config.method)
         error = sequential_error(W, u @ v, C, P, C_tilde)
     else:
         u, v, sigma = _factorise(W, C, S_cache, stats.input_of[name], r, config.method)
