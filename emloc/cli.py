@@ -12,8 +12,8 @@ from typing import Optional
 
 from emloc import io
 from emloc.arguments import OneLineParser, lower_case
-from emloc.config import (ALLOCATIONS, CALIBRATIONS, CORRECTION_METHODS, DTYPES, EMULATOR_METHODS, PRESETS,
-                          RunConfig, merge_dicts, nested)
+from emloc.config import (ALLOCATIONS, CALIBRATIONS, CORRECTION_METHODS, DTYPES, EMULATOR_METHODS, PRECISIONS,
+                          PRESETS, RunConfig, merge_dicts, nested)
 from emloc.errors import EmlocError
 from emloc.stages import STAGES
 
@@ -61,6 +61,9 @@ FLAGS = (
     Flag("--seed", "seed", "random seed"),
     Flag("--device", "device", "auto, cpu or cuda"),
     Flag("--dtype", "dtype", "the dtype the model's weights are loaded and stored in", choices=DTYPES),
+    Flag("--precision", "lora.precision", "how LoRA training computes: 32-true (float32), bf16-mixed "
+         "(bfloat16 autocast; LoRA weights and optimizer stay float32) or auto (bf16-mixed where the CPU or "
+         "GPU runs bfloat16 natively)", choices=PRECISIONS),
     Flag("--trust-remote-code", "trust_remote_code", "allow the model's own code"),
 )
 """Every config flag of the stage commands, in help order."""

@@ -20,6 +20,9 @@ ALLOCATIONS = ("uniform", "global")
 CALIBRATIONS = ("independent", "sequential")
 COMPUTE_DTYPES = ("float32", "float64")
 DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("32-true", "bf16-mixed", "auto")
+"""How LoRA training computes (``lora.precision``, in Lightning's spelling); ``emloc.precision`` implements
+each."""
 
 
 def _either(values, quote: str = "'") -> str:
@@ -105,6 +108,11 @@ class LoraConfigSpec:
     """Examples per forward/backward pass; ``batch_size / micro_batch_size`` passes are accumulated into each
     optimizer step (same update up to float rounding, less activation memory). None: the whole batch at once.
     Must divide ``batch_size``."""
+    precision: str = "32-true"
+    """How training computes: '32-true' (float32 throughout), 'bf16-mixed' (forward and backward under
+    bfloat16 autocast; LoRA weights, gradients and optimizer state stay float32, frozen weights stay in
+    ``dtype``; fast only where the hardware runs bfloat16 natively) or 'auto' (bf16-mixed on a CPU with
+    AMX-BF16 or AVX512-BF16 or a GPU with bfloat16, else 32-true). See docs/precision.md."""
 
 
 @dataclass
@@ -258,6 +266,8 @@ def validate(config: RunConfig) -> None:
                               or lora.batch_size % micro):
         raise EmlocError(f"lora.micro_batch_size = {lora.micro_batch_size} does not divide lora.batch_size = "
                          f"{lora.batch_size}: choose a divisor such as {lora.batch_size // 2 or 1}, or null")
+    if lora.precision not in PRECISIONS:
+        raise EmlocError(f"lora.precision = {lora.precision!r} is unknown: use {_either(PRECISIONS)}")
     if config.memory_budget is not None:
         parse_memory_budget(config.memory_budget)
     if lora.alpha <= 0 or lora.learning_rate <= 0:

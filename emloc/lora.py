@@ -21,6 +21,7 @@ from emloc.svd_emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small
+from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
 
 LossCallback = Callable[[int, float], None]
 
@@ -141,6 +142,8 @@ class TrainResult:
     """``[(step, loss), ...]``."""
     seconds: float = 0.0
     seconds_per_step: float = 0.0
+    precision: str = DEFAULT_PRECISION
+    """The precision training computed in (``lora.precision`` with ``auto`` resolved)."""
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -188,13 +191,16 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
     ``spec.micro_batch_size`` splits each batch into accumulated passes (the loss is normalised by the
     batch's labelled tokens, so the update is the full batch's up to float rounding). ``small_heap``: freed
     activations go back to the OS instead of growing the heap (:func:`emloc.heap.keep_heap_small`; lower
-    peak, more page faults), for runs under a memory budget.
+    peak, more page faults), for runs under a memory budget. ``spec.precision``: ``bf16-mixed`` runs forward
+    and backward under bfloat16 autocast (:mod:`emloc.precision`); the returned model computes plainly again.
     """
     if small_heap:
         keep_heap_small()
+    device = next(model.parameters()).device
+    choice = choose_precision(spec.precision, device)
+    announce(choice)
     peft_model = add_lora(model, spec, target_modules, seed)
     history: list = []
-    device = next(model.parameters()).device
     micro = micro_batch_size(spec)
     with tempfile.TemporaryDirectory(prefix="emloc-trainer-") as scratch:
         args = TrainingArguments(
@@ -205,6 +211,7 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
             data_seed=seed, use_cpu=device.type == "cpu", disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=False,
             **checkpointing_arguments(peft_model, spec.gradient_checkpointing),
+            **trainer_arguments(choice, device),
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(features),
                           data_collator=collator or PaddingCollator(pad_token_id),
@@ -216,9 +223,12 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
         if progress:
             trainer.add_callback(TrainingProgress())
         output = trainer.train()
-    # inference afterwards runs plainly
+    # inference afterwards runs plainly: without accelerate's autocast wrapper of forward ...
+    if choice.precision != DEFAULT_PRECISION:
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
+    # ... and without checkpointing
     if getattr(peft_model.get_base_model(), "is_activation_checkpointing", False):
         peft_model.get_base_model().activation_checkpointing_disable()
     peft_model.eval()
     seconds = float(output.metrics.get("train_runtime", 0.0))
-    return TrainResult(peft_model, history, seconds, seconds / max(spec.steps, 1))
+    return TrainResult(peft_model, history, seconds, seconds / max(spec.steps, 1), choice.precision)

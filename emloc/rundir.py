@@ -36,6 +36,7 @@ from emloc.config import RunConfig
 from emloc.svd_emulator import count_parameters
 from emloc.emulator_kinds import Emulator, emulator_kind, factor_tensors, write_factor_folder
 from emloc.errors import EmlocError
+from emloc.precision import fingerprint_part
 from emloc.stages import STAGE, STAGES, Stage
 
 __all__ = ["FORMAT_VERSION", "ADAPTERS", "ADAPTER_STAGES", "CORRECTION_SKIPPED", "PROVENANCE", "RunDir",
@@ -66,6 +67,7 @@ have no duplicates), so adding one keeps every finished built-in-task stage vali
 
 
 def _stage_parts(c: dict, stage: Stage) -> dict:
+    c = c | {"lora": fingerprint_part(c["lora"], c["device"])}  # 32-true left out; auto resolved
     if c["emulator"].get("calibration") != "sequential":
         c = c | {"emulator": {k: v for k, v in c["emulator"].items() if k not in SEQUENTIAL_ONLY}}
     elif c["emulator"].get("sequential_damping", 0) > 0:
@@ -348,7 +350,7 @@ def save_training(run: RunDir, which: str, result, recovered=None, **extra) -> d
     summary = {"which": which, "history": result.history, "seconds": result.seconds,
                "seconds_per_step": result.seconds_per_step, "trainable_parameters": _trainable(result.model),
                "model_parameters": count_parameters(result.model.get_base_model()) - _trainable(result.model),
-               **extra}
+               "precision": result.precision, **extra}
     if recovered is not None:
         _save_adapter(run, run.emulator_kind.transfer_adapter, recovered, stage)
     io.write_json(run.dir / "training" / f"{ADAPTERS[which]}.json", summary)
