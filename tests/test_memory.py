@@ -61,19 +61,19 @@ def test_training_on_the_lean_emulator_equals_training_on_the_swapped_one(tmp_pa
     assert histories[0] == histories[1] and len(histories[0]) == cfg.lora.steps
 
 
-@pytest.mark.parametrize("dtype, hooked", [(torch.bfloat16, True), (torch.float32, False)])
-def test_output_layer_gets_a_contiguous_loss_window_in_reduced_precision(dtype, hooked):
-    """bfloat16 CPU linear on a strided window materialises the output weight per sequence; float32 keeps the view."""
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+def test_output_layer_gets_a_contiguous_loss_window(dtype, tolerance):
+    """A CPU linear on a strided window is slow (and in bfloat16 materialises the output weight per sequence):
+    the output layer gets a contiguous copy, with the same logits to the dtype's rounding."""
     from emloc.models import contiguous_output_layer_input
     model = tiny_llama(dtype=dtype)
     ids = torch.randint(0, 1000, (3, 12))
     with torch.no_grad():
         reference = model(input_ids=ids, logits_to_keep=4).logits.float()
-    assert contiguous_output_layer_input(model) is hooked
+    assert contiguous_output_layer_input(model)
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     with torch.no_grad():
         logits = model(input_ids=ids, logits_to_keep=4).logits.float()
-    assert seen == [hooked]
-    tolerance = 2e-2 if hooked else 0.0  # bfloat16 rounding may differ between the two products; float32 is untouched
+    assert seen == [True]
     torch.testing.assert_close(logits, reference, rtol=tolerance, atol=tolerance)
