@@ -12,8 +12,9 @@ Runs, with the default flags of each command (float32, the standard preset):
    batch of 8 training examples padded to the preset's ``max_length``, then 16 greedy tokens for them
    (``inference_child`` below; the suite has no inference command, so this is its closest user path).
 
-Writes ``benchmarks/results/readme_commands.json`` (peaks, ratios, each run's own seconds per step, the
-settings and the machine) and its provenance record.
+Inference and the two trainings run ``--repeats`` times, alternating; the figures are the medians (every
+repeat is kept). Writes ``benchmarks/results/readme_commands.json`` (peaks, ratios, each run's own seconds per
+step) and its provenance record (settings, commit, machine).
 """
 from __future__ import annotations
 
@@ -73,6 +74,15 @@ def inference_child(run_dir: str) -> None:
         print("VMHWM_KB=" + re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1))
 
 
+def repeat(rows: dict, name: str, row: dict) -> None:
+    """Keep every repeat of a command; the row's figures are the medians over them."""
+    import statistics
+    runs = rows.get(name, {}).get("repeats", []) + [row]
+    rows[name] = {"command": row["command"], "repeats": runs,
+                  **{key: statistics.median(r[key] for r in runs)
+                     for key in ("peak_rss_mb", "wall_s", "seconds_per_step") if key in row}}
+
+
 def seconds_per_step(run_dir: Path, which: str) -> float:
     """The run's own median-free figure: the Trainer's runtime over the steps (``training/*.json``)."""
     summary = run_dir / "training" / f"{ {'emulator': 'emulator_lora', 'original': 'full_lora'}[which]}.json"
@@ -82,6 +92,7 @@ def seconds_per_step(run_dir: Path, which: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each inference/training command")
     parser.add_argument("--out", default="benchmarks/out/readme_commands")
     parser.add_argument("--inference-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -91,15 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / args.out
     emloc = [sys.executable, "-m", "emloc"]
     rows = {"calibrate": peak_of([*emloc, "calibrate", "--preset", "standard", "--out", str(out)]),
-            "build": peak_of([*emloc, "build", "--out", str(out)]),
-            "inference_original": peak_of([sys.executable, str(Path(__file__)), "--inference-child", str(out)])}
-    for which in ("emulator", "original"):
-        rows[f"train_{which}"] = peak_of([*emloc, "train", "--on", which, "--steps", str(args.steps),
-                                          "--out", str(out)])
-        rows[f"train_{which}"]["seconds_per_step"] = seconds_per_step(out, which)
+            "build": peak_of([*emloc, "build", "--out", str(out)])}
+    for _ in range(args.repeats):  # alternating, so a slow moment of the machine touches every command
+        repeat(rows, "inference_original",
+               peak_of([sys.executable, str(Path(__file__)), "--inference-child", str(out)]))
+        for which in ("emulator", "original"):
+            (out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)  # train again, not reuse
+            row = peak_of([*emloc, "train", "--on", which, "--steps", str(args.steps), "--out", str(out)])
+            repeat(rows, f"train_{which}", row | {"seconds_per_step": seconds_per_step(out, which)})
     inference = rows["inference_original"]["peak_rss_mb"]
     result = {"steps": args.steps, "rows": rows,
               "lora_emulator_over_inference_original": rows["train_emulator"]["peak_rss_mb"] / inference,
+              "step_time_emulator_over_original": (rows["train_emulator"]["seconds_per_step"]
+                                                   / rows["train_original"]["seconds_per_step"]),
               "lora_original_over_inference_original": rows["train_original"]["peak_rss_mb"] / inference}
     for name, row in rows.items():
         print(f"{name:20s} {row['peak_rss_mb']:8.0f} MB  {row['wall_s']:7.1f} s  "
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from emloc import io, provenance
     io.write_json(RESULTS / "readme_commands.json", result)
     provenance.write(RESULTS / "readme_commands.json", provenance.record(
-        {"readme": {"preset": "standard"}}, command=f"python benchmarks/bench_readme_commands.py --steps {args.steps}"))
+        {"readme": {"preset": "standard"}},
+        command=f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}"))
     return 0
 
 

@@ -149,6 +149,20 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
         rows.append({"claim": "emulator step time <= 0.6x the original's (ratio 0.5)",
                      "measured": step["emulator_over_original"], "target": 0.6, "direction": "<=",
                      "detail": f"{step['emulator_s_per_step']:.3f} s vs {step['original_s_per_step']:.3f} s per step, batch {step['batch_size']}", "source": "training_step_ratio0.5.json"})
+    readme = _json("readme_commands.json")
+    if readme:
+        train, inference = readme["rows"]["train_emulator"], readme["rows"]["inference_original"]
+        rows.append({"claim": "peak memory of `emloc train --on emulator` (default flags) <= inference with the original",
+                     "measured": readme["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",
+                     "detail": f"bench_readme_commands.py: {train['peak_rss_mb']:.0f} MB vs {inference['peak_rss_mb']:.0f} MB, "
+                               f"peak RSS from outside, median of {len(train['repeats'])}; standard preset, float32",
+                     "source": "readme_commands.json"})
+        rows.append({"claim": "step time of `emloc train --on emulator` <= 0.6x `--on original` (default flags, ratio 0.5)",
+                     "measured": readme["step_time_emulator_over_original"], "target": 0.6, "direction": "<=",
+                     "detail": f"{readme['rows']['train_emulator']['seconds_per_step']:.2f} s vs "
+                               f"{readme['rows']['train_original']['seconds_per_step']:.2f} s per step, the runs' own, "
+                               f"{readme['steps']} steps, median of {len(train['repeats'])}",
+                     "source": "readme_commands.json"})
     if memory:
         rows.append({"claim": "peak memory of LoRA on the emulator <= inference with the original (default model)",
                      "measured": memory["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",

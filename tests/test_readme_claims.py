@@ -34,3 +34,14 @@ def test_readme_quotes_the_weights_dominated_measurement(result_file):
     text = first_page()
     assert f"{lora / inference:.2f}x" in text and f"{lora:.0f} MB against {inference:.0f} MB" in text
     assert f"{big['parameters'] / 1e9:.1f}B" in text and big["dtype"] in text
+
+
+def test_readme_quotes_the_default_command_measured_from_outside():
+    """The first figure is the one a user reproduces with the README's own commands."""
+    measured = json.loads((RESULTS / "readme_commands.json").read_text())
+    lora = measured["rows"]["train_emulator"]["peak_rss_mb"]
+    inference = measured["rows"]["inference_original"]["peak_rss_mb"]
+    text = first_page()
+    assert f"**{lora / inference:.2f}x**" in text and f"{lora:.0f} MB against {inference:.0f} MB" in text
+    assert f"{measured['step_time_emulator_over_original']:.2f}x the original's" in text
+    assert ("not yet" in text) == (lora > inference)  # the sentence says whether it fits
