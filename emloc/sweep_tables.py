@@ -158,12 +158,10 @@ def loss_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     rows = []
     for point, group in _points(stored, axes):
-        gaps = {row["variant"]: row for row in gap_table(group, [], "loss")
-                .to_dict("records")} if {"zero_shot", "full_lora"} <= set(group["variant"]) else {}
         for variant, rows_of in group.groupby("variant", sort=False):
             mean = float(rows_of["loss"].mean())
             low, high = _interval(rows_of["loss"], len(rows_of))
-            gap = gaps.get(variant) or _reference_gap(variant, len(rows_of))
+            gap = _loss_gap(group, variant)
             rows.append({**point, "variant": variant, "loss": mean, "loss_low": low, "loss_high": high,
                          "seeds": len(rows_of), "loss_gap_closed": gap["gap_closed"],
                          "gap_low": gap["ci_low"], "gap_high": gap["ci_high"], "gap_defined": gap["defined"],
@@ -171,14 +169,18 @@ def loss_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _reference_gap(variant: str, seeds: int) -> dict:
-    """The gap's two ends close none and all of it by definition; other variants without a gap: undefined."""
+def _loss_gap(group: pd.DataFrame, variant: str) -> dict:
+    """The share of the loss gap ``variant`` closes at one point (every variant, the emulator alone too); the
+    gap's two ends close none and all of it by definition."""
     ends = {"zero_shot": 0.0, "full_lora": 1.0}
     if variant in ends:
         return {"gap_closed": ends[variant], "ci_low": math.nan, "ci_high": math.nan, "defined": True,
                 "reason": "the gap's own end"}
-    return {"gap_closed": math.nan, "ci_low": math.nan, "ci_high": math.nan, "defined": False,
-            "reason": "undefined: no zero-shot and full-LoRA loss on the same seeds"}
+    values = _per_seed(group, [variant, "zero_shot", "full_lora"], "loss")
+    if not len(values):
+        return {"gap_closed": math.nan, "ci_low": math.nan, "ci_high": math.nan, "defined": False,
+                "reason": "undefined: no zero-shot and full-LoRA loss on the same seeds"}
+    return _gap_row({}, variant, values, "zero_shot", "full_lora", -1.0)
 
 
 def wide_table(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
