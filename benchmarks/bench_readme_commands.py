@@ -47,8 +47,8 @@ def peak_of(command: list[str]) -> dict:
         peak = int(found[-1]) * 1024 / MB if found else float("nan")
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return {"command": " ".join(command[2:] if command[:2] == [sys.executable, "-m"] else command),
-            "peak_rss_mb": peak, "wall_s": time.perf_counter() - start, "stdout_tail": done.stdout[-600:]}
+    shown = command[2:] if command[:2] == [sys.executable, "-m"] else ["python", *command[1:]]
+    return {"command": " ".join(shown), "peak_rss_mb": peak, "wall_s": time.perf_counter() - start}
 
 
 def inference_child(run_dir: str) -> None:
@@ -84,7 +84,7 @@ def repeat(rows: dict, name: str, row: dict) -> None:
 
 
 def seconds_per_step(run_dir: Path, which: str) -> float:
-    """The run's own median-free figure: the Trainer's runtime over the steps (``training/*.json``)."""
+    """The run's own figure: the Trainer's runtime over the steps (``training/*.json``)."""
     summary = run_dir / "training" / f"{ {'emulator': 'emulator_lora', 'original': 'full_lora'}[which]}.json"
     return float(json.loads(summary.read_text())["seconds_per_step"]) if summary.exists() else float("nan")
 
@@ -99,17 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.inference_child:
         inference_child(args.inference_child)
         return 0
-    out = ROOT / args.out
+    out = Path(args.out)  # relative to the repository (the children run there): no machine path is recorded
     emloc = [sys.executable, "-m", "emloc"]
     rows = {"calibrate": peak_of([*emloc, "calibrate", "--preset", "standard", "--out", str(out)]),
             "build": peak_of([*emloc, "build", "--out", str(out)])}
     for _ in range(args.repeats):  # alternating, so a slow moment of the machine touches every command
         repeat(rows, "inference_original",
-               peak_of([sys.executable, str(Path(__file__)), "--inference-child", str(out)]))
+               peak_of([sys.executable, "benchmarks/bench_readme_commands.py", "--inference-child", str(out)]))
         for which in ("emulator", "original"):
-            (out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)  # train again, not reuse
+            (ROOT / out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)  # train again, not reuse
             row = peak_of([*emloc, "train", "--on", which, "--steps", str(args.steps), "--out", str(out)])
-            repeat(rows, f"train_{which}", row | {"seconds_per_step": seconds_per_step(out, which)})
+            repeat(rows, f"train_{which}", row | {"seconds_per_step": seconds_per_step(ROOT / out, which)})
     inference = rows["inference_original"]["peak_rss_mb"]
     result = {"steps": args.steps, "rows": rows,
               "lora_emulator_over_inference_original": rows["train_emulator"]["peak_rss_mb"] / inference,

@@ -27,6 +27,13 @@ def test_every_stored_result_records_its_provenance():
             assert record["settings"], path
 
 
+def test_no_stored_result_names_a_path_of_the_machine_it_was_measured_on():
+    """Result files are shared: commands and folders in them are relative to the repository."""
+    root = str(RESULTS.parents[1])
+    named = [str(p.relative_to(RESULTS)) for p in _result_files() if root in p.read_text(errors="ignore")]
+    assert not named, f"result files naming this machine's repository path: {named}"
+
+
 def test_no_stored_result_claims_defaults_it_was_not_measured_under():
     """The staleness check: a result declaring today's defaults must resolve to the same settings today."""
     stale = {str(p.relative_to(RESULTS)): provenance.stale_settings(provenance.read(p)) for p in _result_files()}
