@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from emloc.lowrank import break_even_rank, rank_from_ratio, relative_error_curve
-from emloc.statistics import ACCURACY, gap_closed_interval, seed_interval, wilson_interval
+from emloc.statistics import accuracy_interval, gap_closed_interval, seed_interval
 
 SPECTRUM_KINDS = ("whitened", "plain")
 BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -153,13 +153,9 @@ def variant_summary(results: dict | list[dict], correct: dict | list[dict] | Non
     rows = {}
     for variant, values in per_seed.items():
         n = int(values["n"].iloc[0])
-        if len(runs) > 1:
-            accuracy, *acc_ci = seed_interval(values["accuracy"], confidence, bounds=ACCURACY)
-            kind = "t"
-        else:
-            accuracy = float(values["accuracy"].iloc[0])
-            right = sum(items[0][variant]) if items is not None else round(accuracy * n)
-            acc_ci, kind = wilson_interval(int(right), n), "wilson"
+        first = values["accuracy"].iloc[0]  # one seed: its right answers counted, or recovered from the mean
+        right = sum(items[0][variant]) if items is not None else round(first * n)
+        accuracy, *acc_ci, kind = accuracy_interval(values["accuracy"].tolist(), right, n, confidence)
         loss, *loss_ci = seed_interval(values["loss"], confidence)
         rows[variant] = {"accuracy": accuracy, "accuracy_low": acc_ci[0], "accuracy_high": acc_ci[1],
                          "loss": loss, "loss_low": loss_ci[0], "loss_high": loss_ci[1],

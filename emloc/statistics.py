@@ -175,6 +175,17 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95,
     return (mean, max(low, bounds[0]), min(high, bounds[1])) if bounds else (mean, low, high)
 
 
+def accuracy_interval(per_seed: Sequence[float], correct: int, items: int,
+                      confidence: float = 0.95) -> tuple[float, float, float, str]:
+    """``(mean, low, high, kind)`` of an accuracy measured on one or more seeds: several seeds, Student's t
+    over the per-seed accuracies clipped to [0, 1] (``"t"``); one seed, the Wilson interval over its
+    ``items`` test items of which ``correct`` were right (``"wilson"``: item noise only, no spread between
+    seeds to measure)."""
+    if len(per_seed) > 1:
+        return (*seed_interval(per_seed, confidence, bounds=ACCURACY), "t")
+    return (float(per_seed[0]), *wilson_interval(int(correct), int(items)), "wilson")
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float],
                       confidence: float = 0.95) -> tuple[float, float, float]:
     """``(mean, low, high)`` of ``a - b`` paired by seed (both measured on the same seeds and test items); one

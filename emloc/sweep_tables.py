@@ -19,8 +19,8 @@ import pandas as pd
 
 from emloc.emulator_kinds import emulator_kind
 from emloc.stages import VARIANT_SPECS
-from emloc.statistics import (ACCURACY, comparison_sentence, gap_closed_interval, paired_difference,
-                              seed_interval, verdict, wilson_interval)
+from emloc.statistics import (accuracy_interval, comparison_sentence, gap_closed_interval, paired_difference,
+                              seed_interval, verdict)
 
 VARIANTS = [variant.name for variant in VARIANT_SPECS]
 GAP_VARIANTS = [variant.name for variant in VARIANT_SPECS if variant.gap]
@@ -69,13 +69,8 @@ def summary_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     rows = []
     for key, group in seeds.groupby([*axes, "variant"], sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        if len(group) > 1:
-            mean, low, high = seed_interval(group["accuracy"], bounds=ACCURACY)
-            kind = "t"
-        else:
-            mean = float(group["accuracy"].iloc[0])
-            low, high = wilson_interval(int(group["correct"].iloc[0]), int(group["items"].iloc[0]))
-            kind = "wilson"
+        mean, low, high, kind = accuracy_interval(group["accuracy"].tolist(), group["correct"].iloc[0],
+                                                  group["items"].iloc[0])
         rows.append({**dict(zip([*axes, "variant"], key)), "accuracy": mean, "ci_low": low, "ci_high": high,
                      "seeds": len(group), "items": int(group["items"].sum()), "interval": kind})
     return pd.DataFrame(rows)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from emloc.statistics import (bootstrap_ci, comparison_sentence, gap_closed_interval, paired_difference,
+from emloc.statistics import (accuracy_interval, bootstrap_ci, comparison_sentence, gap_closed_interval, paired_difference,
                               seed_interval, t_interval, t_quantile, verdict, wilson_interval)
 
 
@@ -103,3 +103,10 @@ def test_comparison_sentences_come_from_the_interval():
     assert noise.startswith("corrected and uncorrected are within noise of each other")
     one = comparison_sentence("a", "b", paired_difference([0.3], [0.1]), seeds=1)
     assert one == "a and b are within noise of each other on accuracy: +0.200 (no interval, 1 seed)"
+
+
+def test_accuracy_interval_is_t_over_seeds_or_wilson_for_one_seed():
+    mean, low, high, kind = accuracy_interval([0.02, 0.0, 0.04], correct=0, items=100)
+    assert kind == "t" and mean == pytest.approx(0.02) and low == 0.0 < high  # clipped at 0
+    assert (low, high) == (0.0, seed_interval([0.02, 0.0, 0.04])[2])
+    assert accuracy_interval([0.3], correct=30, items=100) == (0.3, *wilson_interval(30, 100), "wilson")
