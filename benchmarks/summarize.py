@@ -82,23 +82,24 @@ def baseline_claims(sweep: Path) -> list[dict]:
             for _, row in table[table["metric"] == "accuracy"].iterrows()]
 
 
+def _meets(value: float, target: float, direction: str) -> bool:
+    return {">": value > target, ">=": value >= target, "<=": value <= target}[direction]
+
+
 def verdict(measured: float, low: float, high: float, target: float, direction: str, seed_statistic) -> str:
-    """``held`` / ``not held`` from the interval when there is one (``undecided`` when it spans the target);
-    a statistic over seeds without one is ``undecided``; a single measurement (speed, memory) is read from its
-    value."""
-    above = direction.startswith(">")
+    """``held`` / ``not held`` from the interval when there is one (``held``: its worst end meets the target;
+    ``not held``: not even its best end does; else ``undecided``); a statistic over seeds without one is
+    ``undecided``; a single measurement (speed, memory) is read from its value."""
     if pd.notna(low) and pd.notna(high):
-        if (low > target) if direction == ">" else (low >= target if above else high <= target):
+        worst, best = (low, high) if direction.startswith(">") else (high, low)
+        if _meets(worst, target, direction):
             return "held"
-        if (high <= target) if direction == ">" else (high < target if above else low > target):
-            return "not held"
-        return "undecided: the interval spans the target"
+        return "undecided: the interval spans the target" if _meets(best, target, direction) else "not held"
     if seed_statistic is True:
         return "undecided: no interval (per-seed values not stored)"
     if pd.isna(measured):
         return "undefined"
-    return "held" if (measured > target if direction == ">" else measured >= target if above else measured <= target) \
-        else "not held"
+    return "held" if _meets(measured, target, direction) else "not held"
 
 
 def _step_detail(memory: dict, step: dict | None) -> str:
