@@ -36,8 +36,8 @@ from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig
 from emloc.errors import EmlocError
 from emloc.lowrank import break_even_rank, rank_from_ratio, whitening_factor
-from emloc.models import last_decoder_layer
-from emloc.targets import excluded_modules, layer_index, module_type, ratio_for
+from emloc.families import last_block_output, weight_matrix
+from emloc.targets import excluded_modules, layer_index, module_type, ratio_for, typed
 
 
 
@@ -149,7 +149,7 @@ def rank_table(spectra_sq: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
                      "rank_uniform": ru, "rank_global": rg,
                      "error_uniform": math.sqrt(shares[min(ru, len(shares) - 1)]),
                      "error_global": math.sqrt(shares[min(rg, len(shares) - 1)])})
-    return pd.DataFrame(rows)
+    return typed(pd.DataFrame(rows))
 
 
 # ---- from a model and its calibration statistics ---------------------------------------------
@@ -167,10 +167,10 @@ def whitened_spectra_sq(model: nn.Module, stats: CalibrationStats, config: Emula
     spectra, shapes, S_of = {}, {}, {}
     linears = target_linears(model, config.target_modules)
     # left dense: not part of the budget
-    for name in excluded_modules(linears, config, last_decoder_layer(model)):
+    for name in excluded_modules(linears, config, last_block_output(model)):
         del linears[name]
     for name, linear in tqdm(linears.items(), desc="allocation", disable=not progress):
-        W = linear.weight.detach().to(compute)
+        W = weight_matrix(linear).to(compute)
         C = stats.C(name).to(W.device, compute)
         if W.shape[0] <= W.shape[1]:
             M = W @ C @ W.T

@@ -31,7 +31,8 @@ from emloc import io
 from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import EmulatorConfig, LoraConfigSpec
 from emloc.svd_emulator import count_parameters
-from emloc.targets import layer_index, module_type
+from emloc.families import linear_shape
+from emloc.targets import layer_index, module_type, typed
 from emloc.errors import EmlocError
 from emloc.lora import add_lora
 from emloc.models import find_decoder_layers
@@ -164,10 +165,10 @@ def _targeted_report(model: nn.Module, config: EmulatorConfig, params_after) -> 
     for name, linear in target_linears(model, config.target_modules).items():
         before = linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
         rows.append({"module": name, "layer": layer_index(name), "type": module_type(name),
-                     "out_features": linear.out_features, "in_features": linear.in_features,
+                     "out_features": linear_shape(linear)[0], "in_features": linear_shape(linear)[1],
                      "ratio": config.ratio, "params_before": before,
                      "params_after": params_after(name, linear)})
-    return pd.DataFrame(rows)
+    return typed(pd.DataFrame(rows))
 
 
 def build_layer_drop(model: nn.Module, config: EmulatorConfig) -> StructuredEmulator:

@@ -6,7 +6,6 @@ very tensor the previous hooked module just read joins that module's group.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 
 from emloc.data import pad_batch
 from emloc.errors import EmlocError
+from emloc.families import is_linear_like, matches_target, resolve_targets
 
 
 @dataclass
@@ -47,25 +47,12 @@ class PairedStats(CalibrationStats):
         return self.cross[self.input_of[module_name]]
 
 
-def matches_target(name: str, patterns: list[str]) -> bool:
-    """A module is targeted when its name ends with a pattern (``q_proj``) or fully matches it as a regex."""
-    return any(name == p or name.endswith("." + p) or _regex_fullmatch(p, name) for p in patterns)
-
-
-def _regex_fullmatch(pattern: str, name: str) -> bool:
-    if not any(ch in pattern for ch in ".*+?[]()|^$\\"):
-        return False
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        raise EmlocError(f"target module pattern {pattern!r} is not a valid regex: "
-                         f"fix it or use a plain name") from None
-
-
-def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules matched by ``patterns``; an unmatched pattern is an error."""
+def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    """The linear-like modules (``nn.Linear``, ``Conv1D``) matched by ``patterns`` (``'auto'``: every one
+    inside the decoder blocks, :func:`emloc.families.resolve_targets`); an unmatched pattern is an error."""
+    patterns = resolve_targets(model, patterns)
     found = {name: module for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and matches_target(name, patterns)}
+             if is_linear_like(module) and matches_target(name, patterns)}
     for pattern in patterns:
         if not any(matches_target(name, [pattern]) for name in found):
             raise EmlocError(f"target module pattern {pattern!r} matches no linear layer of this model: "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from emloc.errors import EmlocError
+from emloc.targets import AUTO
 
 # Every choice a config field offers, defined once: the config check and the command line's choices read
 # these.
@@ -60,8 +61,11 @@ class EmulatorConfig:
     """Parameter-retention ratio rho in (0, 1): r = floor(rho * out * in / (out + in))."""
     ratio_patterns: dict = field(default_factory=dict)
     """Per-module overrides, regex on the qualified module name -> ratio, e.g. {'.*mlp.*': 0.4}."""
-    target_modules: list = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    """Linear layers to compress, by name suffix (or regex when it contains regex characters)."""
+    target_modules: list = field(default_factory=lambda: [AUTO])
+    """Linear layers to compress, by name suffix (``q_proj``, ``attn.c_proj``; a regex when it contains
+    regex characters). ``auto`` (the default): every linear-like layer (``nn.Linear``, ``Conv1D``) inside the
+    decoder blocks, found from the model's structure; a run resolves it to the module types it found
+    (Llama's seven projections for the default model) and prints them once."""
     method: str = "activation_aware"
     """'activation_aware' (whitened truncated SVD, EMLoC), 'plain' (truncated SVD of W), or the baselines
     'layer_drop' (Offsite-Tuning: drop a uniform subset of middle layers) and 'prune' (LORAM-style structured

@@ -23,7 +23,8 @@ from peft.tuners.lora import LoraLayer
 
 from emloc.config import CORRECTION_METHODS
 from emloc.svd_emulator import EmulatorFactors
-from emloc.targets import layer_index, module_type
+from emloc.families import weight_matrix
+from emloc.targets import layer_index, module_type, typed
 from emloc.errors import EmlocError
 
 
@@ -263,7 +264,7 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
                          "it belongs to another model or emulator")
     for name, layer in layers.items():
         lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        W = layer.get_base_layer().weight.to(compute_dtype)
+        W = weight_matrix(layer.get_base_layer()).to(compute_dtype)
         W_emulated = factors.W_emulated(name).to(W.device, compute_dtype) if name in factors.u else W
         s = float(layer.scaling[adapter_name])
         C = None
@@ -280,7 +281,7 @@ def correct_adapter(peft_model: PeftModel, factors: EmulatorFactors, lam: float 
                         f"{name}.D_target": pair.D_target.float(),
                         f"{name}.coefficient": column_coefficients(pair.B_tilde, pair.D).float(),
                         f"{name}.cosine": column_cosines(pair.B_tilde, pair.D).float()})
-    return pd.DataFrame(rows), tensors
+    return typed(pd.DataFrame(rows)), tensors
 
 
 def reclamp_report(tensors: dict[str, torch.Tensor], report: pd.DataFrame, lam: float | None) -> pd.DataFrame:

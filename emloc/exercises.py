@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from emloc.errors import EmlocError, report_errors
+from emloc.families import weight_matrix
 
 EXERCISE_HEADER = re.compile(r"^# EXERCISE (?P<id>[A-Za-z0-9_\-]+)\s*$")
 SOLUTION_HEADER = re.compile(r"^# SOLUTION (?P<id>[A-Za-z0-9_\-]+)\s*$", re.MULTILINE)
@@ -197,7 +198,7 @@ def _module_row(factors, name: Any):
 
 def _weight(run, name: str) -> torch.Tensor:
     try:
-        return run.model.get_submodule(name).weight.detach().double()
+        return weight_matrix(run.model.get_submodule(name)).double()
     except AttributeError:
         raise NotYet(f"{name!r} is not a linear layer of the model",
                      "use a name from factors.report['module']") from None

@@ -19,6 +19,7 @@ from emloc.config import LoraConfigSpec
 from emloc.data import PaddingCollator
 from emloc.svd_emulator import LowRankLinear
 from emloc.errors import EmlocError
+from emloc.families import is_linear_like, linear_shape, matches_target, resolve_targets, uses_conv1d
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small
 from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
@@ -31,18 +32,22 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str]) -> LoraConfig:
-    """A peft ``LoraConfig`` that also wraps :class:`LowRankLinear` (the emulator's layers)."""
+def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str],
+                     fan_in_fan_out: bool = False) -> LoraConfig:
+    """A peft ``LoraConfig`` that also wraps :class:`LowRankLinear` (the emulator's layers);
+    ``fan_in_fan_out`` for a model whose linears are transformers ``Conv1D`` (GPT-2), so that merging
+    transposes the update as peft expects."""
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         use_rslora=spec.use_rslora, target_modules=_peft_targets(target_modules),
-                        bias="none", task_type="CAUSAL_LM")
+                        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
     config._register_custom_module({LowRankLinear: LoraLinear})
     return config
 
 
 def _peft_targets(patterns: list[str]) -> list[str] | str:
-    """peft matches a list by name suffix; any regex pattern turns the whole list into one regex."""
-    if not any(ch in p for p in patterns for ch in ".*+?[]()|^$\\"):
+    """peft matches a list by name suffix (``q_proj``, ``attn.c_proj``); any regex pattern turns the whole
+    list into one regex."""
+    if not any(ch in p for p in patterns for ch in "*+?[]()|^$\\"):
         return list(patterns)
     return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})"
                     for p in patterns)
@@ -50,9 +55,9 @@ def _peft_targets(patterns: list[str]) -> list[str] | str:
 
 def check_lora_rank(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str]) -> None:
     """``lora.r`` must stay below ``min(in, out)`` of every targeted layer, or LoRA is no longer low-rank."""
-    from emloc.calibration import matches_target
-    widths = {name: min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, (nn.Linear, LowRankLinear)) and matches_target(name, target_modules)}
+    target_modules = resolve_targets(model, target_modules)
+    widths = {name: min(linear_shape(m)) for name, m in model.named_modules()
+              if (is_linear_like(m) or isinstance(m, LowRankLinear)) and matches_target(name, target_modules)}
     if widths:
         name = min(widths, key=widths.get)
         if spec.r >= widths[name]:
@@ -62,9 +67,10 @@ def check_lora_rank(model: nn.Module, spec: LoraConfigSpec, target_modules: list
 
 def add_lora(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str], seed: int) -> PeftModel:
     """Wrap ``model`` with fresh LoRA (``A`` from ``seed``, ``B = 0``); only LoRA weights train."""
+    target_modules = resolve_targets(model, target_modules)
     check_lora_rank(model, spec, target_modules)
     torch.manual_seed(seed)
-    return get_peft_model(model, peft_lora_config(spec, target_modules))
+    return get_peft_model(model, peft_lora_config(spec, target_modules, uses_conv1d(model)))
 
 
 def load_adapter(model: nn.Module, folder, adapter_name: str = "default",
@@ -79,6 +85,7 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default",
     saved = read_tensors(weights)  # safetensors only: a pickled adapter_model.bin is never loaded
     config = LoraConfig.from_pretrained(str(folder))
     config._register_custom_module({LowRankLinear: LoraLinear})
+    config.fan_in_fan_out = uses_conv1d(model)  # an emulator's adapter (low-rank layers) on the original
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, config=config,
                                                is_trainable=is_trainable)

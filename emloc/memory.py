@@ -17,8 +17,10 @@ from transformers import AutoConfig, LlamaConfig
 from emloc.calibration import target_linears
 from emloc.config import LLAMA_PROJECTIONS, RunConfig, parse_memory_budget
 from emloc.errors import EmlocError
+from emloc.families import automatic_targets, linear_shape
 from emloc.lowrank import rank_from_ratio
 from emloc.models import meta_model
+from emloc.targets import module_types
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -71,7 +73,7 @@ def model_config(name: str):
 
 
 def linear_shapes(model, target_modules) -> list[tuple[int, int]]:
-    return [(m.out_features, m.in_features) for m in target_linears(model, list(target_modules)).values()]
+    return [linear_shape(m) for m in target_linears(model, list(target_modules)).values()]
 
 
 def parameter_counts(model, settings: LedgerSettings) -> dict[str, float]:
@@ -194,10 +196,28 @@ def budget_bytes(budget: str, config, settings: LedgerSettings, model=None) -> f
 def ranks_by_type(model, settings: LedgerSettings, ratio: float) -> dict[str, int]:
     """The emulator rank of each targeted module type (the first layer's; Llama layers are alike)."""
     ranks: dict[str, int] = {}
-    for name, linear in target_linears(model, list(settings.target_modules)).items():
-        ranks.setdefault(name.rsplit(".", 1)[-1],
-                         rank_from_ratio(ratio, linear.out_features, linear.in_features))
+    linears = target_linears(model, list(settings.target_modules))
+    for name, kind in module_types(list(linears)).items():
+        ranks.setdefault(kind, rank_from_ratio(ratio, *linear_shape(linears[name])))
     return ranks
+
+
+LEDGER_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size")
+"""The config fields the ledger's activation and KV-cache terms read (Llama-style models have them all)."""
+
+
+def check_llama_style(config, model) -> None:
+    """The ledger models Llama-style decoders (separate q/k/v/o, gate/up/down, the fields above): any other
+    family is refused in one line instead of planned from a wrong formula."""
+    missing = [field for field in LEDGER_FIELDS if getattr(config, field, None) is None]
+    types = automatic_targets(model)
+    if missing or not set(types) <= set(LLAMA_PROJECTIONS):
+        found = f"no {missing[0]} in its config" if missing else f"its layers are {', '.join(types)}"
+        family = getattr(config, "model_type", "this model")
+        raise EmlocError(f"--memory-budget plans Llama-style models only (the ledger knows q/k/v/o and "
+                         f"gate/up/down projections) and {family} is not one ({found}): drop "
+                         f"--memory-budget and set --micro-batch-size yourself")
 
 
 def plan_for_budget(config, settings: LedgerSettings, budget: str) -> MemoryPlan:
@@ -208,6 +228,7 @@ def plan_for_budget(config, settings: LedgerSettings, budget: str) -> MemoryPlan
     ``settings`` describes the run (batch, sequence length, dtype, LoRA rank, targets, ratio).
     """
     model = meta_model(config)
+    check_llama_style(config, model)
     limit = budget_bytes(budget, config, settings, model)
     ratios = [settings.ratio, *[r for r in RATIO_STEPS if r < settings.ratio]]
     micro_batches = [m for m in range(settings.batch_size, 0, -1) if settings.batch_size % m == 0]

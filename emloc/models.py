@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
@@ -183,14 +184,6 @@ def find_decoder_layers(model: torch.nn.Module, needed_for: str | None = None) -
                      f"classes in its _no_split_modules, nor a `layers` list): {needed_for}")
 
 
-def last_decoder_layer(model: torch.nn.Module) -> str | None:
-    """Qualified name of the last decoder layer (``model.layers.29``), or None when there is no decoder."""
-    found = find_decoder_layers(model)
-    if found is None or len(found.layers) == 0:
-        return None
-    return f"{found.prefix}.{len(found.layers) - 1}"
-
-
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
     for param_name, param in model.named_parameters():
         if not torch.isfinite(param).all():
@@ -207,6 +200,38 @@ def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_
                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
                          eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+TINY_FAMILIES = ("llama", "qwen2", "phi3", "opt", "gpt_neox", "gpt2")
+"""Architectures :func:`tiny_causal_lm` builds: separate projections (Llama, Qwen2 with biases), fused ones
+(Phi-3's ``qkv_proj``/``gate_up_proj``, GPT-NeoX's ``query_key_value``), other names (OPT's ``out_proj``,
+``fc1``, ``fc2``) and transformers ``Conv1D`` layers (GPT-2)."""
+
+
+def tiny_causal_lm(family: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                   vocab_size: int = 49152) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``family`` (one of :data:`TINY_FAMILIES`) built from a config (no
+    files), sized like :func:`tiny_llama`; its vocabulary fits the default tokenizer."""
+    if family == "llama":
+        return tiny_llama(seed, hidden_size, num_layers, vocab_size)
+    tokens = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    shared = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+              "max_position_embeddings": 256} | tokens
+    configs = {
+        "qwen2": lambda: transformers.Qwen2Config(**shared, intermediate_size=2 * hidden_size,
+                                                  num_key_value_heads=2, tie_word_embeddings=True),
+        "phi3": lambda: transformers.Phi3Config(**shared, intermediate_size=2 * hidden_size,
+                                                num_key_value_heads=2),
+        "opt": lambda: transformers.OPTConfig(**shared, ffn_dim=2 * hidden_size,
+                                              word_embed_proj_dim=hidden_size),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**shared, intermediate_size=2 * hidden_size),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4,
+                                                n_positions=256, **tokens),
+    }
+    if family not in configs:
+        raise EmlocError(f"no tiny model of family {family!r}: use one of {', '.join(TINY_FAMILIES)}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
 def _first_line(exc: Exception) -> str:

@@ -10,14 +10,16 @@ once in :data:`emloc.stages.STAGES`; :data:`STAGE_FUNCTIONS` maps their names to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+from transformers import AutoConfig
 
-from emloc.calibration import CalibrationStats, collect_statistics
+from emloc.calibration import CalibrationStats, collect_statistics, target_linears
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
 from emloc.data import IGNORE_INDEX, TaskData, count_truncated, encode_examples, hygiene_line, load_task_data
@@ -29,9 +31,11 @@ from emloc.fidelity import fidelity_report
 from emloc.allocation import allocate
 from emloc.sequential import build_sequential
 from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
-from emloc.models import load_model, load_tokenizer, resolve_device, resolve_model_path
+from emloc.families import last_block_output, resolve_targets
+from emloc.models import load_model, load_tokenizer, meta_model, resolve_device, resolve_model_path
 from emloc.rundir import (CORRECTION_SKIPPED, RunDir, check_finite_losses, save_built_emulator,
                           save_correction, save_fidelity, save_results, save_stats, save_training)
+from emloc.targets import AUTO, excluded_modules, targeting_summary
 from emloc.stages import STAGES, VARIANT, VARIANT_NAMES, VARIANT_SPECS, evaluated, with_needs
 
 VARIANTS = VARIANT_NAMES
@@ -44,6 +48,7 @@ class Run(RunDir):
 
     def __init__(self, directory, config: RunConfig | None = None, progress: bool = True):
         super().__init__(directory, config)
+        self.config = with_resolved_targets(self.config)
         self.progress = progress
         self.device = resolve_device(self.config.device)
         self._tokenizer = None
@@ -95,6 +100,32 @@ class Run(RunDir):
         return as_emulator(factors or self.factors()).apply(self.fresh_model())
 
 
+def with_resolved_targets(config: RunConfig) -> RunConfig:
+    """``config`` with ``emulator.target_modules: [auto]`` replaced by the model's module types
+    (:func:`emloc.families.automatic_targets`, from the architecture alone: no weights are read), so that
+    fingerprints and the saved config name the layers; the default model resolves to Llama's seven
+    projections, as its runs always named them. A model that cannot be found is left to the stage that
+    loads it (and its one-line error)."""
+    if AUTO not in config.emulator.target_modules:
+        return config
+    try:
+        architecture = AutoConfig.from_pretrained(resolve_model_path(config.model),
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, EmlocError):
+        return config
+    targets = resolve_targets(meta_model(architecture), config.emulator.target_modules)
+    return dataclasses.replace(config, emulator=dataclasses.replace(config.emulator, target_modules=targets))
+
+
+def targeting_line(run: Run) -> str:
+    """The one line a run prints about what its emulator targets (module types, counts, kept dense)."""
+    cfg = run.config.emulator
+    linears = target_linears(run.model, cfg.target_modules)
+    kept = (excluded_modules(linears, cfg, last_block_output(run.model))
+            if cfg.method in ("activation_aware", "plain") else set())
+    return targeting_summary(linears, kept)
+
+
 def _timed(function: Callable) -> tuple:
     start = time.perf_counter()
     result = function()
@@ -108,6 +139,7 @@ def calibrate(run: Run) -> CalibrationStats:
     features = run.features("calibration")  # bad data fails here, before anything is written
     run.begin("calibrate")
     run.save_config()
+    print(targeting_line(run), flush=True)
     stats, seconds = _timed(lambda: collect_statistics(run.model, features,
                                                        run.config.emulator.target_modules,
                                                        run.tokenizer.pad_token_id, progress=run.progress))
@@ -196,14 +228,19 @@ def lean_emulator_for_training(run: Run):
     """The model ``emloc train --on emulator`` trains, loaded without ever holding the original model.
 
     SVD emulators come from :func:`emloc.svd_emulator.load_emulator_lean` (the original's targeted weights are
-    never read); the structured baselines (layer drop, prune) and models without safetensors files fall back
-    to ``run.emulator()``, which loads the original first.
+    never read); the structured baselines (layer drop, prune), models without safetensors files and
+    checkpoints whose tensor names differ from the model's fall back to ``run.emulator()``, which loads the
+    original first.
     """
     cfg = run.config
     folder = Path(resolve_model_path(cfg.model))
     if run.structured or not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return run.emulator()
-    return load_emulator_lean(cfg.model, run.factors(), cfg.dtype, cfg.trust_remote_code).to(run.device)
+    try:
+        return load_emulator_lean(cfg.model, run.factors(), cfg.dtype, cfg.trust_remote_code).to(run.device)
+    except EmlocError as error:  # e.g. a checkpoint whose names transformers renames on load (GPT-NeoX)
+        print(f"train: {error}; loading the original first instead (more memory)", flush=True)
+        return run.emulator()
 
 
 def correct(run: Run, factors: Emulator | None = None) -> pd.DataFrame:

@@ -27,8 +27,8 @@ from emloc.config import EmulatorConfig
 from emloc.svd_emulator import EmulatorFactors, factor_linear, set_submodule, swap_in_low_rank
 from emloc.errors import EmlocError
 from emloc.layerwalk import LayerBatch, first_inputs, llama_decoder, merge_stats, through_layer
-from emloc.models import last_decoder_layer
-from emloc.targets import excluded_modules
+from emloc.families import last_block_output
+from emloc.targets import excluded_modules, typed
 
 
 def decoder_targets(model: nn.Module, config: EmulatorConfig, layers_prefix: str, builder: str,
@@ -40,7 +40,7 @@ def decoder_targets(model: nn.Module, config: EmulatorConfig, layers_prefix: str
     if outside:
         raise EmlocError(f"target {outside[0]} is outside the decoder layers: {builder} factors "
                          f"decoder-layer linears only; drop it from emulator.target_modules or {instead}")
-    return linears, excluded_modules(linears, config, last_decoder_layer(model))
+    return linears, excluded_modules(linears, config, last_block_output(model))
 
 
 def relative_to(prefix: str, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -168,5 +168,5 @@ def build_sequential(model: nn.Module, features: list[dict], config: EmulatorCon
         if keep_statistics:
             merge_stats(kept, built.stats)
         u_all.update(built.u), v_all.update(built.v), spectra.update(built.spectra), rows.extend(built.rows)
-    return (EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method),
+    return (EmulatorFactors(u_all, v_all, spectra, typed(pd.DataFrame(rows)), config.method),
             kept if keep_statistics else None)

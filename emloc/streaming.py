@@ -41,6 +41,7 @@ from emloc.layerwalk import (LayerBatch, first_inputs, llama_decoder, merge_stat
                              through_layer)
 from emloc.models import resolve_dtype, resolve_model_path
 from emloc.rundir import factor_tensors, save_emulator, save_stats
+from emloc.targets import typed
 
 if TYPE_CHECKING:
     from emloc.pipeline import Run
@@ -197,7 +198,7 @@ def stream_layers(model_path: str | Path, features: list[dict], config: Emulator
         if keep_statistics:
             merge_stats(kept, stats)
         release(layer)
-    return StreamedBuild(pd.DataFrame(rows), spectra, time.perf_counter() - start, params_original,
+    return StreamedBuild(typed(pd.DataFrame(rows)), spectra, time.perf_counter() - start, params_original,
                          len(found.layers), kept if keep_statistics else None)
 
 

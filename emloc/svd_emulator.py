@@ -24,9 +24,10 @@ from emloc.lowrank import (break_even_rank, calibration_error, damped_gram, leas
                            plain_truncation, rank_from_ratio, relative_error_curve, sequential_error,
                            whitened_basis, whitened_basis_from_gram, whitened_basis_from_right_gram,
                            whitening_factor, project_onto_basis)
-from emloc.models import (contiguous_output_layer_input, last_decoder_layer, meta_model, resolve_dtype,
+from emloc.models import (contiguous_output_layer_input, meta_model, resolve_dtype,
                           resolve_model_path)
-from emloc.targets import excluded_modules, layer_index, module_type, ratio_for
+from emloc.families import is_linear_like, last_block_output, linear_shape, weight_matrix
+from emloc.targets import excluded_modules, layer_index, module_type, ratio_for, typed
 
 class LowRankLinear(nn.Module):
     """``y = u (v x) + b`` with ``u: (out, r)``, ``v: (r, in)``; a drop-in for ``nn.Linear``."""
@@ -103,7 +104,7 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
         raise EmlocError("emulator.calibration = 'sequential' builds from the calibration samples, not from "
                          "saved statistics: use emloc.sequential.build_sequential (or the streamed build)")
     linears = target_linears(model, config.target_modules)
-    for name in excluded_modules(linears, config, last_decoder_layer(model)):
+    for name in excluded_modules(linears, config, last_block_output(model)):
         del linears[name]
     missing = [name for name in linears if name not in stats.input_of]
     if missing:
@@ -124,7 +125,7 @@ def build_factors(model: nn.Module, stats: CalibrationStats, config: EmulatorCon
         rows.append(row | ({} if uniform is None else {"rank_uniform": uniform[name]}))
         if len(S_cache) > 1:  # keep only the current shared input's factor
             S_cache.pop(next(iter(S_cache)))
-    return EmulatorFactors(u_all, v_all, spectra, pd.DataFrame(rows), config.method)
+    return EmulatorFactors(u_all, v_all, spectra, typed(pd.DataFrame(rows)), config.method)
 
 
 def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config: EmulatorConfig,
@@ -141,7 +142,7 @@ def factor_linear(name: str, linear: nn.Linear, stats: CalibrationStats, config:
     ``||W X - W' X~||_F / ||W X||_F`` and the whitened spectrum that of ``W_ls`` under ``C~ + delta I``.
     """
     compute = torch.float64 if config.compute_dtype == "float64" else torch.float32
-    W = linear.weight.detach().to(compute)
+    W = weight_matrix(linear).to(compute)
     C = stats.C(name).to(W.device, compute)
     out_features, in_features = W.shape
     rho = ratio_for(name, config)
@@ -199,16 +200,15 @@ def swap_in_low_rank(root: nn.Module, u: dict[str, torch.Tensor],
     modules = dict(root.named_modules())
     replaced = {}
     for name in u:
-        if name not in modules or not isinstance(modules[name], nn.Linear):
+        if name not in modules or not is_linear_like(modules[name]):
             raise EmlocError(f"emulator factors name {name}, which is not a linear layer of this model: "
                              f"the emulator was built for another model; rebuild it with `emloc build`")
         linear = modules[name]
         u_name, v_name = u[name], v[name]
-        if u_name.shape[0] != linear.out_features or v_name.shape[1] != linear.in_features:
+        if (u_name.shape[0], v_name.shape[1]) != linear_shape(linear):
             raise EmlocError(f"emulator factors for {name} have shape "
                              f"{tuple(u_name.shape)}x{tuple(v_name.shape)}, "
-                             f"which does not fit ({linear.out_features}, {linear.in_features}): "
-                             f"rebuild with `emloc build`")
+                             f"which does not fit {linear_shape(linear)}: rebuild with `emloc build`")
         device, dtype = linear.weight.device, linear.weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
         set_submodule(root, name, LowRankLinear(u_name.to(device, dtype), v_name.to(device, dtype), bias))
@@ -269,7 +269,7 @@ def load_emulator_lean(model: str, factors, dtype: str = "float32", trust_remote
                     type(module)(config=config))
     left = [n for n, t in [*emulator.named_parameters(), *emulator.named_buffers()] if t.is_meta]
     if left:
-        raise EmlocError(f"the lean emulator loader found no weights for {left[0]}: "
-                         "use Run.emulator() for this model")
+        raise EmlocError(f"the lean emulator loader found no weights for {left[0]} in the checkpoint's "
+                         f"tensor names")
     contiguous_output_layer_input(emulator)
     return emulator.eval()

@@ -5,7 +5,7 @@ from peft import get_peft_model_state_dict
 from emloc.calibration import collect_statistics
 from emloc.config import EmulatorConfig, LLAMA_PROJECTIONS, LoraConfigSpec
 from emloc.svd_emulator import EmulatorFactors, LowRankLinear, build_factors, count_parameters, emulate
-from emloc.models import last_decoder_layer
+from emloc.families import last_block_output
 from emloc.targets import excluded_modules, ratio_for
 from emloc.lora import add_lora
 from emloc.models import tiny_llama
@@ -80,6 +80,6 @@ def test_the_last_down_projection_stays_dense_by_default(tiny_model):
     kept = emulator.get_submodule(last)
     assert type(kept) is torch.nn.Linear and torch.equal(kept.weight, tiny_model.get_submodule(last).weight)
     names = [*factors.u, last]
-    assert excluded_modules(names, EmulatorConfig(), last_decoder_layer(tiny_model)) == {last}
+    assert excluded_modules(names, EmulatorConfig(), last_block_output(tiny_model)) == {last}
     assert excluded_modules(names, EmulatorConfig(), None) == {last}  # no decoder known: the highest layer index
-    assert excluded_modules(names, EmulatorConfig(skip_last_down_proj=False), last_decoder_layer(tiny_model)) == set()
+    assert excluded_modules(names, EmulatorConfig(skip_last_down_proj=False), last_block_output(tiny_model)) == set()

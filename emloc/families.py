@@ -1,0 +1,154 @@
+"""The model-family interface: where a model's repeated blocks are, which of their layers are linear-like, and
+what every stage reads from such a layer (``W`` as ``out x in``, its shape).
+
+A family says how to find the blocks and which linears inside a block stay dense; everything else (the
+automatic targets, their module types, the layer left dense by position) follows from the structure. Causal
+language models of any architecture are one family: Llama, Qwen2, Phi-3 and OPT use ``nn.Linear``; GPT-2 uses
+transformers' ``Conv1D`` (``y = x W + b`` with ``W`` stored ``in x out``), which every stage reads through
+:func:`weight_matrix`. A diffusion transformer or a vision-language model adds a :class:`ModelFamily` with its
+own block finder and dense rule.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from emloc.errors import EmlocError
+from emloc.models import DecoderLayers, find_decoder_layers
+from emloc.targets import AUTO, module_types
+
+LINEAR_LIKE = (nn.Linear, Conv1D)
+"""The layer classes an emulator compresses: ``nn.Linear`` (``W``: ``out x in``) and ``Conv1D`` (stored
+``in x out``)."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the stages need to know about a kind of model."""
+
+    name: str
+    find_blocks: Callable[[nn.Module], DecoderLayers | None]
+    """The repeated blocks in forward order (decoder layers, transformer blocks), or None."""
+    keeps_dense: Callable[[str], bool] = lambda relative_name: False
+    """Linears inside a block that stay dense by their path in the block (e.g. a DiT's adaLN modulation)."""
+
+
+CAUSAL_LM = ModelFamily("causal language model", find_decoder_layers)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family of ``model`` (causal language models today)."""
+    return CAUSAL_LM
+
+
+def matches_target(name: str, patterns: list[str]) -> bool:
+    """A module is targeted when its name ends with a pattern (``q_proj``, ``attn.c_proj``) or fully matches
+    it as a regex."""
+    return any(name == p or name.endswith("." + p) or _regex_fullmatch(p, name) for p in patterns)
+
+
+def _regex_fullmatch(pattern: str, name: str) -> bool:
+    if not any(ch in pattern for ch in ".*+?[]()|^$\\"):
+        return False
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        raise EmlocError(f"target module pattern {pattern!r} is not a valid regex: "
+                         f"fix it or use a plain name") from None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_LIKE)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """``W`` as ``out x in`` (a view, detached): ``Conv1D`` stores its transpose."""
+    weight = module.weight.detach()
+    return weight.t() if isinstance(module, Conv1D) else weight
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a linear-like layer (or of a low-rank or LoRA-wrapped one)."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def _wraps_a_layer(module: nn.Module) -> bool:
+    """A low-rank layer or a peft LoRA layer: it counts as one layer, its inner linears do not."""
+    return is_linear_like(module) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def block_linears(model: nn.Module, family: ModelFamily | None = None) -> dict[str, nn.Module]:
+    """Qualified name -> layer for every linear-like layer inside the family's blocks, in forward order.
+
+    Layers outside the blocks (embeddings, the output layer, a vision tower's projector) are not listed; an
+    emulator's low-rank layer or a LoRA-wrapped layer is listed as the layer it stands for (not its inner
+    linears), so an emulator has the same targets as its original.
+    """
+    family = family or family_of(model)
+    found = family.find_blocks(model)
+    if found is None:
+        return {}
+    linears = {}
+    for index, block in enumerate(found.layers):
+        prefix, wrappers = f"{found.prefix}.{index}", []
+        for name, module in block.named_modules(prefix=f"{found.prefix}.{index}"):
+            if any(name.startswith(wrapper + ".") for wrapper in wrappers) or not _wraps_a_layer(module):
+                continue
+            wrappers.append(name)
+            if not family.keeps_dense(name[len(prefix) + 1:]):
+                linears[name] = module
+    return linears
+
+
+def last_block_output(model: nn.Module) -> str | None:
+    """The last linear-like layer of the last block (``model.layers.29.mlp.down_proj``, GPT-2's
+    ``transformer.h.11.mlp.c_proj``, OPT's ``fc2``): the MLP output projection the official configuration
+    keeps dense, found by position. None when the model has no blocks."""
+    found = family_of(model).find_blocks(model)
+    if found is None or len(found.layers) == 0:
+        return None
+    last = f"{found.prefix}.{len(found.layers) - 1}"
+    names = [name for name, module in found.layers[-1].named_modules(prefix=last) if _wraps_a_layer(module)]
+    return names[-1] if names else None
+
+
+def automatic_targets(model: nn.Module) -> list[str]:
+    """``emulator.target_modules`` for ``'auto'``: the module types of the blocks' linear-like layers, in
+    forward order (Llama: ``q_proj`` ... ``down_proj``; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``,
+    ``mlp.c_proj``). Where a type would also match a linear outside the blocks, the qualified pattern
+    (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``) is used instead."""
+    inside = block_linears(model)
+    if not inside:
+        raise EmlocError(f"emulator.target_modules 'auto' found no linear layer inside the decoder blocks of "
+                         f"{type(model).__name__}: name the layers to compress in emulator.target_modules")
+    outside = [name for name, module in model.named_modules()
+               if is_linear_like(module) and name not in inside]
+    patterns = list(dict.fromkeys(module_types(list(inside)).values()))
+    if any(matches_target(name, patterns) for name in outside):
+        block_of = re.compile(r"^(.*?)\.\d+\.(.+)$")
+        patterns = list(dict.fromkeys(
+            rf"{re.escape(m.group(1))}\.\d+\.{re.escape(m.group(2))}"
+            for m in (block_of.match(name) for name in inside)))
+    return patterns
+
+
+def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """``patterns`` with ``'auto'`` replaced by :func:`automatic_targets` (explicit patterns kept)."""
+    if AUTO not in patterns:
+        return list(patterns)
+    expanded = []
+    for pattern in patterns:
+        expanded.extend(automatic_targets(model) if pattern == AUTO else [pattern])
+    return list(dict.fromkeys(expanded))
+
+
+def uses_conv1d(model: nn.Module) -> bool:
+    """Whether ``model`` has transformers ``Conv1D`` layers (peft's LoRA then needs ``fan_in_fan_out``)."""
+    return any(isinstance(module, Conv1D) for module in model.modules())
