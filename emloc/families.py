@@ -10,16 +10,19 @@ own block finder and dense rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
+from emloc.config import RunConfig
 from emloc.errors import EmlocError
-from emloc.models import DecoderLayers, find_decoder_layers
+from emloc.models import DecoderLayers, find_decoder_layers, meta_model, resolve_model_path
 from emloc.targets import AUTO, module_types
 
 LINEAR_LIKE = (nn.Linear, Conv1D)
@@ -147,6 +150,23 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     for pattern in patterns:
         expanded.extend(automatic_targets(model) if pattern == AUTO else [pattern])
     return list(dict.fromkeys(expanded))
+
+
+def with_resolved_targets(config: RunConfig) -> RunConfig:
+    """``config`` with ``emulator.target_modules: [auto]`` replaced by the model's module types
+    (:func:`emloc.families.automatic_targets`, from the architecture alone: no weights are read), so that
+    fingerprints and the saved config name the layers; the default model resolves to Llama's seven
+    projections, as its runs always named them. A model that cannot be found is left to the stage that
+    loads it (and its one-line error)."""
+    if AUTO not in config.emulator.target_modules:
+        return config
+    try:
+        architecture = AutoConfig.from_pretrained(resolve_model_path(config.model),
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, EmlocError):
+        return config
+    targets = resolve_targets(meta_model(architecture), config.emulator.target_modules)
+    return dataclasses.replace(config, emulator=dataclasses.replace(config.emulator, target_modules=targets))
 
 
 def uses_conv1d(model: nn.Module) -> bool:

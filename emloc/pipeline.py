@@ -10,14 +10,12 @@ once in :data:`emloc.stages.STAGES`; :data:`STAGE_FUNCTIONS` maps their names to
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-from transformers import AutoConfig
 
 from emloc.calibration import CalibrationStats, collect_statistics, target_linears
 from emloc.config import RunConfig
@@ -31,11 +29,11 @@ from emloc.fidelity import fidelity_report
 from emloc.allocation import allocate
 from emloc.sequential import build_sequential
 from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
-from emloc.families import last_block_output, resolve_targets
-from emloc.models import load_model, load_tokenizer, meta_model, resolve_device, resolve_model_path
+from emloc.families import last_block_output, with_resolved_targets
+from emloc.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from emloc.rundir import (CORRECTION_SKIPPED, RunDir, check_finite_losses, save_built_emulator,
                           save_correction, save_fidelity, save_results, save_stats, save_training)
-from emloc.targets import AUTO, excluded_modules, targeting_summary
+from emloc.targets import excluded_modules, targeting_summary
 from emloc.stages import STAGES, VARIANT, VARIANT_NAMES, VARIANT_SPECS, evaluated, with_needs
 
 VARIANTS = VARIANT_NAMES
@@ -98,23 +96,6 @@ class Run(RunDir):
     def emulator(self, factors: Emulator | None = None):
         """A fresh emulator model (original architecture with low-rank layers, or a baseline's)."""
         return as_emulator(factors or self.factors()).apply(self.fresh_model())
-
-
-def with_resolved_targets(config: RunConfig) -> RunConfig:
-    """``config`` with ``emulator.target_modules: [auto]`` replaced by the model's module types
-    (:func:`emloc.families.automatic_targets`, from the architecture alone: no weights are read), so that
-    fingerprints and the saved config name the layers; the default model resolves to Llama's seven
-    projections, as its runs always named them. A model that cannot be found is left to the stage that
-    loads it (and its one-line error)."""
-    if AUTO not in config.emulator.target_modules:
-        return config
-    try:
-        architecture = AutoConfig.from_pretrained(resolve_model_path(config.model),
-                                                  trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError, EmlocError):
-        return config
-    targets = resolve_targets(meta_model(architecture), config.emulator.target_modules)
-    return dataclasses.replace(config, emulator=dataclasses.replace(config.emulator, target_modules=targets))
 
 
 def targeting_line(run: Run) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from emloc import io
 from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.families import with_resolved_targets
 
 CURRENT = "current defaults"
 NAMED = "named settings"
@@ -62,10 +63,12 @@ def environment() -> dict:
 
 
 def resolve(overrides: dict) -> dict:
-    """The full configuration ``overrides`` give under today's defaults (a ``preset`` key is expanded)."""
+    """The full configuration ``overrides`` give under today's defaults (a ``preset`` key is expanded;
+    automatic targets resolved to the model's module types)."""
     raw = dict(overrides)
     preset = raw.pop("preset", None)
-    return RunConfig.from_dict(merge_dicts(PRESETS[preset], raw) if preset else raw).to_dict()
+    config = RunConfig.from_dict(merge_dicts(PRESETS[preset], raw) if preset else raw)
+    return with_resolved_targets(config).to_dict()
 
 
 def record(configs: dict[str, dict] | None = None, command: str = "", **extra) -> dict:
