@@ -261,3 +261,28 @@ def test_results_board_keeps_a_far_off_variant_readable():
     assert board.trace("gap").visible is False and shown(board)["layout"]["yaxis"].get("range") is None
     board.metric.value = "accuracy"
     assert board.trace("gap").visible is True
+
+
+def test_views_group_a_gpt2_emulator_by_its_module_types():
+    """GPT-2's two c_proj per block are two columns (attn.c_proj, mlp.c_proj), in the error map and the
+    spectrum explorer alike."""
+    import torch
+
+    from emloc.calibration import collect_statistics
+    from emloc.config import EmulatorConfig
+    from emloc.models import tiny_causal_lm
+    from emloc.svd_emulator import build_factors
+
+    model = tiny_causal_lm("gpt2")
+    features = [{"input_ids": torch.randint(3, 1000, (12,)).tolist()} for _ in range(4)]
+    stats = collect_statistics(model, features, ["auto"], pad_token_id=2, progress=False)
+    factors = build_factors(model, stats, EmulatorConfig(ratio=0.5), progress=False)
+    error_map = widgets.error_map(factors)
+    types = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    assert list(error_map.trace("error").x) == types
+    z = np.asarray(error_map.trace("error").z, dtype=float)
+    assert z.shape == (2, 4) and np.isnan(z[1, 3]) and np.isfinite(np.delete(z.ravel(), 7)).all()
+    explorer = widgets.spectrum_explorer(factors)
+    assert list(explorer.type_dropdown.options) == types
+    explorer.type_dropdown.value = "attn.c_proj"
+    assert explorer.module == "transformer.h.0.attn.c_proj"
