@@ -133,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "export": ("emloc.export", "executed notebooks as static HTML that works offline (see emloc.export)"),
     "bundle": ("emloc.bundle", "pack finished runs for a class, or unpack a class bundle (see emloc.bundle)"),
+    "denoiser": ("emloc.denoiser", "pretrain the base digits denoiser (a diffusion transformer) once"),
 }
 """Subcommands with a parser of their own: ``emloc export ...`` is ``python -m emloc.export ...``."""
 

@@ -43,9 +43,32 @@ class ModelFamily:
 
 CAUSAL_LM = ModelFamily("causal language model", find_decoder_layers)
 
+CONDITIONING = re.compile(r"(^|\.)norm[^.]*\.(linear|emb)(\.|$)")
+"""A diffusion block's conditioning layers: the adaLN modulation (``norm1.linear``, 6 x dim outputs from the
+timestep and class embedding) and the timestep embedder inside it (``norm1.emb.timestep_embedder.*``)."""
+
+
+def transformer_blocks(model: nn.Module) -> DecoderLayers | None:
+    """A diffusers transformer's blocks: its ``transformer_blocks`` list (DiT, PixArt, FLUX's first stack)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        return None
+    return DecoderLayers(model, blocks, "transformer_blocks")
+
+
+def diffusion_transformer(keep_conditioning_dense: bool = True) -> ModelFamily:
+    """The diffusion-transformer family; ``keep_conditioning_dense`` leaves the adaLN modulation and timestep
+    layers (:data:`CONDITIONING`) out of the automatic targets (cutting them changes every block's scale and
+    shift at once)."""
+    dense = (lambda relative: CONDITIONING.search(relative) is not None) if keep_conditioning_dense else None
+    return ModelFamily("diffusion transformer", transformer_blocks, dense or (lambda relative: False))
+
 
 def family_of(model: nn.Module) -> ModelFamily:
-    """The family of ``model`` (causal language models today)."""
+    """The family of ``model``: a diffusion transformer (a ``transformer_blocks`` list and no decoder), else a
+    causal language model."""
+    if transformer_blocks(model) is not None and not hasattr(model, "get_decoder"):
+        return diffusion_transformer()
     return CAUSAL_LM
 
 
@@ -114,20 +137,22 @@ def last_block_output(model: nn.Module) -> str | None:
     """The last linear-like layer of the last block (``model.layers.29.mlp.down_proj``, GPT-2's
     ``transformer.h.11.mlp.c_proj``, OPT's ``fc2``): the MLP output projection the official configuration
     keeps dense, found by position. None when the model has no blocks."""
-    found = family_of(model).find_blocks(model)
+    family = family_of(model)
+    found = family.find_blocks(model)
     if found is None or len(found.layers) == 0:
         return None
     last = f"{found.prefix}.{len(found.layers) - 1}"
-    names = [name for name, module in found.layers[-1].named_modules(prefix=last) if _wraps_a_layer(module)]
+    names = [name for name, module in found.layers[-1].named_modules(prefix=last)
+             if _wraps_a_layer(module) and not family.keeps_dense(name[len(last) + 1:])]
     return names[-1] if names else None
 
 
-def automatic_targets(model: nn.Module) -> list[str]:
+def automatic_targets(model: nn.Module, family: ModelFamily | None = None) -> list[str]:
     """``emulator.target_modules`` for ``'auto'``: the module types of the blocks' linear-like layers, in
     forward order (Llama: ``q_proj`` ... ``down_proj``; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``,
     ``mlp.c_proj``). Where a type would also match a linear outside the blocks, the qualified pattern
     (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``) is used instead."""
-    inside = block_linears(model)
+    inside = block_linears(model, family)
     if not inside:
         raise EmlocError(f"emulator.target_modules 'auto' found no linear layer inside the decoder blocks of "
                          f"{type(model).__name__}: name the layers to compress in emulator.target_modules")

@@ -41,7 +41,8 @@ def module_types(names) -> dict[str, str]:
     """Qualified name -> module type: the shortest suffix of the module's path inside its block that no other
     path of ``names`` inside the same list of blocks ends with. ``q_proj`` for Llama's
     ``model.layers.0.self_attn.q_proj``; ``attn.c_proj`` and ``mlp.c_proj`` for GPT-2's two ``c_proj`` (in
-    every block, also where one of them is left out); a name outside any block keeps its last part."""
+    every block, also where one of them is left out); a suffix never starts at a list index (``to_out.0``,
+    not ``0``); a name outside any block keeps its last part."""
     paths: dict[str, set[tuple[str, ...]]] = {}
     for name in names:
         match = _IN_BLOCK.match(name)
@@ -54,8 +55,9 @@ def module_types(names) -> dict[str, str]:
             types[name] = module_type(name)
             continue
         parts, siblings = tuple(match.group(3).split(".")), paths[match.group(1)]
-        k = next(k for k in range(1, len(parts) + 1)
-                 if sum(other[-k:] == parts[-k:] for other in siblings) == 1)
+        k = next((k for k in range(1, len(parts) + 1)
+                  if not parts[-k].isdigit() and sum(other[-k:] == parts[-k:] for other in siblings) == 1),
+                 len(parts))
         types[name] = ".".join(parts[-k:])
     return types
 

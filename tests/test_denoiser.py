@@ -1,0 +1,106 @@
+"""The base digits denoiser (a diffusers DiT) and the diffusion-transformer family, on the tiny preset."""
+import json
+
+import pytest
+import torch
+
+from emloc import denoiser
+from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator, target_linears
+from emloc.cli import main
+from emloc.config import EmulatorConfig
+from emloc.families import (CONDITIONING, automatic_targets, block_linears, diffusion_transformer, family_of,
+                            last_block_output, linear_shape)
+from emloc.svd_emulator import build_factors, emulate
+
+TINY = denoiser.DENOISER_PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser():
+    return denoiser.pretrain(TINY, seed=0, progress=False)[0]
+
+
+def test_pretraining_is_deterministic_for_a_seed(tiny_denoiser):
+    again, summary = denoiser.pretrain(TINY, seed=0, progress=False)
+    other, _ = denoiser.pretrain(TINY, seed=1, progress=False)
+    state, same, different = tiny_denoiser.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(state[k], same[k]) for k in state)
+    assert any(not torch.equal(state[k], different[k]) for k in state)
+    assert summary["steps"] == TINY.steps and summary["final_loss"] > 0
+
+
+def test_the_held_out_digit_is_never_trained_and_the_judge_reads_real_digits():
+    images, labels = denoiser.pretraining_split()
+    all_images, all_labels = denoiser.digit_images()
+    assert denoiser.HELD_OUT_DIGIT not in set(labels.tolist()) and len(labels) == (all_labels != 7).sum()
+    assert images.min() >= -1 and images.max() <= 1 and images.shape[1:] == (1, 8, 8)
+    assert (denoiser.judged(all_images) == all_labels.numpy()).mean() > 0.95
+
+
+def test_the_family_targets_attention_and_mlp_and_keeps_conditioning_dense(tiny_denoiser):
+    assert family_of(tiny_denoiser).name == "diffusion transformer"
+    assert automatic_targets(tiny_denoiser) == ["to_q", "to_k", "to_v", "to_out.0", "proj", "net.2"]
+    assert last_block_output(tiny_denoiser) == "transformer_blocks.1.ff.net.2"
+    inside = block_linears(tiny_denoiser)
+    assert len(inside) == 6 * TINY.num_layers and not any(CONDITIONING.search(name) for name in inside)
+    with_conditioning = automatic_targets(tiny_denoiser, diffusion_transformer(keep_conditioning_dense=False))
+    assert {"linear", "linear_1", "linear_2"} <= set(with_conditioning)
+    linears = sum(m.weight.numel() for m in tiny_denoiser.modules() if isinstance(m, torch.nn.Linear))
+    assert linears / sum(p.numel() for p in tiny_denoiser.parameters()) > 0.9  # like FLUX: nearly all linear
+
+
+def denoiser_statistics(model, seed=0, n=16) -> CalibrationStats:
+    """C per distinct linear input from noised digits at training-distributed timesteps."""
+    images, labels = denoiser.pretraining_split()
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(images), (n,), generator=generator)
+    x_t, t, _ = denoiser.noised_batch(images[pick], denoiser.noise_scheduler(TINY), generator)
+    with torch.no_grad(), recording_inputs(target_linears(model, ["auto"]), torch.device("cpu")) as acc:
+        acc.begin_batch(None)
+        model(x_t, timestep=t, class_labels=labels[pick])
+    return stats_from_accumulator(acc, n)
+
+
+def test_calibration_sees_every_target_and_full_rank_reproduces_the_denoiser(tiny_denoiser):
+    stats = denoiser_statistics(tiny_denoiser)
+    targets = target_linears(tiny_denoiser, ["auto"])
+    assert set(stats.input_of) == set(targets)
+    assert all(stats.token_counts[leader] == 16 * 16 for leader in stats.covariances)  # 16 images x 16 patches
+    ranks = {name: min(linear_shape(linear)) for name, linear in targets.items()}
+    factors = build_factors(tiny_denoiser, stats, EmulatorConfig(skip_last_down_proj=False), progress=False,
+                            ranks=ranks)
+    x = torch.randn(3, 1, 8, 8)
+    t, y = torch.tensor([10, 500, 900]), torch.tensor([0, 3, 7])
+    with torch.no_grad():
+        expected = tiny_denoiser(x, timestep=t, class_labels=y).sample
+        emulated = emulate(tiny_denoiser, factors)(x, timestep=t, class_labels=y).sample
+    assert torch.allclose(emulated, expected, atol=1e-4)
+    assert list(dict.fromkeys(factors.report["type"])) == ["to_q", "to_k", "to_v", "to_out.0", "proj", "net.2"]
+
+
+def test_samples_and_judged_accuracy_have_the_asked_shape(tiny_denoiser):
+    images = denoiser.sample(tiny_denoiser, torch.tensor([0, 1, 2]), TINY, seed=0)
+    assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
+    assert torch.equal(images, denoiser.sample(tiny_denoiser, torch.tensor([0, 1, 2]), TINY, seed=0))
+    table = denoiser.judged_accuracy(tiny_denoiser, TINY, per_class=2)
+    assert list(table.index) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert table["share_judged_as_asked"].between(0, 1).all()
+
+
+def test_one_command_pretrains_saves_and_then_reuses(tmp_path, capsys):
+    out = tmp_path / "denoiser"
+    assert main(["denoiser", "--preset", "tiny", "--seed", "0", "--out", str(out)]) == 0
+    assert "judged the digit asked for" in capsys.readouterr().out
+    record = json.loads((out / "pretraining.json").read_text())
+    assert record["preset"] == "tiny" and record["held_out"] == 7 and 0 <= record["judged_as_asked"] <= 1
+    reloaded = denoiser.load_denoiser(out)
+    fresh, _ = denoiser.pretrain(TINY, seed=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), fresh.state_dict().values()))
+    stamp = (out / "pretraining.json").stat().st_mtime_ns
+    assert main(["denoiser", "--preset", "tiny", "--out", str(out)]) == 0  # cached: not pretrained again
+    assert (out / "pretraining.json").stat().st_mtime_ns == stamp
+
+
+def test_a_bad_preset_is_a_one_line_error(capsys):
+    assert main(["denoiser", "--preset", "huge"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
