@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,12 @@ from emloc.heap import keep_heap_small
 from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
 
 LossCallback = Callable[[int, float], None]
+
+# Two messages every LoRA run would print, neither a problem here: peft's notice that it wraps a custom
+# layer (the emulator's LowRankLinear, registered on purpose) and a deprecation inside transformers that peft
+# and the Trainer trigger, not this code.
+warnings.filterwarnings("ignore", message="Unsupported layer type .*emloc.svd_emulator.LowRankLinear")
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
