@@ -31,7 +31,7 @@ import pandas as pd
 from emloc import io, provenance, sweep_tables
 from emloc.config import PRESETS, RunConfig, merge_dicts, nested
 from emloc.errors import EmlocError
-from emloc.rundir import CORRECTION_SKIPPED, fingerprint
+from emloc.rundir import CORRECTION_SKIPPED, RunDir, fingerprint
 from emloc.stages import STAGES, VARIANT_SPECS, evaluated
 
 VARIANT_STAGE = {variant.name: variant.stage for variant in VARIANT_SPECS}
@@ -246,8 +246,19 @@ def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[
     tables = {"items": items_table(out), **sweep_tables.all_tables(seeds_table(out), spec.axes)}
     target = Path(tables_dir) if tables_dir else Path(out) / "tables"
     write_table_files(tables, spec.axes, target)
+    timing_table(out).to_csv(target / "timing.csv", index=False)
     provenance.write(target, sweep_provenance(spec, tables["seeds"]["seed"].unique().tolist()))
     return tables
+
+
+def timing_table(out: str | Path) -> pd.DataFrame:
+    """Seconds per stage of every point folder, as its manifests recorded them (a stage adopted from another
+    point carries that point's time), and their total: what a sweep costs, kept with its tables."""
+    rows = []
+    for folder in sorted(p for p in (Path(out) / "points").iterdir() if p.is_dir()):
+        seconds = RunDir(folder).stage_seconds()
+        rows.append({"point": folder.name, **seconds, "total": round(sum(seconds.values()), 2)})
+    return pd.DataFrame(rows)
 
 
 def sweep_provenance(spec: SweepSpec, seeds: list) -> dict:

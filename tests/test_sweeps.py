@@ -78,6 +78,9 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     zero = summary[summary["variant"] == "zero_shot"]["accuracy"]
     assert zero.nunique() == 1  # the same zero-shot items for both methods
     assert (tables / "summary.md").read_text().startswith("|") and (tables / "summary_figure.json").exists()
+    timing = sweeps.pd.read_csv(tables / "timing.csv").set_index("point")  # what the sweep cost, per point
+    assert sorted(timing.index) == [p.name for p in points] and (timing["total"] > 0).all()
+    assert {"build", "train_emulator", "evaluate"} <= set(timing.columns)
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
     wide = (tables / "wide.md").read_text()
     assert wide.split("\n\n")[0].count("\n") == 2 + 1 and "transfer_corrected" in wide  # header, rule, a row per method
