@@ -155,3 +155,18 @@ def test_the_quick_pipeline_runs_with_no_configuration(family, saved_families, t
     assert {"transfer_corrected", "full_lora"} <= set(results["variants"])
     corrected = PeftModel.from_pretrained(tiny_causal_lm(family), str(out / "adapters" / "corrected"))
     assert len(lora_layers(corrected)) == len(types) * 2
+
+
+def test_auto_resolves_to_the_names_earlier_runs_fingerprinted(tiny_model_dir, tmp_path):
+    """A run made before 'auto' (Llama's seven names, explicit) stays valid: the same fingerprints."""
+    from emloc.config import LLAMA_PROJECTIONS, RunConfig
+    from emloc.pipeline import Run
+    from emloc.rundir import fingerprint
+    from emloc.stages import STAGES
+
+    automatic = Run(tmp_path / "auto", RunConfig.from_dict({"model": str(tiny_model_dir)})).config
+    explicit = RunConfig.from_dict({"model": str(tiny_model_dir),
+                                    "emulator": {"target_modules": list(LLAMA_PROJECTIONS)}})
+    assert RunConfig().emulator.target_modules == [AUTO]
+    assert automatic.emulator.target_modules == LLAMA_PROJECTIONS
+    assert all(fingerprint(automatic, s.name) == fingerprint(explicit, s.name) for s in STAGES)
