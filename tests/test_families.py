@@ -170,3 +170,14 @@ def test_auto_resolves_to_the_names_earlier_runs_fingerprinted(tiny_model_dir, t
     assert RunConfig().emulator.target_modules == [AUTO]
     assert automatic.emulator.target_modules == LLAMA_PROJECTIONS
     assert all(fingerprint(automatic, s.name) == fingerprint(explicit, s.name) for s in STAGES)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--calibration", "sequential"], "GPT2LMHeadModel is not a Llama-style decoder"),
+    (["--method", "prune"], "prune needs Llama-style decoder layers"),
+])
+def test_llama_only_builds_refuse_another_family_in_one_line(flags, message, saved_families, tmp_path, capsys):
+    code = main(["run", "--preset", "quick", "--steps", "2", "--model", str(saved_families["gpt2"]),
+                 "--out", str(tmp_path / "run"), *flags])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and error[-1].startswith("emloc: error: ") and message in error[-1]
