@@ -230,7 +230,7 @@ def execute_sweep(args: argparse.Namespace) -> int:
         sweeps.run_sweep(spec, args.out,
                          on_point=lambda i, n, point: print(f"point {i + 1}/{n}: {point}", flush=True),
                          reuse=args.reuse)
-    tables = sweeps.write_tables(args.out, args.tables)
+    tables = sweeps.write_tables(args.out, args.tables, measured=not args.tables_only)
     print(tables["summary"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["gap"].to_string(float_format=lambda x: f"{x:.3f}"))
     print(tables["correction"].to_string(float_format=lambda x: f"{x:.3f}"))

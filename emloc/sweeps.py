@@ -44,8 +44,10 @@ class SweepSpec:
     base: dict = field(default_factory=dict)
     grid: dict | list = field(default_factory=dict)
     variants: list = field(default_factory=lambda: list(VARIANT_STAGE))
-    n_boot: int = 2000  # unused since the tables use seed-level intervals; kept so older grid files load
+    n_boot: int = 2000
+    """Ignored: the tables use seed-level t intervals since issue 24 (accepted so older grid files load)."""
     confidence: float = 0.95
+    """The tables' intervals are 95%: any other value is refused (older grid files state 0.95)."""
 
     @property
     def subgrids(self) -> list[dict]:
@@ -87,6 +89,9 @@ def spec_from_dict(raw: dict, where: str = "grid") -> SweepSpec:
         raise EmlocError(f"unknown key {unknown[0]!r} in {where}: "
                          "use base, grid, variants, n_boot, confidence")
     spec = SweepSpec(**raw)
+    if spec.confidence != 0.95:
+        raise EmlocError(f"confidence = {spec.confidence!r} in {where}: the sweep tables' intervals are 95%; "
+                         "remove the key")
     bad = [v for v in spec.variants if v not in VARIANT_STAGE]
     if bad:
         raise EmlocError(f"unknown variant {bad[0]!r} in {where}: choose from {', '.join(VARIANT_STAGE)}")
@@ -239,16 +244,28 @@ def seeds_table(out: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["seed", *spec.axes, "variant", "accuracy", "loss", "items", "correct"])
 
 
-def write_tables(out: str | Path, tables_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
+def write_tables(out: str | Path, tables_dir: str | Path | None = None,
+                 measured: bool = True) -> dict[str, pd.DataFrame]:
     """Compute the tables of a sweep (:func:`emloc.sweep_tables.all_tables`) from its finished points; write
-    CSV, Markdown and the figure (JSON) to ``tables_dir`` (default ``OUT/tables``)."""
+    CSV, Markdown and the figure (JSON) to ``tables_dir`` (default ``OUT/tables``). ``measured=False`` (tables
+    only, no point run): the provenance keeps the commit, date and machine the points were measured with and
+    records the recomputation under ``tables_recomputed``."""
     spec = spec_from_dict(io.read_yaml(Path(out) / "grid.yaml"))
     tables = {"items": items_table(out), **sweep_tables.all_tables(seeds_table(out), spec.axes)}
     target = Path(tables_dir) if tables_dir else Path(out) / "tables"
+    before = provenance.read(target) if target.is_dir() else None
     write_table_files(tables, spec.axes, target)
     timing_table(out).to_csv(target / "timing.csv", index=False)
-    provenance.write(target, sweep_provenance(spec, tables["seeds"]["seed"].unique().tolist()))
+    record = sweep_provenance(spec, tables["seeds"]["seed"].unique().tolist())
+    if not measured and before is not None:
+        kept = {key: before[key] for key in MEASURED_WITH if key in before}
+        record |= kept | {"tables_recomputed": {key: record[key] for key in ("commit", "date")}}
+    provenance.write(target, record)
     return tables
+
+
+MEASURED_WITH = ("commit", "date", "cpu", "torch", "transformers", "python", "threads")
+"""Provenance keys that describe where the points were measured: kept when only the tables are recomputed."""
 
 
 def timing_table(out: str | Path) -> pd.DataFrame:

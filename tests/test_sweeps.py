@@ -81,6 +81,14 @@ def test_sweep_shares_stages_resumes_and_writes_tables(tiny_model_dir, tmp_path,
     timing = sweeps.pd.read_csv(tables / "timing.csv").set_index("point")  # what the sweep cost, per point
     assert sorted(timing.index) == [p.name for p in points] and (timing["total"] > 0).all()
     assert {"build", "train_emulator", "evaluate"} <= set(timing.columns)
+    measured = sweeps.provenance.read(tables)
+    measured["date"] = "2000-01-01T00:00:00+00:00"  # as if measured long ago
+    sweeps.provenance.write(tables, measured)
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(out), "--tables", str(tables),
+                     "--tables-only"]) == 0
+    recomputed = sweeps.provenance.read(tables)  # tables only: where the points were measured is kept
+    assert recomputed["date"] == measured["date"] and recomputed["commit"] == measured["commit"]
+    assert recomputed["tables_recomputed"]["date"] != measured["date"]
     assert set(sweeps.pd.read_csv(tables / "gap.csv")["variant"]) == set(sweeps.GAP_VARIANTS)
     wide = (tables / "wide.md").read_text()
     assert wide.split("\n\n")[0].count("\n") == 2 + 1 and "transfer_corrected" in wide  # header, rule, a row per method
@@ -159,3 +167,9 @@ def _write_config(tmp_path, config: dict):
     path = tmp_path / "config.yaml"
     sweeps.io.write_yaml(path, config)
     return path
+
+
+def test_a_grid_asking_for_another_confidence_is_refused():
+    with pytest.raises(sweeps.EmlocError, match="intervals are 95%"):
+        sweeps.spec_from_dict({"grid": {"seed": [0]}, "confidence": 0.9})
+    assert sweeps.spec_from_dict({"grid": {"seed": [0]}, "confidence": 0.95, "n_boot": 10}).confidence == 0.95
