@@ -172,12 +172,12 @@ FINGERPRINTS_BEFORE = {"train_emulator": "517bd1033989ae7a", "train_original": "
 
 
 def test_the_default_keeps_the_fingerprints_runs_had_before(no_native_bf16):
-    base = RunConfig()
+    from emloc.families import with_resolved_targets
+    base = with_resolved_targets(RunConfig())  # as a run sees it: automatic targets resolved
     for stage, before in FINGERPRINTS_BEFORE.items():
         assert fingerprint(base, stage) == before
-    explicit = RunConfig.from_dict({"lora": {"precision": "32-true"}})
-    auto = RunConfig.from_dict({"lora": {"precision": "auto"}})  # resolves to 32-true on this CPU
-    mixed = RunConfig.from_dict({"lora": {"precision": "bf16-mixed"}})
+    explicit, auto, mixed = (with_resolved_targets(RunConfig.from_dict({"lora": {"precision": precision}}))
+                             for precision in ("32-true", "auto", "bf16-mixed"))  # auto: 32-true on this CPU
     for stage in STAGES:
         same = fingerprint(base, stage.name)
         assert fingerprint(explicit, stage.name) == fingerprint(auto, stage.name) == same
