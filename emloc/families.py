@@ -188,9 +188,10 @@ def with_resolved_targets(config: RunConfig) -> RunConfig:
     try:
         architecture = AutoConfig.from_pretrained(resolve_model_path(config.model),
                                                   trust_remote_code=config.trust_remote_code)
+        skeleton = meta_model(architecture, config.trust_remote_code)
     except (OSError, ValueError, EmlocError):
         return config
-    targets = resolve_targets(meta_model(architecture), config.emulator.target_modules)
+    targets = resolve_targets(skeleton, config.emulator.target_modules)
     return dataclasses.replace(config, emulator=dataclasses.replace(config.emulator, target_modules=targets))
 
 

@@ -134,10 +134,10 @@ def contiguous_output_layer_input(model: torch.nn.Module) -> bool:
     return True
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The model for ``config`` (a transformers config) with every tensor on the meta device."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 @dataclass(frozen=True)

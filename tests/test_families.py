@@ -181,3 +181,10 @@ def test_llama_only_builds_refuse_another_family_in_one_line(flags, message, sav
                  "--out", str(tmp_path / "run"), *flags])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and error[-1].startswith("emloc: error: ") and message in error[-1]
+
+
+def test_a_model_that_cannot_be_found_is_left_to_the_stage_that_loads_it(tmp_path):
+    from emloc.config import RunConfig
+    from emloc.families import with_resolved_targets
+    missing = RunConfig.from_dict({"model": str(tmp_path / "nowhere")})
+    assert with_resolved_targets(missing).emulator.target_modules == [AUTO]
