@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,87 @@ def judged_accuracy(model: nn.Module, preset: DenoiserPreset, per_class: int = 2
     seen = judged(sample(model, labels, preset, seed))
     return (pd.DataFrame({"digit": labels.numpy(), "judged_as_asked": seen == labels.numpy()})
             .groupby("digit", as_index=True)["judged_as_asked"].mean().to_frame("share_judged_as_asked"))
+
+
+# ---- DreamBooth on the held-out digit: data, objective, metrics -----------------------------------
+
+@dataclass(frozen=True)
+class DreamBoothData:
+    """The few subject images (the held-out digit, taught through its never-trained class id) and the prior
+    images (real other digits) that keep the rest of the model in place."""
+
+    subject: torch.Tensor
+    """``(K, 1, 8, 8)``: images of :data:`HELD_OUT_DIGIT`."""
+    prior: torch.Tensor
+    """``(M, 1, 8, 8)``: images of the other digits."""
+    prior_labels: torch.Tensor
+    """``(M,)``."""
+
+
+def dreambooth_data(n_subject: int = 10, n_prior: int = 200, seed: int = 0) -> DreamBoothData:
+    """``n_subject`` images of the held-out digit and ``n_prior`` of the others, drawn with ``seed``."""
+    images, labels = digit_images()
+    generator = torch.Generator().manual_seed(seed)
+    subject = torch.nonzero(labels == HELD_OUT_DIGIT).flatten()
+    prior = torch.nonzero(labels != HELD_OUT_DIGIT).flatten()
+    if not 1 <= n_subject <= len(subject) or not 0 <= n_prior <= len(prior):
+        raise EmlocError(f"DreamBooth needs 1..{len(subject)} subject and 0..{len(prior)} prior images, got "
+                         f"{n_subject} and {n_prior}")
+    subject = subject[torch.randperm(len(subject), generator=generator)[:n_subject]]
+    prior = prior[torch.randperm(len(prior), generator=generator)[:n_prior]]
+    return DreamBoothData(images[subject], images[prior], labels[prior])
+
+
+def dreambooth_batch(data: DreamBoothData, batch_size: int, prior_share: float,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, labels, is_prior)``: ``round(batch_size * prior_share)`` prior images (none without prior
+    data) and subject images for the rest, each drawn with replacement."""
+    n_prior = round(batch_size * prior_share) if len(data.prior) else 0
+    n_subject = batch_size - n_prior
+    pick_subject = torch.randint(0, len(data.subject), (n_subject,), generator=generator)
+    pick_prior = torch.randint(0, max(len(data.prior), 1), (n_prior,), generator=generator)
+    images = torch.cat([data.subject[pick_subject], data.prior[pick_prior]])
+    labels = torch.cat([torch.full((n_subject,), HELD_OUT_DIGIT), data.prior_labels[pick_prior]])
+    return images, labels, torch.arange(batch_size) >= n_subject
+
+
+def dreambooth_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, is_prior: torch.Tensor,
+                    scheduler, generator: torch.Generator, prior_weight: float = 1.0) -> torch.Tensor:
+    """DreamBooth's objective: the denoising loss on the subject images plus ``prior_weight`` times the
+    denoising loss on the prior images (each a mean over its own images)."""
+    x_t, t, noise = noised_batch(images, scheduler, generator)
+    error = ((model(x_t, timestep=t, class_labels=labels).sample - noise) ** 2).flatten(1).mean(1)
+    subject = error[~is_prior].mean()
+    return subject + prior_weight * error[is_prior].mean() if is_prior.any() else subject
+
+
+def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per sample, the RMS pixel distance (pixels in ``[0, 1]``) to its nearest reference image: near 0 for a
+    sample that copies a training image (memorisation)."""
+    a, b = ((x.clamp(-1, 1) + 1) / 2 for x in (samples.flatten(1), references.flatten(1)))
+    return torch.cdist(a, b).min(dim=1).values / math.sqrt(a.shape[1])
+
+
+@torch.no_grad()
+def dreambooth_metrics(model: nn.Module, preset: DenoiserPreset, data: DreamBoothData, per_class: int = 20,
+                       seed: int = 0) -> dict[str, float]:
+    """How a personalised denoiser does, from ``per_class`` samples of every digit:
+
+    - ``subject_fidelity``: share of held-out-digit samples the judge reads as that digit;
+    - ``prior_preservation``: share of the other digits' samples read as the digit asked for;
+    - ``memorisation``: mean distance of the subject samples to the nearest subject training image (lower:
+      closer to copying the few training images);
+    - ``quality``: the judge's mean confidence (its top class probability) over all samples.
+    """
+    labels = torch.tensor([c for c in range(N_CLASSES) for _ in range(per_class)])
+    images = sample(model, labels, preset, seed)
+    seen, confidence = judged(images), judge().predict_proba(_pixels(images)).max(axis=1)
+    subject = (labels == HELD_OUT_DIGIT).numpy()
+    asked = seen == labels.numpy()
+    return {"subject_fidelity": float(asked[subject].mean()),
+            "prior_preservation": float(asked[~subject].mean()),
+            "memorisation": float(nearest_distance(images[subject], data.subject).mean()),
+            "quality": float(confidence.mean()), "samples": int(len(labels))}
 
 
 # ---- the cached base denoiser ------------------------------------------------------------------------

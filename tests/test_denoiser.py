@@ -104,3 +104,37 @@ def test_one_command_pretrains_saves_and_then_reuses(tmp_path, capsys):
 def test_a_bad_preset_is_a_one_line_error(capsys):
     assert main(["denoiser", "--preset", "huge"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_dreambooth_data_and_batches_mix_subject_and_prior_as_configured():
+    data = denoiser.dreambooth_data(n_subject=10, n_prior=50, seed=0)
+    assert data.subject.shape == (10, 1, 8, 8) and data.prior.shape == (50, 1, 8, 8)
+    assert denoiser.HELD_OUT_DIGIT not in set(data.prior_labels.tolist())
+    assert (denoiser.judged(data.subject) == denoiser.HELD_OUT_DIGIT).mean() >= 0.8  # real 7s
+    generator = torch.Generator().manual_seed(0)
+    images, labels, is_prior = denoiser.dreambooth_batch(data, 8, prior_share=0.25, generator=generator)
+    assert images.shape == (8, 1, 8, 8) and int(is_prior.sum()) == 2
+    assert (labels[~is_prior] == denoiser.HELD_OUT_DIGIT).all() and (labels[is_prior] != 7).all()
+    no_prior = denoiser.DreamBoothData(data.subject, data.prior[:0], data.prior_labels[:0])
+    assert not denoiser.dreambooth_batch(no_prior, 8, 0.5, generator)[2].any()
+    with pytest.raises(denoiser.EmlocError, match="subject"):
+        denoiser.dreambooth_data(n_subject=0)
+
+
+def test_dreambooth_loss_adds_the_weighted_prior_term(tiny_denoiser):
+    data = denoiser.dreambooth_data(n_subject=4, n_prior=8, seed=1)
+    scheduler = denoiser.noise_scheduler(TINY)
+    batch = denoiser.dreambooth_batch(data, 6, 0.5, torch.Generator().manual_seed(0))
+    losses = {w: denoiser.dreambooth_loss(tiny_denoiser, *batch, scheduler, torch.Generator().manual_seed(1),
+                                          prior_weight=w) for w in (0.0, 1.0, 2.0)}
+    prior_term = losses[1.0] - losses[0.0]
+    assert prior_term > 0 and torch.allclose(losses[2.0] - losses[0.0], 2 * prior_term, rtol=1e-5)
+
+
+def test_nearest_distance_is_zero_for_a_copy_and_metrics_are_shares(tiny_denoiser):
+    data = denoiser.dreambooth_data(n_subject=5, n_prior=5, seed=0)
+    assert torch.allclose(denoiser.nearest_distance(data.subject, data.subject), torch.zeros(5), atol=1e-6)
+    assert (denoiser.nearest_distance(data.prior, data.subject) > 0.05).all()
+    metrics = denoiser.dreambooth_metrics(tiny_denoiser, TINY, data, per_class=2)
+    assert metrics["samples"] == 20 and metrics["memorisation"] > 0
+    assert all(0 <= metrics[key] <= 1 for key in ("subject_fidelity", "prior_preservation", "quality"))
