@@ -233,6 +233,28 @@ def dreambooth_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return subject + prior_weight * error[is_prior].mean() if is_prior.any() else subject
 
 
+def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: DenoiserPreset, steps: int = 100,
+                     learning_rate: float = 1e-3, batch_size: int = 16, prior_share: float = 0.5,
+                     prior_weight: float = 1.0, seed: int = 0, progress: bool = True) -> list[float]:
+    """LoRA on a denoiser (a peft model: only the LoRA weights train) with :func:`dreambooth_loss`, AdamW and
+    a constant learning rate; the same seed gives the same batches and noise. Returns the losses."""
+    scheduler = noise_scheduler(preset)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    peft_model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="DreamBooth LoRA", disable=not progress):
+        batch = dreambooth_batch(data, batch_size, prior_share, generator)
+        loss = dreambooth_loss(peft_model, *batch, scheduler, generator, prior_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    peft_model.eval()
+    return losses
+
+
 def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """Per sample, the RMS pixel distance (pixels in ``[0, 1]``) to its nearest reference image: near 0 for a
     sample that copies a training image (memorisation)."""

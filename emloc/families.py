@@ -30,6 +30,11 @@ LINEAR_LIKE = (nn.Linear, Conv1D)
 ``in x out``)."""
 
 
+PEFT_WRAPPABLE = (*LINEAR_LIKE, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+"""Layers peft's LoRA wraps when a target suffix matches them (a DiT's patch embedding ``pos_embed.proj`` is a
+``Conv2d``, so the type ``proj`` alone would reach it)."""
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """What the stages need to know about a kind of model."""
@@ -39,6 +44,8 @@ class ModelFamily:
     """The repeated blocks in forward order (decoder layers, transformer blocks), or None."""
     keeps_dense: Callable[[str], bool] = lambda relative_name: False
     """Linears inside a block that stay dense by their path in the block (e.g. a DiT's adaLN modulation)."""
+    peft_task_type: str | None = "CAUSAL_LM"
+    """peft's ``task_type`` for LoRA on this family (None: a plain ``PeftModel``, e.g. a denoiser)."""
 
 
 CAUSAL_LM = ModelFamily("causal language model", find_decoder_layers)
@@ -61,7 +68,7 @@ def diffusion_transformer(keep_conditioning_dense: bool = True) -> ModelFamily:
     layers (:data:`CONDITIONING`) out of the automatic targets (cutting them changes every block's scale and
     shift at once)."""
     dense = (lambda relative: CONDITIONING.search(relative) is not None) if keep_conditioning_dense else None
-    return ModelFamily("diffusion transformer", transformer_blocks, dense or (lambda relative: False))
+    return ModelFamily("diffusion transformer", transformer_blocks, dense or (lambda relative: False), None)
 
 
 def family_of(model: nn.Module) -> ModelFamily:
@@ -150,21 +157,32 @@ def last_block_output(model: nn.Module) -> str | None:
 def automatic_targets(model: nn.Module, family: ModelFamily | None = None) -> list[str]:
     """``emulator.target_modules`` for ``'auto'``: the module types of the blocks' linear-like layers, in
     forward order (Llama: ``q_proj`` ... ``down_proj``; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``,
-    ``mlp.c_proj``). Where a type would also match a linear outside the blocks, the qualified pattern
-    (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``) is used instead."""
+    ``mlp.c_proj``). A type that would also match a layer outside the blocks that peft could wrap (a linear,
+    a convolution, an embedding) is lengthened along its path until it does not (a DiT's ``proj`` becomes
+    ``net.0.proj``: its patch embedding ``pos_embed.proj`` is a ``Conv2d``), else qualified by its blocks
+    (``transformer_blocks\\.\\d+\\.ff\\.net\\.0\\.proj``)."""
     inside = block_linears(model, family)
     if not inside:
         raise EmlocError(f"emulator.target_modules 'auto' found no linear layer inside the decoder blocks of "
                          f"{type(model).__name__}: name the layers to compress in emulator.target_modules")
-    outside = [name for name, module in model.named_modules()
-               if is_linear_like(module) and name not in inside]
-    patterns = list(dict.fromkeys(module_types(list(inside)).values()))
-    if any(matches_target(name, patterns) for name in outside):
-        block_of = re.compile(r"^(.*?)\.\d+\.(.+)$")
-        patterns = list(dict.fromkeys(
-            rf"{re.escape(m.group(1))}\.\d+\.{re.escape(m.group(2))}"
-            for m in (block_of.match(name) for name in inside)))
-    return patterns
+    outside = [name for name, module in model.named_modules()  # what peft could wrap by the same suffix
+               if isinstance(module, PEFT_WRAPPABLE) and name not in inside]
+    example = {}  # type -> one qualified name of that type
+    for name, kind in module_types(list(inside)).items():
+        example.setdefault(kind, name)
+    return [_unambiguous(kind, example[kind], outside) for kind in example]
+
+
+def _unambiguous(kind: str, name: str, outside: list[str]) -> str:
+    """``kind``, or the shortest longer suffix of ``name``'s path in its block that matches no ``outside``."""
+    blocks, _, path = re.match(r"^(.*?)\.(\d+)\.(.+)$", name).groups()
+    parts = path.split(".")
+    suffixes = [".".join(parts[-k:]) for k in range(len(kind.split(".")), len(parts) + 1)
+                if not parts[-k].isdigit()]
+    for suffix in suffixes:
+        if not any(matches_target(other, [suffix]) for other in outside):
+            return suffix
+    return rf"{re.escape(blocks)}\.\d+\.{re.escape(path)}"
 
 
 def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:

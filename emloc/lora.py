@@ -20,7 +20,8 @@ from emloc.config import LoraConfigSpec
 from emloc.data import PaddingCollator
 from emloc.svd_emulator import LowRankLinear
 from emloc.errors import EmlocError
-from emloc.families import is_linear_like, linear_shape, matches_target, resolve_targets, uses_conv1d
+from emloc.families import (family_of, is_linear_like, linear_shape, matches_target, resolve_targets,
+                            uses_conv1d)
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small
 from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
@@ -39,14 +40,14 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str],
-                     fan_in_fan_out: bool = False) -> LoraConfig:
+def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str], fan_in_fan_out: bool = False,
+                     task_type: str | None = "CAUSAL_LM") -> LoraConfig:
     """A peft ``LoraConfig`` that also wraps :class:`LowRankLinear` (the emulator's layers);
     ``fan_in_fan_out`` for a model whose linears are transformers ``Conv1D`` (GPT-2), so that merging
-    transposes the update as peft expects."""
+    transposes the update as peft expects; ``task_type`` None for a model that is not a causal LM."""
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         use_rslora=spec.use_rslora, target_modules=_peft_targets(target_modules),
-                        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+                        fan_in_fan_out=fan_in_fan_out, bias="none", task_type=task_type)
     config._register_custom_module({LowRankLinear: LoraLinear})
     return config
 
@@ -77,7 +78,8 @@ def add_lora(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str], 
     target_modules = resolve_targets(model, target_modules)
     check_lora_rank(model, spec, target_modules)
     torch.manual_seed(seed)
-    return get_peft_model(model, peft_lora_config(spec, target_modules, uses_conv1d(model)))
+    config = peft_lora_config(spec, target_modules, uses_conv1d(model), family_of(model).peft_task_type)
+    return get_peft_model(model, config)
 
 
 def load_adapter(model: nn.Module, folder, adapter_name: str = "default",

@@ -39,7 +39,8 @@ def test_the_held_out_digit_is_never_trained_and_the_judge_reads_real_digits():
 
 def test_the_family_targets_attention_and_mlp_and_keeps_conditioning_dense(tiny_denoiser):
     assert family_of(tiny_denoiser).name == "diffusion transformer"
-    assert automatic_targets(tiny_denoiser) == ["to_q", "to_k", "to_v", "to_out.0", "proj", "net.2"]
+    # the MLP's "proj" alone would also reach the patch embedding's Conv2d (pos_embed.proj): lengthened
+    assert automatic_targets(tiny_denoiser) == ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
     assert last_block_output(tiny_denoiser) == "transformer_blocks.1.ff.net.2"
     inside = block_linears(tiny_denoiser)
     assert len(inside) == 6 * TINY.num_layers and not any(CONDITIONING.search(name) for name in inside)
@@ -138,3 +139,42 @@ def test_nearest_distance_is_zero_for_a_copy_and_metrics_are_shares(tiny_denoise
     metrics = denoiser.dreambooth_metrics(tiny_denoiser, TINY, data, per_class=2)
     assert metrics["samples"] == 20 and metrics["memorisation"] > 0
     assert all(0 <= metrics[key] <= 1 for key in ("subject_fidelity", "prior_preservation", "quality"))
+
+
+def test_dreambooth_lora_on_the_emulator_is_corrected_for_the_original(tiny_denoiser, tmp_path):
+    """The EMLoC stages on a denoiser: calibrate on noised DreamBooth images, build the emulator, train LoRA on
+    it with the DreamBooth objective, correct the adapter for the original (peft, no task type)."""
+    import copy
+
+    from emloc.config import LoraConfigSpec
+    from emloc.correction import correct_adapter, lora_layers
+    from emloc.lora import add_lora, load_adapter
+    data = denoiser.dreambooth_data(n_subject=6, n_prior=12, seed=0)
+    images = torch.cat([data.subject, data.prior])
+    labels = torch.cat([torch.full((6,), 7), data.prior_labels])
+    generator = torch.Generator().manual_seed(0)
+    x_t, t, _ = denoiser.noised_batch(images, denoiser.noise_scheduler(TINY), generator)
+    with torch.no_grad(), recording_inputs(target_linears(tiny_denoiser, ["auto"]), torch.device("cpu")) as acc:
+        acc.begin_batch(None)
+        tiny_denoiser(x_t, timestep=t, class_labels=labels)
+    factors = build_factors(tiny_denoiser, stats_from_accumulator(acc, len(images)), EmulatorConfig(ratio=0.5),
+                            progress=False)
+    emulator_lora = add_lora(emulate(tiny_denoiser, factors), LoraConfigSpec(r=2, alpha=4), ["auto"], seed=0)
+    losses = denoiser.train_dreambooth(emulator_lora, data, TINY, steps=3, learning_rate=1e-2, batch_size=6,
+                                       progress=False)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    emulator_lora.save_pretrained(tmp_path / "emulator")
+    config = json.loads((tmp_path / "emulator" / "adapter_config.json").read_text())
+    assert config["task_type"] is None and sorted(config["target_modules"]) == sorted(
+        ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"])
+    on_original = load_adapter(copy.deepcopy(tiny_denoiser), tmp_path / "emulator")
+    report, _ = correct_adapter(on_original, factors, lam=None)
+    compressed = report[report["module"].isin(list(factors.u))]
+    assert len(compressed) == len(factors.u) and (compressed["misalignment_after"] < 1e-5).all()
+    emulated, corrected = lora_layers(emulator_lora), lora_layers(on_original)
+    for name in factors.u:  # inside the adapter's input subspace the corrected original = the emulator
+        A = emulated[name].lora_A["default"].weight.double()
+        x = (torch.randn(4, A.shape[0], dtype=torch.float64) @ A).float()
+        with torch.no_grad():
+            expected, actual = emulated[name](x), corrected[name](x)
+        assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-4 * expected.abs().max()), name
