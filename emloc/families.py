@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from emloc.config import RunConfig
 from emloc.errors import EmlocError
 from emloc.models import DecoderLayers, find_decoder_layers, meta_model, resolve_model_path
-from emloc.targets import AUTO, module_types
+from emloc.targets import AUTO, block_path, module_types
 
 LINEAR_LIKE = (nn.Linear, Conv1D)
 """The layer classes an emulator compresses: ``nn.Linear`` (``W``: ``out x in``) and ``Conv1D`` (stored
@@ -85,8 +85,19 @@ def matches_target(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) or _regex_fullmatch(p, name) for p in patterns)
 
 
+def target_regex(pattern: str) -> str:
+    """One regex whose full match is what :func:`matches_target` accepts for ``pattern``: the name itself or a
+    dotted suffix, or, for a pattern with regex characters, its own full match (for peft's regex targets)."""
+    suffix = rf"(?:.*\.)?{re.escape(pattern)}"
+    return f"{suffix}|{pattern}" if _looks_like_regex(pattern) else suffix
+
+
+def _looks_like_regex(pattern: str) -> bool:
+    return any(ch in pattern for ch in ".*+?[]()|^$\\")
+
+
 def _regex_fullmatch(pattern: str, name: str) -> bool:
-    if not any(ch in pattern for ch in ".*+?[]()|^$\\"):
+    if not _looks_like_regex(pattern):
         return False
     try:
         return re.fullmatch(pattern, name) is not None
@@ -128,16 +139,20 @@ def block_linears(model: nn.Module, family: ModelFamily | None = None) -> dict[s
     found = family.find_blocks(model)
     if found is None:
         return {}
-    linears = {}
-    for index, block in enumerate(found.layers):
-        prefix, wrappers = f"{found.prefix}.{index}", []
-        for name, module in block.named_modules(prefix=f"{found.prefix}.{index}"):
-            if any(name.startswith(wrapper + ".") for wrapper in wrappers) or not _wraps_a_layer(module):
-                continue
-            wrappers.append(name)
-            if not family.keeps_dense(name[len(prefix) + 1:]):
-                linears[name] = module
-    return linears
+    return {name: layer for index, block in enumerate(found.layers)
+            for name, layer in _layers_of_block(block, f"{found.prefix}.{index}", family).items()}
+
+
+def _layers_of_block(block: nn.Module, prefix: str, family: ModelFamily) -> dict[str, nn.Module]:
+    """One block's layers for :func:`block_linears` (qualified under ``prefix``), in forward order."""
+    layers, wrappers = {}, []
+    for name, module in block.named_modules(prefix=prefix):
+        if any(name.startswith(wrapper + ".") for wrapper in wrappers) or not _wraps_a_layer(module):
+            continue
+        wrappers.append(name)
+        if not family.keeps_dense(name[len(prefix) + 1:]):
+            layers[name] = module
+    return layers
 
 
 def last_block_output(model: nn.Module) -> str | None:
@@ -148,9 +163,7 @@ def last_block_output(model: nn.Module) -> str | None:
     found = family.find_blocks(model)
     if found is None or len(found.layers) == 0:
         return None
-    last = f"{found.prefix}.{len(found.layers) - 1}"
-    names = [name for name, module in found.layers[-1].named_modules(prefix=last)
-             if _wraps_a_layer(module) and not family.keeps_dense(name[len(last) + 1:])]
+    names = list(_layers_of_block(found.layers[-1], f"{found.prefix}.{len(found.layers) - 1}", family))
     return names[-1] if names else None
 
 
@@ -175,7 +188,7 @@ def automatic_targets(model: nn.Module, family: ModelFamily | None = None) -> li
 
 def _unambiguous(kind: str, name: str, outside: list[str]) -> str:
     """``kind``, or the shortest longer suffix of ``name``'s path in its block that matches no ``outside``."""
-    blocks, _, path = re.match(r"^(.*?)\.(\d+)\.(.+)$", name).groups()
+    blocks, path = block_path(name)
     parts = path.split(".")
     suffixes = [".".join(parts[-k:]) for k in range(len(kind.split(".")), len(parts) + 1)
                 if not parts[-k].isdigit()]

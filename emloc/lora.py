@@ -21,7 +21,7 @@ from emloc.data import PaddingCollator
 from emloc.svd_emulator import LowRankLinear
 from emloc.errors import EmlocError
 from emloc.families import (family_of, is_linear_like, linear_shape, matches_target, resolve_targets,
-                            uses_conv1d)
+                            target_regex, uses_conv1d)
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small
 from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
@@ -54,11 +54,10 @@ def peft_lora_config(spec: LoraConfigSpec, target_modules: list[str], fan_in_fan
 
 def _peft_targets(patterns: list[str]) -> list[str] | str:
     """peft matches a list by name suffix (``q_proj``, ``attn.c_proj``); any regex pattern turns the whole
-    list into one regex."""
+    list into one regex that accepts what :func:`emloc.families.matches_target` accepts."""
     if not any(ch in p for p in patterns for ch in "*+?[]()|^$\\"):
         return list(patterns)
-    return "|".join(f"(?:{p})" if any(ch in p for ch in ".*+?[]()|^$\\") else f"(?:.*\\.{p})"
-                    for p in patterns)
+    return "|".join(f"(?:{target_regex(p)})" for p in patterns)
 
 
 def check_lora_rank(model: nn.Module, spec: LoraConfigSpec, target_modules: list[str]) -> None:

@@ -102,8 +102,7 @@ def targeting_line(run: Run) -> str:
     """The one line a run prints about what its emulator targets (module types, counts, kept dense)."""
     cfg = run.config.emulator
     linears = target_linears(run.model, cfg.target_modules)
-    kept = (excluded_modules(linears, cfg, last_block_output(run.model))
-            if cfg.method in ("activation_aware", "plain") else set())
+    kept = set() if run.structured else excluded_modules(linears, cfg, last_block_output(run.model))
     return targeting_summary(linears, kept)
 
 

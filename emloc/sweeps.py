@@ -257,15 +257,11 @@ def write_tables(out: str | Path, tables_dir: str | Path | None = None,
     write_table_files(tables, spec.axes, target)
     timing_table(out).to_csv(target / "timing.csv", index=False)
     record = sweep_provenance(spec, tables["seeds"]["seed"].unique().tolist())
-    if not measured and before is not None:
-        kept = {key: before[key] for key in MEASURED_WITH if key in before}
+    if not measured and before is not None:  # where the points were measured: the commit, date, machine
+        kept = {key: before[key] for key in ("commit", "date", *provenance.environment()) if key in before}
         record |= kept | {"tables_recomputed": {key: record[key] for key in ("commit", "date")}}
     provenance.write(target, record)
     return tables
-
-
-MEASURED_WITH = ("commit", "date", "cpu", "torch", "transformers", "python", "threads")
-"""Provenance keys that describe where the points were measured: kept when only the tables are recomputed."""
 
 
 def timing_table(out: str | Path) -> pd.DataFrame:

@@ -37,24 +37,29 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def block_path(name: str) -> tuple[str, str] | None:
+    """``(blocks, path in the block)`` of a qualified name (``("model.layers", "mlp.down_proj")`` for
+    ``model.layers.3.mlp.down_proj``), or None outside any block."""
+    match = _IN_BLOCK.match(name)
+    return (match.group(1), match.group(3)) if match else None
+
+
 def module_types(names) -> dict[str, str]:
     """Qualified name -> module type: the shortest suffix of the module's path inside its block that no other
     path of ``names`` inside the same list of blocks ends with. ``q_proj`` for Llama's
     ``model.layers.0.self_attn.q_proj``; ``attn.c_proj`` and ``mlp.c_proj`` for GPT-2's two ``c_proj`` (in
     every block, also where one of them is left out); a suffix never starts at a list index (``to_out.0``,
     not ``0``); a name outside any block keeps its last part."""
+    located = {name: block_path(name) for name in names}
     paths: dict[str, set[tuple[str, ...]]] = {}
-    for name in names:
-        match = _IN_BLOCK.match(name)
-        if match:
-            paths.setdefault(match.group(1), set()).add(tuple(match.group(3).split(".")))
+    for where in filter(None, located.values()):
+        paths.setdefault(where[0], set()).add(tuple(where[1].split(".")))
     types = {}
-    for name in names:
-        match = _IN_BLOCK.match(name)
-        if not match:
+    for name, where in located.items():
+        if where is None:
             types[name] = module_type(name)
             continue
-        parts, siblings = tuple(match.group(3).split(".")), paths[match.group(1)]
+        parts, siblings = tuple(where[1].split(".")), paths[where[0]]
         k = next((k for k in range(1, len(parts) + 1)
                   if not parts[-k].isdigit() and sum(other[-k:] == parts[-k:] for other in siblings) == 1),
                  len(parts))

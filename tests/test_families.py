@@ -188,3 +188,14 @@ def test_a_model_that_cannot_be_found_is_left_to_the_stage_that_loads_it(tmp_pat
     from emloc.families import with_resolved_targets
     missing = RunConfig.from_dict({"model": str(tmp_path / "nowhere")})
     assert with_resolved_targets(missing).emulator.target_modules == [AUTO]
+
+
+def test_peft_wraps_what_the_targets_name_when_a_regex_joins_dotted_suffixes():
+    """A regex among the patterns turns peft's targets into one regex; a dotted suffix in it (attn.c_proj)
+    must still match as a suffix, as it does for the emulator."""
+    from emloc.correction import lora_layers
+    patterns = ["c_attn", "attn.c_proj", r"transformer\.h\.0\.mlp\.c_fc"]
+    model = tiny_causal_lm("gpt2")
+    wanted = set(target_linears(model, patterns))
+    assert len(wanted) == 5
+    assert set(lora_layers(add_lora(model, LoraConfigSpec(r=2), patterns, seed=0))) == wanted
