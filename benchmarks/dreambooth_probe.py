@@ -24,17 +24,13 @@ STEPS, N_SUBJECT, N_PRIOR, PER_CLASS = 300, 10, 200, 50
 
 
 def calibration_stats(model, data, preset, seed: int):
+    """Each subject image 4 times and 40 prior images, noised once (:func:`emloc.denoiser.calibration_statistics`)."""
     import torch
 
     from emloc import denoiser
-    from emloc.calibration import recording_inputs, stats_from_accumulator, target_linears
     images = torch.cat([data.subject.repeat(4, 1, 1, 1), data.prior[:40]])
     labels = torch.cat([torch.full((4 * len(data.subject),), denoiser.HELD_OUT_DIGIT), data.prior_labels[:40]])
-    x_t, t, _ = denoiser.noised_batch(images, denoiser.noise_scheduler(preset), torch.Generator().manual_seed(seed))
-    with torch.no_grad(), recording_inputs(target_linears(model, ["auto"]), torch.device("cpu")) as accumulator:
-        accumulator.begin_batch(None)
-        model(x_t, timestep=t, class_labels=labels)
-    return stats_from_accumulator(accumulator, len(images))
+    return denoiser.calibration_statistics(model, images, labels, preset, seed)
 
 
 def one_seed(seed: int) -> list[dict]:

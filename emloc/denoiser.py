@@ -27,9 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator, target_linears
 from emloc.errors import EmlocError
 from emloc.io import atomic_dir
 from emloc.models import cache_dir
+from emloc.targets import AUTO
 
 HELD_OUT_DIGIT = 7
 N_CLASSES = 10
@@ -139,16 +141,14 @@ def pretrain(preset: DenoiserPreset, seed: int = 0, progress: bool = True) -> tu
     images, labels = pretraining_split()
     model = build_denoiser(preset, seed).train()
     scheduler = noise_scheduler(preset)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    losses, start = [], time.perf_counter()
-    for _ in tqdm(range(preset.steps), desc="denoiser pretraining", disable=not progress):
+
+    def step_loss() -> torch.Tensor:
         batch = torch.randint(0, len(images), (preset.batch_size,), generator=generator)
-        loss = denoising_loss(model, images[batch], labels[batch], scheduler, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        return denoising_loss(model, images[batch], labels[batch], scheduler, generator)
+    start = time.perf_counter()
+    losses = _optimise(model.parameters(), preset.learning_rate, preset.steps, step_loss,
+                       "denoiser pretraining", progress)
     summary = {"steps": preset.steps, "seconds": time.perf_counter() - start, "seed": seed,
                "final_loss": float(np.mean(losses[-50:])), "threads": torch.get_num_threads()}
     return model.eval(), summary
@@ -239,20 +239,43 @@ def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: Denois
     """LoRA on a denoiser (a peft model: only the LoRA weights train) with :func:`dreambooth_loss`, AdamW and
     a constant learning rate; the same seed gives the same batches and noise. Returns the losses."""
     scheduler = noise_scheduler(preset)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    peft_model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="DreamBooth LoRA", disable=not progress):
+
+    def step_loss() -> torch.Tensor:
         batch = dreambooth_batch(data, batch_size, prior_share, generator)
-        loss = dreambooth_loss(peft_model, *batch, scheduler, generator, prior_weight)
+        return dreambooth_loss(peft_model, *batch, scheduler, generator, prior_weight)
+    peft_model.train()
+    losses = _optimise([p for p in peft_model.parameters() if p.requires_grad], learning_rate, steps,
+                       step_loss, "DreamBooth LoRA", progress)
+    peft_model.eval()
+    return losses
+
+
+def _optimise(parameters, learning_rate: float, steps: int, step_loss, desc: str,
+              progress: bool) -> list[float]:
+    """``steps`` AdamW steps (constant learning rate, no weight decay) on ``step_loss()``; the losses."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        loss = step_loss()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    peft_model.eval()
     return losses
+
+
+@torch.no_grad()
+def calibration_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                           preset: DenoiserPreset, seed: int = 0) -> CalibrationStats:
+    """``C`` per distinct input of the targeted linears (``'auto'``), from one forward over ``images`` noised
+    at timesteps drawn as in training (every patch token counts)."""
+    x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    with recording_inputs(target_linears(model, [AUTO]), device) as accumulator:
+        accumulator.begin_batch(None)
+        model(x_t.to(device), timestep=t.to(device), class_labels=labels.to(device))
+    return stats_from_accumulator(accumulator, len(images))
 
 
 def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

@@ -42,3 +42,15 @@ def tiny_run_config(model_dir, **overrides):
 def random_factors(out_features, in_features, rank, generator):
     return torch.randn(out_features, rank, generator=generator, dtype=torch.float64), \
         torch.randn(rank, in_features, generator=generator, dtype=torch.float64)
+
+
+def assert_reproduces_inside_subspace(emulated: dict, corrected: dict, names, rows: int = 5) -> None:
+    """For each module in ``names``: on inputs in the row space of the emulator adapter's ``A``, the corrected
+    adapter's layer on the original gives the fine-tuned emulator's output (``emulated``/``corrected``:
+    :func:`emloc.correction.lora_layers` of each model)."""
+    for name in names:
+        A = emulated[name].lora_A["default"].weight.double()
+        x = (torch.randn(rows, A.shape[0], dtype=torch.float64) @ A).float()
+        with torch.no_grad():
+            expected, actual = emulated[name](x).double(), corrected[name](x).double()
+        assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-4 * expected.abs().max()), name

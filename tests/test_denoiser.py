@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from emloc import denoiser
-from emloc.calibration import CalibrationStats, recording_inputs, stats_from_accumulator, target_linears
+from emloc.calibration import target_linears
+from conftest import assert_reproduces_inside_subspace
 from emloc.cli import main
 from emloc.config import EmulatorConfig
 from emloc.families import (CONDITIONING, automatic_targets, block_linears, diffusion_transformer, family_of,
@@ -50,16 +51,11 @@ def test_the_family_targets_attention_and_mlp_and_keeps_conditioning_dense(tiny_
     assert linears / sum(p.numel() for p in tiny_denoiser.parameters()) > 0.9  # like FLUX: nearly all linear
 
 
-def denoiser_statistics(model, seed=0, n=16) -> CalibrationStats:
-    """C per distinct linear input from noised digits at training-distributed timesteps."""
+def denoiser_statistics(model, seed=0, n=16):
+    """C from 16 training digits noised at training-distributed timesteps."""
     images, labels = denoiser.pretraining_split()
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randint(0, len(images), (n,), generator=generator)
-    x_t, t, _ = denoiser.noised_batch(images[pick], denoiser.noise_scheduler(TINY), generator)
-    with torch.no_grad(), recording_inputs(target_linears(model, ["auto"]), torch.device("cpu")) as acc:
-        acc.begin_batch(None)
-        model(x_t, timestep=t, class_labels=labels[pick])
-    return stats_from_accumulator(acc, n)
+    pick = torch.randint(0, len(images), (n,), generator=torch.Generator().manual_seed(seed))
+    return denoiser.calibration_statistics(model, images[pick], labels[pick], TINY, seed)
 
 
 def test_calibration_sees_every_target_and_full_rank_reproduces_the_denoiser(tiny_denoiser):
@@ -152,13 +148,8 @@ def test_dreambooth_lora_on_the_emulator_is_corrected_for_the_original(tiny_deno
     data = denoiser.dreambooth_data(n_subject=6, n_prior=12, seed=0)
     images = torch.cat([data.subject, data.prior])
     labels = torch.cat([torch.full((6,), 7), data.prior_labels])
-    generator = torch.Generator().manual_seed(0)
-    x_t, t, _ = denoiser.noised_batch(images, denoiser.noise_scheduler(TINY), generator)
-    with torch.no_grad(), recording_inputs(target_linears(tiny_denoiser, ["auto"]), torch.device("cpu")) as acc:
-        acc.begin_batch(None)
-        tiny_denoiser(x_t, timestep=t, class_labels=labels)
-    factors = build_factors(tiny_denoiser, stats_from_accumulator(acc, len(images)), EmulatorConfig(ratio=0.5),
-                            progress=False)
+    stats = denoiser.calibration_statistics(tiny_denoiser, images, labels, TINY, seed=0)
+    factors = build_factors(tiny_denoiser, stats, EmulatorConfig(ratio=0.5), progress=False)
     emulator_lora = add_lora(emulate(tiny_denoiser, factors), LoraConfigSpec(r=2, alpha=4), ["auto"], seed=0)
     losses = denoiser.train_dreambooth(emulator_lora, data, TINY, steps=3, learning_rate=1e-2, batch_size=6,
                                        progress=False)
@@ -171,10 +162,4 @@ def test_dreambooth_lora_on_the_emulator_is_corrected_for_the_original(tiny_deno
     report, _ = correct_adapter(on_original, factors, lam=None)
     compressed = report[report["module"].isin(list(factors.u))]
     assert len(compressed) == len(factors.u) and (compressed["misalignment_after"] < 1e-5).all()
-    emulated, corrected = lora_layers(emulator_lora), lora_layers(on_original)
-    for name in factors.u:  # inside the adapter's input subspace the corrected original = the emulator
-        A = emulated[name].lora_A["default"].weight.double()
-        x = (torch.randn(4, A.shape[0], dtype=torch.float64) @ A).float()
-        with torch.no_grad():
-            expected, actual = emulated[name](x), corrected[name](x)
-        assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-4 * expected.abs().max()), name
+    assert_reproduces_inside_subspace(lora_layers(emulator_lora), lora_layers(on_original), factors.u)

@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 from transformers.pytorch_utils import Conv1D
 
+from conftest import assert_reproduces_inside_subspace
 from emloc.calibration import collect_statistics, target_linears
 from emloc.cli import main
 from emloc.config import EmulatorConfig, LoraConfigSpec
@@ -111,13 +112,7 @@ def test_corrected_adapter_reproduces_the_emulator_and_loads_with_plain_peft(fam
     assert saved["fan_in_fan_out"] is (family == "gpt2")
 
     corrected = PeftModel.from_pretrained(tiny_causal_lm(family), str(tmp_path / "corrected"))  # plain peft
-    emulated, original = lora_layers(emulator_lora), lora_layers(corrected)
-    for name in factors.u:  # inside the adapter's input subspace the corrected original = the emulator
-        A = emulated[name].lora_A["default"].weight.double()
-        x = (torch.randn(5, A.shape[0], dtype=torch.float64) @ A).float()
-        with torch.no_grad():
-            expected, actual = emulated[name](x), original[name](x)
-        assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-4 * expected.abs().max()), name
+    assert_reproduces_inside_subspace(lora_layers(emulator_lora), lora_layers(corrected), factors.u)
     ids = torch.randint(3, 1000, (2, 9))
     with torch.no_grad():
         unmerged = corrected(input_ids=ids).logits
