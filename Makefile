@@ -36,13 +36,24 @@ test-fast: setup lint
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
 
 # Before a class: the standard preset for each seed, packed into one file students unpack
-# (`python -m emloc.bundle unpack runs/class_bundle.tar.gz`; see docs/teaching.md).
+# (`python -m emloc.bundle unpack runs/class_bundle.tar.gz`; see docs/teaching.md). The seeds run side by
+# side, one CPU thread each, CLASS_JOBS at a time (default: one per core), with the fastest safe training
+# precision (`auto`: bf16-mixed only on a CPU with native bfloat16; docs/precision.md).
 CLASS_SEEDS ?= 0 1 2
+CLASS_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+CLASS_PRECISION ?= auto
+CLASS_DIR ?= runs/class
+CLASS_BUNDLE ?= runs/class_bundle.tar.gz
 class: setup
-	for seed in $(CLASS_SEEDS); do \
-	  $(VENV)/bin/emloc run --out runs/class/seed$$seed --preset standard --seed $$seed || exit 1; \
-	done
-	$(PY) -m emloc.bundle pack $(foreach seed,$(CLASS_SEEDS),runs/class/seed$(seed)) --out runs/class_bundle.tar.gz
+	$(MAKE) --no-print-directory -j$(CLASS_JOBS) $(foreach seed,$(CLASS_SEEDS),class-seed-$(seed))
+	$(PY) -m emloc.bundle pack $(foreach seed,$(CLASS_SEEDS),$(CLASS_DIR)/seed$(seed)) --out $(CLASS_BUNDLE)
+
+# One seed of the class (a run resumes from its finished stages if interrupted).
+class-seed-%: setup
+	@mkdir -p $(CLASS_DIR) && echo "seed $*: emloc run (log in $(CLASS_DIR)/seed$*.log)"
+	OMP_NUM_THREADS=1 $(VENV)/bin/emloc run --out $(CLASS_DIR)/seed$* --preset standard --seed $* \
+	  --precision $(CLASS_PRECISION) > $(CLASS_DIR)/seed$*.log 2>&1 \
+	  || (tail -5 $(CLASS_DIR)/seed$*.log; exit 1)
 
 # The notebooks executed and written as static HTML with interactive, offline plotly figures.
 html: setup

@@ -10,7 +10,11 @@ Runs, with the default flags of each command (float32, the standard preset):
 3. ``emloc train --on original --steps N``: LoRA on the original, for reference;
 4. inference with the original: the original model loaded as the suite loads it, a no-grad forward over a
    batch of 8 training examples padded to the preset's ``max_length``, then 16 greedy tokens for them
-   (``inference_child`` below; the suite has no inference command, so this is its closest user path).
+   (``inference_child`` below; the suite has no inference command, so this is its closest user path), once
+   as it is and once with the compact heap ``emloc`` commands start with (:mod:`emloc.heap`), to show that the
+   comparison does not hinge on the allocator;
+5. ``emloc train --on emulator --memory-budget inference --steps N`` in a copy of the run: the budget plan's
+   peak and step time, idle and then beside a neighbour (the same training in a second copy).
 
 Inference and the two trainings run ``--repeats`` times, alternating; the figures are the medians (every
 repeat is kept). Writes ``benchmarks/results/readme_commands.json`` (peaks, ratios, each run's own seconds per
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,21 +33,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from emloc import heap  # noqa: E402  (light: no torch)
 RESULTS = ROOT / "benchmarks" / "results"
 MB = 2 ** 20
 
 
-def peak_of(command: list[str]) -> dict:
+def peak_of(command: list[str], env: dict | None = None) -> dict:
     """Run ``command`` in a fresh process; its peak RSS (MB) from outside and its wall seconds."""
     time_tool = shutil.which("time") and Path("/usr/bin/time")
     start = time.perf_counter()
     if time_tool and time_tool.exists():
         done = subprocess.run([str(time_tool), "-f", "PEAK_KB=%M", *command], cwd=ROOT, capture_output=True,
-                              text=True)
+                              text=True, env=env)
         found = re.findall(r"PEAK_KB=(\d+)", done.stderr)
         peak = int(found[-1]) * 1024 / MB if found else float("nan")
     else:  # no GNU time: the child reports its own high-water mark
-        done = subprocess.run([*command], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run([*command], cwd=ROOT, capture_output=True, text=True, env=env)
         found = re.findall(r"VMHWM_KB=(\d+)", done.stdout)
         peak = int(found[-1]) * 1024 / MB if found else float("nan")
     if done.returncode != 0:
@@ -68,7 +75,8 @@ def inference_child(run_dir: str) -> None:
         ids[row, -len(tokens):], mask[row, -len(tokens):] = tokens, 1  # left padding, as for generation
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=pad)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                       pad_token_id=pad)
     status = Path("/proc/self/status")
     if status.exists():
         print("VMHWM_KB=" + re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1))
@@ -83,10 +91,54 @@ def repeat(rows: dict, name: str, row: dict) -> None:
                      for key in ("peak_rss_mb", "wall_s", "seconds_per_step") if key in row}}
 
 
+def with_neighbour(command: list[str], neighbour: list[str]) -> dict:
+    """``command``'s peak and wall time while ``neighbour`` (a second training) runs beside it."""
+    beside = subprocess.Popen(neighbour, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(8)  # the neighbour is past its imports and loading, into its steps
+        return peak_of(command)
+    finally:
+        beside.terminate()
+        beside.wait()
+
+
 def seconds_per_step(run_dir: Path, which: str) -> float:
     """The run's own figure: the Trainer's runtime over the steps (``training/*.json``)."""
     summary = run_dir / "training" / f"{ {'emulator': 'emulator_lora', 'original': 'full_lora'}[which]}.json"
     return float(json.loads(summary.read_text())["seconds_per_step"]) if summary.exists() else float("nan")
+
+
+def trained(out: Path, which: str, steps: int, extra: list[str] = ()) -> dict:
+    """``emloc train --on which`` in ``out`` afresh (not reused): its peak, wall time and seconds per step."""
+    (ROOT / out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)
+    row = peak_of([sys.executable, "-m", "emloc", "train", "--on", which, "--steps", str(steps),
+                   "--out", str(out), *extra])
+    return row | {"seconds_per_step": seconds_per_step(ROOT / out, which)}
+
+
+LABELS = {
+    "calibrate": "`emloc calibrate --preset standard`", "build": "`emloc build`",
+    "inference_original": "inference with the original (glibc's default heap)",
+    "inference_original_compact_heap": "inference with the original, compact heap",
+    "train_emulator": "**`emloc train --on emulator`**", "train_original": "`emloc train --on original`",
+    "train_emulator_budget": "`emloc train --on emulator --memory-budget inference`",
+    "train_emulator_budget_beside_a_neighbour": "the same, beside a second such training",
+}
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown table (rendered into benchmarks/README.md) and its ratios."""
+    rows = result["rows"]
+    inference = rows["inference_original"]["peak_rss_mb"]
+    lines = ["| command | peak RSS (MB) | / inference | wall (s) | s per step |", "|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        step = row.get("seconds_per_step")
+        shown = "" if step is None else f"{step:.2f}"
+        lines.append(f"| {LABELS.get(name, name)} | {row['peak_rss_mb']:.0f} "
+                     f"| {row['peak_rss_mb'] / inference:.2f} | {row['wall_s']:.1f} | {shown} |")
+    ratios = [f"- {key.replace('_', ' ')}: **{value:.2f}x**" for key, value in result.items()
+              if key.endswith(("_original", "_default", "_idle"))]
+    return "\n".join([*lines, "", *ratios]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,30 +155,54 @@ def main(argv: list[str] | None = None) -> int:
     emloc = [sys.executable, "-m", "emloc"]
     rows = {"calibrate": peak_of([*emloc, "calibrate", "--preset", "standard", "--out", str(out)]),
             "build": peak_of([*emloc, "build", "--out", str(out)])}
+    # the budget plan trains in copies of the built run (its config then keeps the budget)
+    budget_out, neighbour_out = Path(f"{out}_budget"), Path(f"{out}_neighbour")
+    for copy in (budget_out, neighbour_out):
+        shutil.rmtree(ROOT / copy, ignore_errors=True)
+        shutil.copytree(ROOT / out, ROOT / copy)
+    inference_command = [sys.executable, "benchmarks/bench_readme_commands.py", "--inference-child", str(out)]
+    compact_env = heap.compact_heap_environment(dict(os.environ)) or dict(os.environ)
+    budget = ["--memory-budget", "inference", "--steps", str(args.steps)]
     for _ in range(args.repeats):  # alternating, so a slow moment of the machine touches every command
-        repeat(rows, "inference_original",
-               peak_of([sys.executable, "benchmarks/bench_readme_commands.py", "--inference-child", str(out)]))
+        repeat(rows, "inference_original", peak_of(inference_command))
+        repeat(rows, "inference_original_compact_heap", peak_of(inference_command, env=compact_env))
         for which in ("emulator", "original"):
-            (ROOT / out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)  # train again, not reuse
-            row = peak_of([*emloc, "train", "--on", which, "--steps", str(args.steps), "--out", str(out)])
-            repeat(rows, f"train_{which}", row | {"seconds_per_step": seconds_per_step(ROOT / out, which)})
+            repeat(rows, f"train_{which}", trained(out, which, args.steps))
+        repeat(rows, "train_emulator_budget", trained(budget_out, "emulator", args.steps, budget))
+    for _ in range(args.repeats):
+        (ROOT / budget_out / "manifests" / "train_emulator.json").unlink(missing_ok=True)
+        neighbour = [*emloc, "train", "--on", "emulator", "--out", str(neighbour_out), *budget[:2],
+                     "--steps", str(10 * args.steps)]
+        command = [*emloc, "train", "--on", "emulator", "--out", str(budget_out), *budget]
+        row = with_neighbour(command, neighbour)
+        repeat(rows, "train_emulator_budget_beside_a_neighbour",
+               row | {"seconds_per_step": seconds_per_step(ROOT / budget_out, "emulator")})
     inference = rows["inference_original"]["peak_rss_mb"]
+    step = {name: rows[name]["seconds_per_step"] for name in rows if "seconds_per_step" in rows[name]}
     result = {"steps": args.steps, "rows": rows,
               "lora_emulator_over_inference_original": rows["train_emulator"]["peak_rss_mb"] / inference,
-              "step_time_emulator_over_original": (rows["train_emulator"]["seconds_per_step"]
-                                                   / rows["train_original"]["seconds_per_step"]),
-              "lora_original_over_inference_original": rows["train_original"]["peak_rss_mb"] / inference}
+              "step_time_emulator_over_original": step["train_emulator"] / step["train_original"],
+              "lora_original_over_inference_original": rows["train_original"]["peak_rss_mb"] / inference,
+              "budget_over_inference_original": rows["train_emulator_budget"]["peak_rss_mb"] / inference,
+              "budget_step_time_over_default": step["train_emulator_budget"] / step["train_emulator"],
+              "budget_step_time_beside_a_neighbour_over_idle": (
+                  step["train_emulator_budget_beside_a_neighbour"] / step["train_emulator_budget"]),
+              "compact_heap": heap.COMPACT_HEAP_TUNABLES}
     for name, row in rows.items():
         print(f"{name:20s} {row['peak_rss_mb']:8.0f} MB  {row['wall_s']:7.1f} s  "
               f"{row.get('seconds_per_step', float('nan')):.2f} s/step")
-    print(f"LoRA on the emulator / inference with the original: "
-          f"{result['lora_emulator_over_inference_original']:.2f}x")
+    for key, value in result.items():
+        if key.endswith(("_original", "_default", "_idle")):
+            print(f"{key}: {value:.2f}x")
     sys.path.insert(0, str(ROOT))
     from emloc import io, provenance
     io.write_json(RESULTS / "readme_commands.json", result)
-    provenance.write(RESULTS / "readme_commands.json", provenance.record(
+    (RESULTS / "readme_commands.md").write_text(markdown(result), encoding="utf-8")
+    record = provenance.record(
         {"readme": {"preset": "standard"}},
-        command=f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}"))
+        command=f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}")
+    for written in ("readme_commands.json", "readme_commands.md"):
+        provenance.write(RESULTS / written, record)
     return 0
 
 

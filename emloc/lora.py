@@ -24,7 +24,8 @@ from emloc.families import (family_of, is_linear_like, linear_shape, matches_tar
                             target_regex, uses_conv1d)
 from emloc.io import read_tensors
 from emloc.heap import keep_heap_small
-from emloc.precision import DEFAULT_PRECISION, announce, choose_precision, trainer_arguments
+from emloc.precision import (DEFAULT_PRECISION, announce, choose_precision, threads_for_training,
+                             trainer_arguments)
 
 LossCallback = Callable[[int, float], None]
 
@@ -237,7 +238,8 @@ def train_lora(model: nn.Module, features: list[dict], spec: LoraConfigSpec, tar
             trainer.add_callback(callback)
         if progress:
             trainer.add_callback(TrainingProgress())
-        output = trainer.train()
+        with threads_for_training():
+            output = trainer.train()
     # inference afterwards runs plainly: without accelerate's autocast wrapper of forward ...
     if choice.precision != DEFAULT_PRECISION:
         trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)

@@ -30,6 +30,7 @@ from emloc.allocation import allocate
 from emloc.sequential import build_sequential
 from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
 from emloc.families import last_block_output, with_resolved_targets
+from emloc.heap import small_heap_for_budget
 from emloc.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from emloc.rundir import (CORRECTION_SKIPPED, RunDir, check_finite_losses, save_built_emulator,
                           save_correction, save_fidelity, save_results, save_stats, save_training)
@@ -189,7 +190,7 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     run.save_config()
     result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
                         run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss,
-                        progress=run.progress, small_heap=run.config.memory_budget is not None)
+                        progress=run.progress, small_heap=small_heap_for_budget(run.config.memory_budget))
     check_finite_losses(result.history, which)
     return save_training(run, which, result, recovered_adapter(run, which, result.model))
 

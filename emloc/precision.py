@@ -8,10 +8,15 @@ float32, and the frozen weights stay in ``dtype`` (autocast casts them per matmu
 where the device runs bfloat16 natively (CPU: AMX-BF16 or AVX512-BF16, or Arm BF16; CUDA:
 ``torch.cuda.is_bf16_supported()``), else ``32-true``. Decompositions, calibration statistics, the
 correction and evaluation never read it. See docs/precision.md.
+
+Also: how many threads training uses when other work shares the CPU (:func:`threads_for_training`).
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -122,3 +127,52 @@ def fingerprint_part(lora: dict, device: str) -> dict:
     resolved = requested if requested != "auto" else choose_precision(requested, device).precision
     rest = {key: value for key, value in lora.items() if key != "precision"}
     return rest if resolved == DEFAULT_PRECISION else rest | {"precision": resolved}
+
+
+# ---- threads beside other work ------------------------------------------------------------------
+
+def busy_cpus(window_s: float = 0.25) -> float | None:
+    """How many CPUs other work keeps busy, from ``/proc/stat`` over ``window_s`` seconds while this process
+    waits (None where there is no ``/proc/stat``)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values[:8]), values[3] + values[4]  # total jiffies (no guest time), idle + iowait
+    try:
+        total_before, idle_before = sample()
+        time.sleep(window_s)
+        total_after, idle_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    return None if total <= 0 else (1 - (idle_after - idle_before) / total) * (os.cpu_count() or 1)
+
+
+def threads_beside(busy: float | None, threads: int, cpus: int) -> int:
+    """Training threads that leave ``busy`` CPUs (of ``cpus``) to other work: at most ``threads``, at least
+    one. Two processes whose OpenMP threads outnumber the cores wait on each other at every parallel region
+    (measured: a step of many seconds instead of two); one thread on the free core keeps the step within 2x
+    of idle."""
+    if busy is None:
+        return threads
+    return max(1, min(threads, int(cpus - busy + 0.5)))
+
+
+@contextmanager
+def threads_for_training():
+    """Lower torch's thread count for the duration of training when other work holds CPUs (never when
+    ``OMP_NUM_THREADS`` is set: then the user chose), saying so in one line; restored afterwards."""
+    before = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS") or before <= 1:
+        yield before
+        return
+    busy = busy_cpus()
+    chosen = threads_beside(busy, before, os.cpu_count() or 1)
+    if chosen < before:
+        print(f"other work keeps {busy:.1f} of {os.cpu_count()} CPUs busy: training on {chosen} of {before} "
+              f"threads (set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)
+        torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(before)

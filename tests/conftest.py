@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
+# the thread count a test trains with does not follow the machine's momentary load (results stay comparable)
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import pytest
 import torch

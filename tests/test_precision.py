@@ -211,3 +211,39 @@ def test_emloc_train_with_precision_records_it_and_auto_reuses_only_on_like_hard
     monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])  # the run moved to a CPU without bf16
     assert not pipeline.Run(out, auto, progress=False).is_done("train_original")
     assert not pipeline.Run(out, tiny_run_config(tiny_model_dir), progress=False).is_done("train_original")
+
+
+def test_training_leaves_busy_cpus_to_other_work():
+    from emloc.precision import threads_beside
+    assert threads_beside(None, 2, 2) == 2            # cannot tell: as configured
+    assert threads_beside(0.1, 2, 2) == 2             # idle machine
+    assert threads_beside(1.0, 2, 2) == 1             # a neighbour holds one core
+    assert threads_beside(2.0, 2, 2) == 1             # never fewer than one
+    assert threads_beside(1.6, 8, 8) == 6
+
+
+def test_threads_for_training_follows_the_load_and_restores(monkeypatch, capsys):
+    import torch
+
+    from emloc import precision
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(precision, "busy_cpus", lambda: 1.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with precision.threads_for_training() as chosen:
+            assert chosen == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        assert "other work keeps 1.0 of 2 CPUs busy: training on 1 of 2 threads" in capsys.readouterr().err
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose: kept
+        with precision.threads_for_training() as chosen:
+            assert chosen == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cpus_reads_the_machine():
+    from emloc.precision import busy_cpus
+    busy = busy_cpus(0.05)
+    assert busy is None or 0.0 <= busy <= (__import__("os").cpu_count() or 1)
