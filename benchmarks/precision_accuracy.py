@@ -78,6 +78,13 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown(run_dir: str) -> str:
+    """A run directory as the record names it: relative to the repository, else its name alone (no machine
+    path is recorded)."""
+    path = Path(run_dir).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True)
@@ -94,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "seeds": sorted(int(s) for s in bf16["seed"].unique()),
                                               "rows": table.to_dict(orient="records")})
     (RESULTS / "accuracy.md").write_text(markdown(table), encoding="utf-8")
-    provenance.write(RESULTS / "accuracy.json", provenance.record(
+    record = provenance.record(
         {"bf16-mixed": {"preset": "standard", "lora": {"precision": "bf16-mixed"}},
          "32-true": {"preset": "standard"}},
-        command="python benchmarks/precision_accuracy.py --runs " + " ".join(
-            str(Path(d).relative_to(ROOT)) if Path(d).resolve().is_relative_to(ROOT) else Path(d).name
-            for d in args.runs)))
+        command="python benchmarks/precision_accuracy.py --runs " + " ".join(shown(d) for d in args.runs))
+    for written in ("accuracy.json", "accuracy.md"):
+        provenance.write(RESULTS / written, record)
     return 0
 
 
