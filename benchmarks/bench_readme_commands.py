@@ -12,7 +12,8 @@ Runs, with the default flags of each command (float32, the standard preset):
    batch of 8 training examples padded to the preset's ``max_length``, then 16 greedy tokens for them
    (``inference_child`` below; the suite has no inference command, so this is its closest user path), once
    as it is and once with the compact heap ``emloc`` commands start with (:mod:`emloc.heap`), to show that the
-   comparison does not hinge on the allocator;
+   comparison does not hinge on the allocator, and once as generation alone (no forward over the whole batch,
+   so no logits at every position: the leanest inference);
 5. ``emloc train --on emulator --memory-budget inference --steps N`` in a copy of the run: the budget plan's
    peak and step time, idle and then beside a neighbour (the same training in a second copy).
 
@@ -58,7 +59,7 @@ def peak_of(command: list[str], env: dict | None = None) -> dict:
     return {"command": " ".join(shown), "peak_rss_mb": peak, "wall_s": time.perf_counter() - start}
 
 
-def inference_child(run_dir: str) -> None:
+def inference_child(run_dir: str, generate_only: bool = False) -> None:
     """Inference with the original model in this process (see the module docstring)."""
     import torch
 
@@ -74,7 +75,8 @@ def inference_child(run_dir: str) -> None:
         tokens = torch.tensor(feature["input_ids"][:width])
         ids[row, -len(tokens):], mask[row, -len(tokens):] = tokens, 1  # left padding, as for generation
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
+        if not generate_only:  # a forward over the whole batch: logits at every position
+            model(input_ids=ids, attention_mask=mask)
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                        pad_token_id=pad)
     status = Path("/proc/self/status")
@@ -120,6 +122,7 @@ LABELS = {
     "calibrate": "`emloc calibrate --preset standard`", "build": "`emloc build`",
     "inference_original": "inference with the original (glibc's default heap)",
     "inference_original_compact_heap": "inference with the original, compact heap",
+    "inference_original_generate_only": "generation alone with the original (no whole-batch forward)",
     "train_emulator": "**`emloc train --on emulator`**", "train_original": "`emloc train --on original`",
     "train_emulator_budget": "`emloc train --on emulator --memory-budget inference`",
     "train_emulator_budget_beside_a_neighbour": "the same, beside a second such training",
@@ -137,7 +140,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {row['peak_rss_mb']:.0f} "
                      f"| {row['peak_rss_mb'] / inference:.2f} | {row['wall_s']:.1f} | {shown} |")
     ratios = [f"- {key.replace('_', ' ')}: **{value:.2f}x**" for key, value in result.items()
-              if key.endswith(("_original", "_default", "_idle"))]
+              if key.endswith(("_original", "_default", "_idle", "_only"))]
     return "\n".join([*lines, "", *ratios]) + "\n"
 
 
@@ -147,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each inference/training command")
     parser.add_argument("--out", default="benchmarks/out/readme_commands")
     parser.add_argument("--inference-child", help=argparse.SUPPRESS)
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inference_child:
-        inference_child(args.inference_child)
+        inference_child(args.inference_child, args.generate_only)
         return 0
     out = Path(args.out)  # relative to the repository (the children run there): no machine path is recorded
     emloc = [sys.executable, "-m", "emloc"]
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):  # alternating, so a slow moment of the machine touches every command
         repeat(rows, "inference_original", peak_of(inference_command))
         repeat(rows, "inference_original_compact_heap", peak_of(inference_command, env=compact_env))
+        repeat(rows, "inference_original_generate_only", peak_of([*inference_command, "--generate-only"]))
         for which in ("emulator", "original"):
             repeat(rows, f"train_{which}", trained(out, which, args.steps))
         repeat(rows, "train_emulator_budget", trained(budget_out, "emulator", args.steps, budget))
@@ -178,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         repeat(rows, "train_emulator_budget_beside_a_neighbour",
                row | {"seconds_per_step": seconds_per_step(ROOT / budget_out, "emulator")})
     inference = rows["inference_original"]["peak_rss_mb"]
+    generation = rows["inference_original_generate_only"]
     step = {name: rows[name]["seconds_per_step"] for name in rows if "seconds_per_step" in rows[name]}
     result = {"steps": args.steps, "rows": rows,
               "lora_emulator_over_inference_original": rows["train_emulator"]["peak_rss_mb"] / inference,
               "step_time_emulator_over_original": step["train_emulator"] / step["train_original"],
               "lora_original_over_inference_original": rows["train_original"]["peak_rss_mb"] / inference,
+              "lora_emulator_over_generation_only": (rows["train_emulator"]["peak_rss_mb"]
+                                                     / generation["peak_rss_mb"]),
               "budget_over_inference_original": rows["train_emulator_budget"]["peak_rss_mb"] / inference,
               "budget_step_time_over_default": step["train_emulator_budget"] / step["train_emulator"],
               "budget_step_time_beside_a_neighbour_over_idle": (
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {row['peak_rss_mb']:8.0f} MB  {row['wall_s']:7.1f} s  "
               f"{row.get('seconds_per_step', float('nan')):.2f} s/step")
     for key, value in result.items():
-        if key.endswith(("_original", "_default", "_idle")):
+        if key.endswith(("_original", "_default", "_idle", "_only")):
             print(f"{key}: {value:.2f}x")
     sys.path.insert(0, str(ROOT))
     from emloc import io, provenance

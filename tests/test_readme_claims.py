@@ -46,4 +46,6 @@ def test_readme_quotes_the_default_command_measured_from_outside():
     assert f"{measured['step_time_emulator_over_original']:.2f}x the original's" in text
     assert ("not yet" in text) == (lora > inference)  # the sentence says whether it fits
     assert f"bring it to {measured['budget_over_inference_original']:.2f}x" in text
+    generation = measured["rows"]["inference_original_generate_only"]["peak_rss_mb"]
+    assert f"**{lora / generation:.2f}x** the leanest inference, generation alone ({generation:.0f} MB)" in text
     assert f"at {measured['budget_step_time_over_default']:.2f}x the default step time" in text
