@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     record = provenance.record({"class": {"preset": "standard", "lora": {"precision": args.precision}}},
                                command=f"python benchmarks/bench_class_prepare.py {shown}", seeds=args.seeds,
                                jobs=args.jobs)
-    for written in ("class_prepare.json", "class_prepare.md"):
-        provenance.write(RESULTS / written, record)
+    provenance.write([RESULTS / "class_prepare.json", RESULTS / "class_prepare.md"], record)
     return 0
 
 

@@ -53,8 +53,7 @@ def main(argv: list[str]) -> int:
     table.write_text(markdown_table(rows) + "\n", encoding="utf-8")
     record = provenance.record({}, command="python benchmarks/bench_denoiser.py " + " ".join(map(str, seeds)),
                                denoiser_preset="standard")
-    for path in (target, table):
-        provenance.write(path, record)
+    provenance.write([target, table], record)
     return 0
 
 

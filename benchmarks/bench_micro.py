@@ -187,8 +187,7 @@ def main(argv: list[str]) -> int:
     io.write_json(target, result)
     target.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
     record = provenance.record({}, command="python benchmarks/bench_micro.py")
-    for path in (target, target.with_suffix(".md")):
-        provenance.write(path, record)
+    provenance.write([target, target.with_suffix(".md")], record)
     return 0
 
 

@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from emloc import heap  # noqa: E402  (light: no torch)
 RESULTS = ROOT / "benchmarks" / "results"
+EMLOC = [sys.executable, "-m", "emloc"]
+RATIO_SUFFIXES = ("_original", "_default", "_idle", "_only")
+"""The keys of a result that are ratios (printed and listed under the table)."""
 MB = 2 ** 20
 
 
@@ -110,11 +113,12 @@ def seconds_per_step(run_dir: Path, which: str) -> float:
     return float(json.loads(summary.read_text())["seconds_per_step"]) if summary.exists() else float("nan")
 
 
-def trained(out: Path, which: str, steps: int, extra: list[str] = ()) -> dict:
-    """``emloc train --on which`` in ``out`` afresh (not reused): its peak, wall time and seconds per step."""
+def trained(out: Path, which: str, extra: list[str], neighbour: list[str] | None = None) -> dict:
+    """``emloc train --on which`` in ``out`` afresh (not reused), alone or beside ``neighbour``: its peak,
+    wall time and seconds per step."""
     (ROOT / out / "manifests" / f"train_{which}.json").unlink(missing_ok=True)
-    row = peak_of([sys.executable, "-m", "emloc", "train", "--on", which, "--steps", str(steps),
-                   "--out", str(out), *extra])
+    command = [*EMLOC, "train", "--on", which, "--out", str(out), *extra]
+    row = peak_of(command) if neighbour is None else with_neighbour(command, neighbour)
     return row | {"seconds_per_step": seconds_per_step(ROOT / out, which)}
 
 
@@ -140,7 +144,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {row['peak_rss_mb']:.0f} "
                      f"| {row['peak_rss_mb'] / inference:.2f} | {row['wall_s']:.1f} | {shown} |")
     ratios = [f"- {key.replace('_', ' ')}: **{value:.2f}x**" for key, value in result.items()
-              if key.endswith(("_original", "_default", "_idle", "_only"))]
+              if key.endswith(RATIO_SUFFIXES)]
     return "\n".join([*lines, "", *ratios]) + "\n"
 
 
@@ -156,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         inference_child(args.inference_child, args.generate_only)
         return 0
     out = Path(args.out)  # relative to the repository (the children run there): no machine path is recorded
-    emloc = [sys.executable, "-m", "emloc"]
-    rows = {"calibrate": peak_of([*emloc, "calibrate", "--preset", "standard", "--out", str(out)]),
-            "build": peak_of([*emloc, "build", "--out", str(out)])}
+    rows = {"calibrate": peak_of([*EMLOC, "calibrate", "--preset", "standard", "--out", str(out)]),
+            "build": peak_of([*EMLOC, "build", "--out", str(out)])}
     # the budget plan trains in copies of the built run (its config then keeps the budget)
     budget_out, neighbour_out = Path(f"{out}_budget"), Path(f"{out}_neighbour")
     for copy in (budget_out, neighbour_out):
@@ -166,22 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(ROOT / out, ROOT / copy)
     inference_command = [sys.executable, "benchmarks/bench_readme_commands.py", "--inference-child", str(out)]
     compact_env = heap.compact_heap_environment(dict(os.environ)) or dict(os.environ)
-    budget = ["--memory-budget", "inference", "--steps", str(args.steps)]
+    steps = ["--steps", str(args.steps)]
+    budget = ["--memory-budget", "inference", *steps]
     for _ in range(args.repeats):  # alternating, so a slow moment of the machine touches every command
         repeat(rows, "inference_original", peak_of(inference_command))
         repeat(rows, "inference_original_compact_heap", peak_of(inference_command, env=compact_env))
         repeat(rows, "inference_original_generate_only", peak_of([*inference_command, "--generate-only"]))
         for which in ("emulator", "original"):
-            repeat(rows, f"train_{which}", trained(out, which, args.steps))
-        repeat(rows, "train_emulator_budget", trained(budget_out, "emulator", args.steps, budget))
+            repeat(rows, f"train_{which}", trained(out, which, steps))
+        repeat(rows, "train_emulator_budget", trained(budget_out, "emulator", budget))
+    neighbour = [*EMLOC, "train", "--on", "emulator", "--out", str(neighbour_out), *budget[:2],
+                 "--steps", str(10 * args.steps)]  # outlasts the measured run
     for _ in range(args.repeats):
-        (ROOT / budget_out / "manifests" / "train_emulator.json").unlink(missing_ok=True)
-        neighbour = [*emloc, "train", "--on", "emulator", "--out", str(neighbour_out), *budget[:2],
-                     "--steps", str(10 * args.steps)]
-        command = [*emloc, "train", "--on", "emulator", "--out", str(budget_out), *budget]
-        row = with_neighbour(command, neighbour)
         repeat(rows, "train_emulator_budget_beside_a_neighbour",
-               row | {"seconds_per_step": seconds_per_step(ROOT / budget_out, "emulator")})
+               trained(budget_out, "emulator", budget, neighbour))
     inference = rows["inference_original"]["peak_rss_mb"]
     generation = rows["inference_original_generate_only"]
     step = {name: rows[name]["seconds_per_step"] for name in rows if "seconds_per_step" in rows[name]}
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {row['peak_rss_mb']:8.0f} MB  {row['wall_s']:7.1f} s  "
               f"{row.get('seconds_per_step', float('nan')):.2f} s/step")
     for key, value in result.items():
-        if key.endswith(("_original", "_default", "_idle", "_only")):
+        if key.endswith(RATIO_SUFFIXES):
             print(f"{key}: {value:.2f}x")
     sys.path.insert(0, str(ROOT))
     from emloc import io, provenance
@@ -209,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     record = provenance.record(
         {"readme": {"preset": "standard"}},
         command=f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}")
-    for written in ("readme_commands.json", "readme_commands.md"):
-        provenance.write(RESULTS / written, record)
+    provenance.write([RESULTS / "readme_commands.json", RESULTS / "readme_commands.md"], record)
     return 0
 
 

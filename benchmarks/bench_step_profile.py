@@ -114,8 +114,7 @@ def main() -> None:
     record = provenance.record({"standard": {"preset": "standard", "emulator": {"ratio": args.ratio}}},
                                command=f"python benchmarks/bench_step_profile.py --ratio {args.ratio} "
                                        f"--steps {args.steps}", threads=n_threads)
-    for written in ("step_profile.json", "step_profile.md"):
-        provenance.write(RESULTS / written, record)
+    provenance.write([RESULTS / "step_profile.json", RESULTS / "step_profile.md"], record)
     print(markdown(result))
 
 

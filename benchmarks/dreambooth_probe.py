@@ -89,8 +89,7 @@ def main(argv: list[str]) -> int:
     target.with_suffix(".md").write_text(text + f"\n\nMeans over {len(seeds)} seed(s); a probe, no intervals.\n",
                                          encoding="utf-8")
     record = provenance.record({}, command="python benchmarks/dreambooth_probe.py " + " ".join(map(str, seeds)))
-    for path in (target, target.with_suffix(".md")):
-        provenance.write(path, record)
+    provenance.write([target, target.with_suffix(".md")], record)
     return 0
 
 

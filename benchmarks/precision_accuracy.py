@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         {"bf16-mixed": {"preset": "standard", "lora": {"precision": "bf16-mixed"}},
          "32-true": {"preset": "standard"}},
         command="python benchmarks/precision_accuracy.py --runs " + " ".join(shown(d) for d in args.runs))
-    for written in ("accuracy.json", "accuracy.md"):
-        provenance.write(RESULTS / written, record)
+    provenance.write([RESULTS / "accuracy.json", RESULTS / "accuracy.md"], record)
     return 0
 
 

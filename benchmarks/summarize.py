@@ -140,6 +140,44 @@ def big_result_files(results: Path = RESULTS) -> list[str]:
     return sorted(path.name for path in results.glob("memory_big*.json"))
 
 
+
+def readme_command_rows(readme: dict) -> list[dict]:
+    """The claims measured by ``bench_readme_commands.py``: the README's commands, from outside."""
+    commands = readme["rows"]
+    train, inference = commands["train_emulator"], commands["inference_original"]
+    repeats = len(train["repeats"])
+
+    def claim(text: str, ratio: str, target: float, detail: str) -> dict:
+        return {"claim": text, "measured": readme[ratio], "target": target, "direction": "<=", "detail": detail,
+                "source": "readme_commands.json"}
+
+    rows = [claim("peak memory of `emloc train --on emulator` (default flags) <= inference with the original",
+                  "lora_emulator_over_inference_original", 1.0,
+                  f"bench_readme_commands.py: {train['peak_rss_mb']:.0f} MB vs {inference['peak_rss_mb']:.0f} MB, "
+                  f"peak RSS from outside, median of {repeats}; standard preset, float32")]
+    if "lora_emulator_over_generation_only" in readme:
+        generation = commands["inference_original_generate_only"]
+        rows.append(claim("peak memory of `emloc train --on emulator` (default flags) <= generation alone with the "
+                          "original", "lora_emulator_over_generation_only", 1.0,
+                          f"{train['peak_rss_mb']:.0f} MB vs {generation['peak_rss_mb']:.0f} MB (16 greedy tokens for "
+                          f"8 prompts, no whole-batch forward), from outside, median of {repeats}"))
+    rows.append(claim("step time of `emloc train --on emulator` <= 0.6x `--on original` (default flags, ratio 0.5)",
+                      "step_time_emulator_over_original", 0.6,
+                      f"{train['seconds_per_step']:.2f} s vs {commands['train_original']['seconds_per_step']:.2f} s "
+                      f"per step, the runs' own, {readme['steps']} steps, median of {repeats}"))
+    if "budget_step_time_over_default" in readme:
+        budget = commands["train_emulator_budget"]
+        beside = commands["train_emulator_budget_beside_a_neighbour"]
+        rows.append(claim("`--memory-budget inference`: step time <= 1.5x the default path's",
+                          "budget_step_time_over_default", 1.5,
+                          f"{budget['seconds_per_step']:.2f} s vs {train['seconds_per_step']:.2f} s per step, one "
+                          f"benchmark run; peak {readme['budget_over_inference_original']:.2f}x inference"))
+        rows.append(claim("`--memory-budget inference` beside a second such training: step <= 2x idle",
+                          "budget_step_time_beside_a_neighbour_over_idle", 2.0,
+                          f"{beside['seconds_per_step']:.2f} s vs {budget['seconds_per_step']:.2f} s per step "
+                          f"(2 cores)"))
+    return rows
+
 def claims(results: Path = RESULTS) -> pd.DataFrame:
     rows = []
     construction, step, memory = _json("construction.json"), _json("training_step_ratio0.5.json"), _json("memory.json")
@@ -157,41 +195,7 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
                      "detail": f"{step['emulator_s_per_step']:.3f} s vs {step['original_s_per_step']:.3f} s per step, batch {step['batch_size']}", "source": "training_step_ratio0.5.json"})
     readme = _json("readme_commands.json")
     if readme:
-        train, inference = readme["rows"]["train_emulator"], readme["rows"]["inference_original"]
-        rows.append({"claim": "peak memory of `emloc train --on emulator` (default flags) <= inference with the original",
-                     "measured": readme["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",
-                     "detail": f"bench_readme_commands.py: {train['peak_rss_mb']:.0f} MB vs {inference['peak_rss_mb']:.0f} MB, "
-                               f"peak RSS from outside, median of {len(train['repeats'])}; standard preset, float32",
-                     "source": "readme_commands.json"})
-        if "lora_emulator_over_generation_only" in readme:
-            generation = readme["rows"]["inference_original_generate_only"]
-            rows.append({"claim": "peak memory of `emloc train --on emulator` (default flags) <= generation alone with "
-                                  "the original",
-                         "measured": readme["lora_emulator_over_generation_only"], "target": 1.0, "direction": "<=",
-                         "detail": f"{train['peak_rss_mb']:.0f} MB vs {generation['peak_rss_mb']:.0f} MB (16 greedy "
-                                   f"tokens for 8 prompts, no whole-batch forward), from outside, median of "
-                                   f"{len(train['repeats'])}",
-                         "source": "readme_commands.json"})
-        rows.append({"claim": "step time of `emloc train --on emulator` <= 0.6x `--on original` (default flags, ratio 0.5)",
-                     "measured": readme["step_time_emulator_over_original"], "target": 0.6, "direction": "<=",
-                     "detail": f"{readme['rows']['train_emulator']['seconds_per_step']:.2f} s vs "
-                               f"{readme['rows']['train_original']['seconds_per_step']:.2f} s per step, the runs' own, "
-                               f"{readme['steps']} steps, median of {len(train['repeats'])}",
-                     "source": "readme_commands.json"})
-        if "budget_step_time_over_default" in readme:
-            budget = readme["rows"]["train_emulator_budget"]
-            rows.append({"claim": "`--memory-budget inference`: step time <= 1.5x the default path's",
-                         "measured": readme["budget_step_time_over_default"], "target": 1.5, "direction": "<=",
-                         "detail": f"{budget['seconds_per_step']:.2f} s vs "
-                                   f"{readme['rows']['train_emulator']['seconds_per_step']:.2f} s per step, one "
-                                   f"benchmark run; peak {readme['budget_over_inference_original']:.2f}x inference",
-                         "source": "readme_commands.json"})
-            rows.append({"claim": "`--memory-budget inference` beside a second such training: step <= 2x idle",
-                         "measured": readme["budget_step_time_beside_a_neighbour_over_idle"], "target": 2.0,
-                         "direction": "<=",
-                         "detail": f"{readme['rows']['train_emulator_budget_beside_a_neighbour']['seconds_per_step']:.2f}"
-                                   f" s vs {budget['seconds_per_step']:.2f} s per step (2 cores)",
-                         "source": "readme_commands.json"})
+        rows += readme_command_rows(readme)
     if memory:
         rows.append({"claim": "peak memory of LoRA on the emulator <= inference with the original (default model)",
                      "measured": memory["lora_emulator_over_inference_original"], "target": 1.0, "direction": "<=",

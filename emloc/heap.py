@@ -49,12 +49,10 @@ def compact_heap_environment(environ: dict[str, str]) -> dict[str, str] | None:
     opted out, or not glibc on Linux). Tunables the user set are kept; ours are added after them."""
     if environ.get(OPT_OUT) == "1" or not sys.platform.startswith("linux") or not _is_glibc():
         return None
-    current = environ.get("GLIBC_TUNABLES", "")
-    named = {item.split("=", 1)[0] for item in current.split(":") if item}
+    current = [item for item in environ.get("GLIBC_TUNABLES", "").split(":") if item]
+    named = {item.split("=", 1)[0] for item in current}
     missing = [f"{key}={value}" for key, value in COMPACT_HEAP_TUNABLES.items() if key not in named]
-    if not missing:
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join([item for item in current.split(":") if item] + missing)}
+    return {**environ, "GLIBC_TUNABLES": ":".join(current + missing)} if missing else None
 
 
 def compact_heap_active(environ: dict[str, str] | None = None) -> bool:

@@ -166,10 +166,10 @@ def threads_for_training():
     if os.environ.get("OMP_NUM_THREADS") or before <= 1:
         yield before
         return
-    busy = busy_cpus()
-    chosen = threads_beside(busy, before, os.cpu_count() or 1)
+    busy, cpus = busy_cpus(), os.cpu_count() or 1
+    chosen = threads_beside(busy, before, cpus)
     if chosen < before:
-        print(f"other work keeps {busy:.1f} of {os.cpu_count()} CPUs busy: training on {chosen} of {before} "
+        print(f"other work keeps {busy:.1f} of {cpus} CPUs busy: training on {chosen} of {before} "
               f"threads (set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)
         torch.set_num_threads(chosen)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from emloc import io
@@ -81,14 +82,19 @@ def record(configs: dict[str, dict] | None = None, command: str = "", **extra) -
             "commit": git_commit(), "date": now, **environment(), **extra}
 
 
-def write(result: str | Path, provenance: dict) -> Path:
-    """Record ``provenance`` for the result file (or whole folder) ``result``; returns the provenance file."""
-    result = Path(result)
-    folder, key = (result, "*") if result.is_dir() else (result.parent, result.name)
-    path = folder / PROVENANCE
-    records = io.read_json(path) if path.exists() else {}
-    records[key] = provenance
-    io.write_json(path, dict(sorted(records.items())))
+def write(result: str | Path | Iterable[str | Path], provenance: dict) -> Path:
+    """Record ``provenance`` for the result file (or whole folder) ``result``, or for each of several results
+    (e.g. a JSON file and the Markdown table made from it); returns the (last) provenance file written."""
+    results = [Path(result)] if isinstance(result, (str, Path)) else [Path(r) for r in result]
+    keys_by_folder: dict[Path, list[str]] = {}
+    for path in results:
+        folder, key = (path, "*") if path.is_dir() else (path.parent, path.name)
+        keys_by_folder.setdefault(folder, []).append(key)
+    for folder, keys in keys_by_folder.items():
+        path = folder / PROVENANCE
+        records = io.read_json(path) if path.exists() else {}
+        records |= {key: provenance for key in keys}
+        io.write_json(path, dict(sorted(records.items())))
     return path
 
 

@@ -79,3 +79,16 @@ def test_commit_inside_and_outside_git(tmp_path):
     assert provenance.git_commit(tmp_path) == "unknown"
     commit = provenance.git_commit(Path(__file__).parent)
     assert commit == "unknown" or len(commit.removesuffix("+changes")) == 40  # a clean clone, or not git
+
+
+def test_one_record_for_several_results_is_one_record_each(tmp_path):
+    """``provenance.write([json, md], record)`` leaves the same file as writing each result on its own."""
+    from emloc import provenance
+    for name in ("result.json", "result.md"):
+        (tmp_path / name).write_text("{}")
+    record = {"declares": "named settings: a test", "command": "x"}
+    together = provenance.write([tmp_path / "result.json", tmp_path / "result.md"], record).read_text()
+    (tmp_path / "provenance.json").unlink()
+    provenance.write(tmp_path / "result.json", record)
+    assert provenance.write(tmp_path / "result.md", record).read_text() == together
+    assert provenance.read(tmp_path / "result.md") == record
