@@ -287,6 +287,14 @@ def big_prediction(cfg, stage: str, features: list[dict], baseline_mb: float) ->
                              cfg.emulator.ratio, cfg.lora.gradient_checkpointing, baseline_mb)
 
 
+def big_train_command(out: Path, steps: int) -> dict:
+    """``emloc train --on emulator --steps N`` on the big run as a user runs it (default flags: the compact
+    heap, threads by the machine's load), its peak RSS measured from outside (a training has no loading
+    transient: the emulator is loaded layer by layer)."""
+    from bench_readme_commands import trained
+    return {"stage": "big_train_command", **trained(out, "emulator", ["--steps", str(steps)])}
+
+
 def big_results_file(dtype: str) -> Path:
     """``memory_big.json`` for float32 (the first measured), ``memory_big_<dtype>.json`` for another dtype."""
     from common import RESULTS
@@ -319,6 +327,9 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
         rows.append(measure(stage, "--steps", str(steps), "--big-out", str(out)))
         row = rows[-1]
         print(f"{stage}: peak {row['peak_rss_mb']:.0f} MB in {row['seconds']:.0f} s{ledger_text(row)}", flush=True)
+    rows.append(big_train_command(out, steps))
+    print(f"big_train_command: peak {rows[-1]['peak_rss_mb']:.0f} MB, {rows[-1]['seconds_per_step']:.1f} s per step",
+          flush=True)
     peaks = {r["stage"]: r["peak_rss_mb"] for r in rows}
     running = {r["stage"]: r["running_peak_mb"] for r in rows if "running_peak_mb" in r}
     size = model_size(folder)
@@ -328,6 +339,10 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
                "batch_size": config.lora.batch_size, "lora_steps": steps, "stages": rows,
                "lora_emulator_over_inference_original": running["big_lora_emulator"] / running["big_inference_original"],
                "lora_emulator_over_inference_original_whole_process": (peaks["big_lora_emulator"]
+                                                                       / peaks["big_inference_original"]),
+               "train_command_over_inference_original": (peaks["big_train_command"]
+                                                         / running["big_inference_original"]),
+               "train_command_over_inference_original_whole_process": (peaks["big_train_command"]
                                                                        / peaks["big_inference_original"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     big_results_file(dtype).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

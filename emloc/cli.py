@@ -167,15 +167,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merge_dicts(raw, flag_overrides(args)))
 
 
-def planned(config: RunConfig, command: str) -> RunConfig:
-    """With ``memory_budget`` set, print the memory plan and return the config it chooses (ratio, micro batch,
-    checkpointing) for the commands that build or train; an impossible budget is a one-line error."""
-    if config.memory_budget is None or command not in ("run", "build", "train"):
-        return config
+def planned(run, command: str):
+    """With ``memory_budget`` set, print the memory plan (sized by the run's training data) and give ``run``
+    the config it chooses (ratio, micro batch, checkpointing) for the commands that build or train; an
+    impossible budget is a one-line error."""
+    if run.config.memory_budget is None or command not in ("run", "build", "train"):
+        return run
     from emloc.memory import plan_for_run
-    plan = plan_for_run(config)
+    plan = plan_for_run(run.config, run.features("train"))
     print(plan, flush=True)
-    return plan.apply(config)
+    run.config = plan.apply(run.config)
+    return run
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -183,7 +185,7 @@ def execute(args: argparse.Namespace) -> int:
 
     if args.command == "sweep":
         return execute_sweep(args)
-    run = pipeline.Run(args.out, planned(config_from_args(args), args.command))
+    run = planned(pipeline.Run(args.out, config_from_args(args)), args.command)
     start = time.perf_counter()
     if args.command == "run":
         results = pipeline.run_pipeline(run, force=args.force)

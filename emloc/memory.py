@@ -16,8 +16,10 @@ from transformers import AutoConfig, LlamaConfig
 
 from emloc.calibration import target_linears
 from emloc.config import LLAMA_PROJECTIONS, RunConfig, parse_memory_budget
+from emloc.data import longest_lengths
 from emloc.errors import EmlocError
 from emloc.families import automatic_targets, linear_shape
+from emloc.heap import compact_heap_active
 from emloc.lowrank import rank_from_ratio
 from emloc.models import meta_model
 from emloc.targets import module_types
@@ -62,6 +64,10 @@ class LedgerSettings:
     runtime_bytes: float = 0.0
     """Process memory outside the tensors counted here (framework code, allocator; about 0.4 GB for torch +
     transformers on a CPU), added to every stage's total so that totals compare with measured peaks."""
+    allocator_slack: float = 0.0
+    """Freed memory the allocator still holds at a training step's peak, as a share of one micro batch's
+    activations without checkpointing (:func:`allocator_slack_bytes`); 0 when freed blocks go back to the OS
+    at once (glibc's small heap)."""
 
 
 def model_config(name: str):
@@ -86,6 +92,11 @@ def parameter_counts(model, settings: LedgerSettings) -> dict[str, float]:
             "emulator_rank_sum": sum(rank_from_ratio(settings.ratio, o, i) for o, i in shapes)}
 
 
+def layer_values_per_token(config) -> int:
+    """Values one decoder layer keeps for backward per token: ``10 h + 4 m`` (:func:`activation_bytes`)."""
+    return 10 * config.hidden_size + 4 * config.intermediate_size
+
+
 def activation_bytes(config, settings: LedgerSettings) -> float:
     """Values kept for backward through every layer, plus the logits and their gradient, for one micro batch.
 
@@ -99,13 +110,30 @@ def activation_bytes(config, settings: LedgerSettings) -> float:
     """
     sequences = settings.micro_batch_size or settings.batch_size
     tokens = sequences * settings.seq_len
-    per_layer = 10 * config.hidden_size + 4 * config.intermediate_size
+    per_layer = layer_values_per_token(config)
     if settings.gradient_checkpointing:
         per_token = config.hidden_size * (config.num_hidden_layers + 1) + per_layer
     else:
         per_token = per_layer * config.num_hidden_layers
     logits = sequences * (settings.loss_tokens or settings.seq_len) * 2 * config.vocab_size * 4
     return tokens * per_token * DTYPE_BYTES[settings.dtype] + logits
+
+
+COMPACT_HEAP_SLACK = 0.3
+""":attr:`LedgerSettings.allocator_slack` under the compact heap ``emloc`` commands start with
+(:mod:`emloc.heap`). Fitted on the default model (LoRA on the emulator, checkpointing, micro batches 1-8 of
+62 tokens): peaks measured from outside grow by about 26 MB per sequence against the slack-free ledger's
+9 MB, 0.29 of a sequence's un-checkpointed activations; with it the ledger is within 2% of every measured
+peak (benchmarks/results/plan_accuracy.md)."""
+
+
+def allocator_slack_bytes(config, settings: LedgerSettings) -> float:
+    """Training's allocator slack: ``settings.allocator_slack`` times one micro batch's activations without
+    checkpointing. Checkpointing recomputes every layer in turn, and the holes those transient blocks leave
+    are not all merged and reused by the time of the peak."""
+    tokens = (settings.micro_batch_size or settings.batch_size) * settings.seq_len
+    layers = tokens * layer_values_per_token(config) * config.num_hidden_layers
+    return settings.allocator_slack * layers * DTYPE_BYTES[settings.dtype]
 
 
 def inference_working_bytes(config, settings: LedgerSettings) -> float:
@@ -128,7 +156,8 @@ def ledger(config, settings: LedgerSettings | None = None, model=None) -> pd.Dat
     weight_bytes = DTYPE_BYTES[settings.dtype]
     lora_bytes = counts["lora"] * 4
     training = {"lora": lora_bytes, "gradients": lora_bytes, "optimizer": 2 * lora_bytes,
-                "activations": activation_bytes(config, settings), "runtime": settings.runtime_bytes}
+                "activations": activation_bytes(config, settings),
+                "runtime": settings.runtime_bytes + allocator_slack_bytes(config, settings)}
     rows = [
         {"stage": "inference (original)", "weights": counts["original"] * weight_bytes, "lora": 0.0,
          "gradients": 0.0, "optimizer": 0.0, "activations": inference_working_bytes(config, settings),
@@ -262,24 +291,36 @@ def process_rss_bytes(peak: bool = False) -> float:
         return 0.0
 
 
-def run_ledger_settings(config: RunConfig, seq_len: int | None = None,
+def run_ledger_settings(config: RunConfig, features: list[dict] | None = None,
                         runtime_bytes: float = 0.0) -> LedgerSettings:
-    """The ledger's view of a run: its batch, LoRA rank, targets, ratio and dtype; ``seq_len`` defaults to
-    ``data.max_length`` (the longest a padded batch can be)."""
-    return LedgerSettings(batch_size=config.lora.batch_size, seq_len=seq_len or config.data.max_length,
+    """The ledger's view of a run: its batch, LoRA rank, targets, ratio and dtype. With the run's training
+    ``features``, the sequence length and loss window are the longest a batch of them can have (what training
+    computes: batches padded to their longest, logits on the response window only); without, the worst case
+    (``data.max_length``, logits at every position)."""
+    seq_len, loss_tokens = longest_lengths(features) if features else (config.data.max_length, None)
+    return LedgerSettings(batch_size=config.lora.batch_size, seq_len=seq_len, loss_tokens=loss_tokens,
                           dtype=config.dtype, lora_r=config.lora.r, ratio=config.emulator.ratio,
                           target_modules=tuple(config.emulator.target_modules),
                           gradient_checkpointing=config.lora.gradient_checkpointing,
                           micro_batch_size=config.lora.micro_batch_size, runtime_bytes=runtime_bytes)
 
 
-def plan_for_run(config: RunConfig, seq_len: int | None = None) -> MemoryPlan:
-    """:func:`plan_for_budget` for a run's config and ``config.memory_budget``.
+def plan_for_run(config: RunConfig, features: list[dict] | None = None) -> MemoryPlan:
+    """:func:`plan_for_budget` for a run's config and ``config.memory_budget``, sized by its training
+    ``features`` when given (see :func:`run_ledger_settings`).
 
     A budget in MB/GB is real memory, so the memory this process already holds (torch, transformers, the
     tokenizer) counts towards it; for ``'inference'`` that share is on both sides.
     """
     if config.memory_budget is None:
         raise EmlocError("memory_budget is not set: give --memory-budget inference (or an amount like 2GB)")
-    settings = run_ledger_settings(config, seq_len, process_rss_bytes())
+    settings = planning_settings(config, features)
     return plan_for_budget(model_config(config.model), settings, config.memory_budget)
+
+
+def planning_settings(config: RunConfig, features: list[dict] | None = None) -> LedgerSettings:
+    """The settings the planner predicts this process's training with: the run's (see
+    :func:`run_ledger_settings`), the memory the process holds now as runtime, and the compact heap's slack
+    when it is active (else training keeps the small heap, which has none)."""
+    return dataclasses.replace(run_ledger_settings(config, features, process_rss_bytes()),
+                               allocator_slack=COMPACT_HEAP_SLACK if compact_heap_active() else 0.0)

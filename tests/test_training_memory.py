@@ -4,7 +4,7 @@ import torch
 from transformers import TrainerCallback
 
 from emloc.config import LLAMA_PROJECTIONS, LoraConfigSpec, RunConfig
-from emloc.data import IGNORE_INDEX, PaddingCollator
+from emloc.data import IGNORE_INDEX, PaddingCollator, longest_lengths
 from emloc.errors import EmlocError
 from emloc.lora import add_lora, checkpointing_arguments, train_lora
 import emloc.memory as memory_module  # noqa: E402
@@ -168,3 +168,54 @@ def test_ledger_checkpointing_and_micro_batches_lower_only_the_activations():
         assert lean.loc[stage, "activations"] < plain.loc[stage, "activations"]
         assert lean.loc[stage, "weights"] == plain.loc[stage, "weights"]
     assert lean.loc["inference (original)", "total"] == plain.loc["inference (original)", "total"]
+
+
+def test_longest_lengths_are_the_largest_batch_and_window_training_makes():
+    rows = features(8)
+    seq_len, window = longest_lengths(rows)
+    batch = PaddingCollator(PAD)(rows)
+    assert batch["input_ids"].shape[1] == seq_len and batch["logits_to_keep"] == window
+
+
+def test_the_planner_sizes_training_by_the_runs_data_and_the_budget_by_its_worst_case():
+    config = RunConfig.from_dict({"dtype": "float32", "data": {"max_length": 128}})
+    rows = features(8)
+    sized = memory_module.run_ledger_settings(config, rows)
+    assert (sized.seq_len, sized.loss_tokens) == longest_lengths(rows)
+    worst = memory_module.run_ledger_settings(config)
+    assert (worst.seq_len, worst.loss_tokens) == (128, None)
+
+
+def test_allocator_slack_grows_with_the_micro_batch_and_touches_training_rows_only():
+    config = tiny_config()
+    base = LedgerSettings(batch_size=8, seq_len=64, dtype="float32", gradient_checkpointing=True,
+                          micro_batch_size=2)
+    slack = LedgerSettings(**{**base.__dict__, "allocator_slack": 0.3})
+    plain, padded = ledger(config, base), ledger(config, slack)
+    added = (padded - plain)["total"]
+    assert added["inference (original)"] == 0
+    assert added["LoRA (emulator)"] == pytest.approx(added["LoRA (original)"]) and added["LoRA (emulator)"] > 0
+    doubled = ledger(config, LedgerSettings(**{**slack.__dict__, "micro_batch_size": 4}))
+    plain4 = ledger(config, LedgerSettings(**{**base.__dict__, "micro_batch_size": 4}))
+    assert (doubled - plain4)["total"]["LoRA (emulator)"] == pytest.approx(2 * added["LoRA (emulator)"])
+
+
+@pytest.mark.parametrize("tunables, slack", [("glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0", memory_module.COMPACT_HEAP_SLACK), ("", 0.0)])
+def test_planning_counts_the_compact_heaps_slack_only_when_it_is_active(monkeypatch, tunables, slack):
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    settings = memory_module.planning_settings(RunConfig.from_dict({"dtype": "float32"}), features(4))
+    assert settings.allocator_slack == slack and settings.runtime_bytes > 0
+
+
+def test_the_cli_plans_from_the_runs_training_data(tiny_model_dir, tmp_path, capsys):
+    from emloc import cli, pipeline
+    from conftest import tiny_run_config
+    config = tiny_run_config(tiny_model_dir, memory_budget="2GB", dtype="float32")
+    run = cli.planned(pipeline.Run(tmp_path / "run", config, progress=False), "train")
+    printed = capsys.readouterr().out
+    assert "memory plan for budget '2GB'" in printed and "predicted peak" in printed
+    seq_len, window = longest_lengths(run.features("train"))
+    assert seq_len < config.data.max_length and window < seq_len  # sized by the data, not the worst case
+    assert config.lora.batch_size % run.config.lora.micro_batch_size == 0
+    untouched = cli.planned(pipeline.Run(tmp_path / "other", config, progress=False), "calibrate")
+    assert untouched.config.lora == config.lora and not capsys.readouterr().out

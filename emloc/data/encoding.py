@@ -120,6 +120,15 @@ def response_window_batch(features: list[dict[str, list[int]]], pad_token_id: in
     return batch
 
 
+def longest_lengths(features: list[dict[str, list[int]]]) -> tuple[int, int]:
+    """``(longest sequence, longest loss window)`` over ``features``: the largest padded batch and logits
+    window :func:`response_window_batch` can make from them (window = labelled tail + 1)."""
+    def window(labels: list[int]) -> int:
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        return min(len(labels) - first + 1, len(labels))
+    return max(len(f["input_ids"]) for f in features), max(window(f["labels"]) for f in features)
+
+
 class PaddingCollator:
     """A picklable collator for ``transformers.Trainer`` (see :func:`response_window_batch`)."""
 
