@@ -295,6 +295,20 @@ def big_train_command(out: Path, steps: int) -> dict:
     return {"stage": "big_train_command", **trained(out, "emulator", ["--steps", str(steps)])}
 
 
+def write_big_provenance(path: Path, steps: int, dtype: str) -> None:
+    """A named-settings record (the model is a local folder the record cannot resolve elsewhere)."""
+    import datetime
+
+    from emloc import provenance
+    record = {"declares": provenance.NAMED,
+              "settings": f"benchmarks/bench_memory.py --big: a random 1.5B Llama (make_big_model.py), {dtype}, "
+                          f"batch 8, {steps} LoRA steps; `emloc train --on emulator` with default flags",
+              "command": f"python benchmarks/bench_memory.py --big runs/big-llama --big-steps {steps} --big-dtype {dtype}",
+              "commit": provenance.git_commit(),
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **provenance.environment()}
+    provenance.write(path, record)
+
+
 def big_results_file(dtype: str) -> Path:
     """``memory_big.json`` for float32 (the first measured), ``memory_big_<dtype>.json`` for another dtype."""
     from common import RESULTS
@@ -346,6 +360,7 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
                                                                        / peaks["big_inference_original"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     big_results_file(dtype).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_big_provenance(big_results_file(dtype), steps, dtype)
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
