@@ -107,8 +107,18 @@ def judged(images: torch.Tensor) -> np.ndarray:
 
 def build_denoiser(preset: DenoiserPreset, seed: int = 0) -> nn.Module:
     """A freshly initialised class-conditional DiT for ``preset`` (weights from ``seed``)."""
-    from diffusers import DiTTransformer2DModel
     torch.manual_seed(seed)
+    return _dit(preset)
+
+
+def denoiser_skeleton(preset: DenoiserPreset) -> nn.Module:
+    """``preset``'s DiT on the meta device (its structure only: no weights, the global RNG untouched)."""
+    with torch.device("meta"):
+        return _dit(preset)
+
+
+def _dit(preset: DenoiserPreset) -> nn.Module:
+    from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel(num_attention_heads=preset.num_attention_heads,
                                  attention_head_dim=preset.attention_head_dim, in_channels=1, out_channels=1,
                                  num_layers=preset.num_layers, sample_size=IMAGE_SIZE, patch_size=2,
@@ -235,9 +245,11 @@ def dreambooth_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: DenoiserPreset, steps: int = 100,
                      learning_rate: float = 1e-3, batch_size: int = 16, prior_share: float = 0.5,
-                     prior_weight: float = 1.0, seed: int = 0, progress: bool = True) -> list[float]:
+                     prior_weight: float = 1.0, seed: int = 0, progress: bool = True,
+                     on_loss=None) -> list[float]:
     """LoRA on a denoiser (a peft model: only the LoRA weights train) with :func:`dreambooth_loss`, AdamW and
-    a constant learning rate; the same seed gives the same batches and noise. Returns the losses."""
+    a constant learning rate; the same seed gives the same batches and noise. Returns the losses;
+    ``on_loss(step, loss)`` sees each one as it comes."""
     scheduler = noise_scheduler(preset)
     generator = torch.Generator().manual_seed(seed)
 
@@ -246,36 +258,69 @@ def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: Denois
         return dreambooth_loss(peft_model, *batch, scheduler, generator, prior_weight)
     peft_model.train()
     losses = _optimise([p for p in peft_model.parameters() if p.requires_grad], learning_rate, steps,
-                       step_loss, "DreamBooth LoRA", progress)
+                       step_loss, "DreamBooth LoRA", progress, on_loss)
     peft_model.eval()
     return losses
 
 
 def _optimise(parameters, learning_rate: float, steps: int, step_loss, desc: str,
-              progress: bool) -> list[float]:
+              progress: bool, on_loss=None) -> list[float]:
     """``steps`` AdamW steps (constant learning rate, no weight decay) on ``step_loss()``; the losses."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress):
         loss = step_loss()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_loss is not None:
+            on_loss(step, losses[-1])
     return losses
 
 
 @torch.no_grad()
 def calibration_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                           preset: DenoiserPreset, seed: int = 0) -> CalibrationStats:
-    """``C`` per distinct input of the targeted linears (``'auto'``), from one forward over ``images`` noised
-    at timesteps drawn as in training (every patch token counts)."""
+                           preset: DenoiserPreset, seed: int = 0,
+                           target_modules: list[str] | tuple[str, ...] = (AUTO,)) -> CalibrationStats:
+    """``C`` per distinct input of the targeted linears, from one forward over ``images`` noised at timesteps
+    drawn as in training (every patch token counts)."""
     x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
-    with recording_inputs(target_linears(model, [AUTO]), device) as accumulator:
+    with recording_inputs(target_linears(model, list(target_modules)), device) as accumulator:
         accumulator.begin_batch(None)
         model(x_t.to(device), timestep=t.to(device), class_labels=labels.to(device))
     return stats_from_accumulator(accumulator, len(images))
+
+
+TIMESTEP_BINS = 4
+"""The fidelity check's timestep ranges (equal shares of the training schedule, low noise first)."""
+
+
+@torch.no_grad()
+def noise_prediction_error(original: nn.Module, emulator: nn.Module, data: DreamBoothData,
+                           preset: DenoiserPreset, seed: int = 0, draws: int = 4) -> dict:
+    """How far the emulator's noise prediction is from the original's on the subject and prior images, each
+    noised ``draws`` times at timesteps drawn as in training: ``||eps' - eps|| / ||eps||`` over all of them
+    and per timestep range (:data:`TIMESTEP_BINS`), the diffusion counterpart of the language model's KL."""
+    images = torch.cat([data.subject, data.prior]).repeat(draws, 1, 1, 1)
+    labels = torch.cat([torch.full((len(data.subject),), HELD_OUT_DIGIT), data.prior_labels]).repeat(draws)
+    x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed))
+    device = next(original.parameters()).device
+    inputs = dict(timestep=t.to(device), class_labels=labels.to(device))
+    eps = original(x_t.to(device), **inputs).sample.flatten(1).float()
+    eps_emulator = emulator(x_t.to(device), **inputs).sample.flatten(1).float()
+    error, norm = (eps_emulator - eps).norm(dim=1) ** 2, eps.norm(dim=1) ** 2
+    bins = (t * TIMESTEP_BINS // preset.train_timesteps).clamp(max=TIMESTEP_BINS - 1)
+    width = preset.train_timesteps // TIMESTEP_BINS
+    per_bin = {f"{b * width}-{(b + 1) * width - 1}": _relative(error[bins == b], norm[bins == b])
+               for b in range(TIMESTEP_BINS) if (bins == b).any()}
+    return {"relative_error": _relative(error, norm), "relative_error_by_timestep": per_bin,
+            "images": int(len(images))}
+
+
+def _relative(squared_error: torch.Tensor, squared_norm: torch.Tensor) -> float:
+    return float((squared_error.sum() / squared_norm.sum()).sqrt())
 
 
 def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
