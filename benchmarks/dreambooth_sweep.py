@@ -13,8 +13,8 @@ points adopt its LoRA on the original (same fingerprint). The base denoiser is t
 noise and the samples. One torch thread per job; ``--jobs`` runs seeds side by side.
 
 Rows go to ``benchmarks/results/dreambooth/rows_seed<k>.csv`` (one per point and variant; an interrupted sweep
-resumes). ``--summarize`` writes ``summary.md`` (each metric's mean over seeds with its 95% Student-t interval
-over seeds) and ``comparisons.md`` (paired differences by seed, with the sentence each interval reads as).
+resumes). ``--summarize`` writes ``summary.md`` and ``summary.csv`` (each metric's mean over seeds with its 95%
+Student-t interval over seeds) and ``comparisons.md`` (paired differences by seed, with the sentence each interval reads as).
 """
 from __future__ import annotations
 
@@ -101,19 +101,13 @@ def write_rows(seed: int, rows: list[dict]) -> None:
 
 # ---- tables -----------------------------------------------------------------------------------------
 
-def summary_table(rows):
-    """Per point and variant: each metric's mean over seeds with its 95% t interval over seeds."""
-    import pandas as pd
-
-    from emloc.statistics import seed_interval
-    out = []
-    for (point, variant), group in rows.groupby(["point", "variant"], sort=False):
-        row = {"point": point, "variant": variant, "seeds": group["seed"].nunique()}
-        for metric in METRICS:
-            mean, low, high = seed_interval(group[metric].tolist(), bounds=(0.0, 1.0))
-            row[metric] = f"{mean:.3f} [{low:.3f}, {high:.3f}]"
-        out.append(row)
-    return pd.DataFrame(out)
+def summary_table(long):
+    """Per point and variant (wide): each metric's mean over seeds with its 95% t interval over seeds."""
+    long = long.copy()
+    long["shown"] = [f"{r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]" for r in long.itertuples()]
+    wide = long.pivot_table(index=["point", "variant", "seeds"], columns="metric", values="shown",
+                            aggfunc="first", sort=False)
+    return wide[list(METRICS)].reset_index()
 
 
 def paired(rows, point_a: str, variant_a: str, point_b: str, variant_b: str, metric: str):
@@ -126,30 +120,32 @@ def paired(rows, point_a: str, variant_a: str, point_b: str, variant_b: str, met
 
 
 def comparisons(rows, ratios: list[float]) -> list[dict]:
-    """The questions the issue asks, each a paired difference by seed per metric."""
+    """The questions the issue asks, each a paired difference by seed per metric: ``setting``, what A and B
+    are, and where each is measured (point, variant)."""
+    from emloc.statistics import verdict
     questions = []
     for ratio in ratios:
         aware, plain = (f"{method}_r{ratio:g}_dense" for method in ("activation_aware", "plain"))
-        for point in (aware, plain):
-            questions.append((f"{point}: corrected vs uncorrected", point, "transfer_corrected", point,
-                              "transfer_uncorrected"))
-        questions.append((f"ratio {ratio:g}: EMLoC (activation-aware, corrected) vs the official recipe (plain, "
-                          "uncorrected)", aware, "transfer_corrected", plain, "transfer_uncorrected"))
-        questions.append((f"ratio {ratio:g}: activation-aware vs plain emulator (no adapter)", aware, "emulator",
-                          plain, "emulator"))
-        questions.append((f"ratio {ratio:g}: EMLoC vs LoRA on the original", aware, "transfer_corrected", aware,
-                          "full_lora"))
+        for point, method in ((aware, "activation-aware"), (plain, "plain")):
+            questions.append((f"ratio {ratio:g}, {method} emulator", "corrected transfer", "uncorrected transfer",
+                              point, "transfer_corrected", point, "transfer_uncorrected"))
+        questions += [
+            (f"ratio {ratio:g}", "EMLoC (activation-aware, corrected)", "the official recipe (plain, uncorrected)",
+             aware, "transfer_corrected", plain, "transfer_uncorrected"),
+            (f"ratio {ratio:g}, no adapter", "the activation-aware emulator", "the plain emulator",
+             aware, "emulator", plain, "emulator"),
+            (f"ratio {ratio:g}", "EMLoC", "LoRA on the original", aware, "transfer_corrected", aware, "full_lora")]
     first = f"activation_aware_r{ratios[0]:g}"
-    questions.append((f"ratio {ratios[0]:g}, EMLoC: conditioning compressed vs dense", f"{first}_compressed",
-                      "transfer_corrected", f"{first}_dense", "transfer_corrected"))
-    from emloc.statistics import verdict
+    questions.append((f"ratio {ratios[0]:g}, EMLoC", "conditioning compressed", "conditioning dense",
+                      f"{first}_compressed", "transfer_corrected", f"{first}_dense", "transfer_corrected"))
     out = []
-    for label, point_a, variant_a, point_b, variant_b in questions:
+    for setting, a, b, point_a, variant_a, point_b, variant_b in questions:
         for metric in METRICS:
             (mean, low, high), seeds = paired(rows, point_a, variant_a, point_b, variant_b, metric)
             if seeds:
-                out.append({"question": label, "metric": metric, "difference": mean, "low": low, "high": high,
-                            "seeds": seeds, "reads": verdict(low, high, HIGHER_IS_BETTER[metric])})
+                out.append({"setting": setting, "a": a, "b": b, "metric": metric, "difference": mean, "low": low,
+                            "high": high, "seeds": seeds,
+                            "reads": verdict(low, high, HIGHER_IS_BETTER[metric])})
     return out
 
 
@@ -159,16 +155,20 @@ def summarize(ratios: list[float], command: str) -> None:
     from emloc import provenance
     rows = pd.concat([pd.read_csv(path) for path in sorted(RESULTS.glob(ROWS.format(seed="*")))],
                      ignore_index=True)
-    summary = summary_table(rows)
+    from emloc.reports import seed_summary
+    long = seed_summary(rows, ["point", "variant"], list(METRICS))
+    long.to_csv(RESULTS / "summary.csv", index=False)
+    summary = summary_table(long)
     fidelity = (rows.drop_duplicates(["point", "seed"]).groupby("point", sort=False)["noise_prediction_error"]
                 .agg(["mean", "min", "max"]).round(4).reset_index())
     (RESULTS / "summary.md").write_text(
         summary.to_markdown(index=False) + "\n\nThe emulator's noise-prediction error (`||eps' - eps|| / ||eps||`,"
         " per point over seeds: mean, min, max):\n\n" + fidelity.to_markdown(index=False) + "\n", encoding="utf-8")
     table = pd.DataFrame(comparisons(rows, ratios))
-    lines = [f"| {r.question} | {r.metric} | {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | {r.reads} "
-             f"| {r.seeds} |" for r in table.itertuples()]
-    header = "| A vs B | metric | A - B, paired by seed | A | seeds |\n|---|---|---:|---|---:|\n"
+    lines = [f"| {r.setting} | {r.a} vs {r.b} | {r.metric} | {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}] "
+             f"| {r.reads} | {r.seeds} |" for r in table.itertuples()]
+    header = ("| setting | A vs B | metric | A - B, paired by seed | A | seeds |\n"
+              "|---|---|---|---:|---|---:|\n")
     (RESULTS / "comparisons.md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
     table.to_csv(RESULTS / "comparisons.csv", index=False)
     print((RESULTS / "summary.md").read_text(), (RESULTS / "comparisons.md").read_text(), sep="\n")

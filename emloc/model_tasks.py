@@ -29,6 +29,8 @@ from emloc.lora import LossCallback, TrainResult, add_lora, train_lora
 from emloc.models import load_model, resolve_dtype
 from emloc.targets import AUTO
 
+SAMPLES_KEPT = 8
+"""Samples of each digit a denoiser run keeps per variant (8-bit pixels in ``results.json``)."""
 VariantModels = dict[str, Callable[[], ContextManager[nn.Module]]]
 """Variant name -> a context manager that yields the variant's model (and frees it after)."""
 
@@ -203,14 +205,18 @@ class DreamBoothTask(ModelTask):
                                                seed=run.config.seed)
 
     def evaluate(self, run, variants: VariantModels) -> tuple[dict, dict]:
+        """The metrics of every variant from the same sampling noise, and the first
+        :data:`SAMPLES_KEPT` samples of each digit (``results.json``'s ``samples``, for the views)."""
         cfg, data = run.config.dreambooth, run.data
-        metrics = {}
+        labels = torch.tensor([c for c in range(denoiser.N_CLASSES) for _ in range(cfg.samples_per_digit)])
+        metrics, samples = {}, {}
         for name, variant in variants.items():
             with variant() as model:
-                figures = denoiser.dreambooth_metrics(model, self.preset, data, cfg.samples_per_digit,
-                                                      seed=1000 + run.config.seed)
+                images = denoiser.sample(model, labels, self.preset, seed=1000 + run.config.seed)
+            figures = denoiser.sample_metrics(images, labels, data)
             metrics[name] = {key: figures[key] for key in self.metrics} | {"n": figures["samples"]}
-        return metrics, {}
+            samples[name] = denoiser.sample_record(images, labels, SAMPLES_KEPT)
+        return metrics, {"samples": samples}
 
 
 def task_for(config: RunConfig) -> ModelTask:

@@ -3,6 +3,7 @@ digits-dit-tiny`` (the task seam of emloc.model_tasks), its artifacts, and what 
 models."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from emloc.calibration import target_linears
 from emloc.cli import main
 from emloc.config import RunConfig
 from emloc.correction import lora_layers
+from emloc.errors import EmlocError
 from emloc.families import CONDITIONING
 from emloc.lora import load_adapter
 from emloc.rundir import fingerprint
@@ -126,3 +128,68 @@ def test_training_losses_reach_the_callback_as_they_come():
     losses = denoiser.train_dreambooth(model, denoiser.dreambooth_data(2, 4), preset, steps=3, batch_size=4,
                                        progress=False, on_loss=lambda step, loss: seen.append((step, loss)))
     assert seen == list(enumerate(losses, start=1)) and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_denoiser_run_keeps_samples_the_views_read(finished_run):
+    results = finished_run.results()
+    for variant, record in results["samples"].items():
+        images = denoiser.stored_samples(record)
+        assert images.shape == (denoiser.N_CLASSES, record["per_digit"], 8, 8)
+        assert 0 <= images.min() and images.max() <= 1 and record["digits"] == list(range(denoiser.N_CLASSES))
+
+
+def test_mosaic_places_every_tile_with_blank_gaps():
+    tiles = np.arange(2 * 3 * 2 * 2, dtype=float).reshape(2, 3, 2, 2)
+    picture = denoiser.mosaic(tiles, gap=1)
+    assert picture.shape == (5, 8) and np.isnan(picture[2]).all() and np.isnan(picture[:, 2]).all()
+    assert (picture[3:5, 6:8] == tiles[1, 2]).all()
+
+
+def test_calibration_error_by_timestep_is_zero_at_full_rank_and_covers_every_range(finished_run):
+    run = finished_run
+    table = denoiser.calibration_error_by_timestep(run.model, run.factors(), run.data, run.task.preset, bins=2)
+    assert set(table["module"]) == set(run.factors().u) and table["timesteps"].nunique() == 2
+    assert (table["error"] > 0).all() and table["block"].ge(0).all()
+    weights = {name: linear.weight.detach().clone()
+               for name, linear in target_linears(run.model, list(run.factors().u)).items()}
+    exact = type(run.factors())(  # every module at full rank: u = I, v = W, so W' = W
+        {name: torch.eye(W.shape[0]) for name, W in weights.items()}, weights, {}, run.factors().report, "plain")
+    assert denoiser.calibration_error_by_timestep(run.model, exact, run.data, run.task.preset, bins=2)[
+        "error"].max() < 1e-6
+
+
+def test_sample_gallery_moves_between_runs_and_samples(finished_run):
+    import widgets
+    results = finished_run.results()
+    other = json.loads(json.dumps(results))
+    other["samples"]["zero_shot"]["pixels"] = [[255] * 64 for _ in other["samples"]["zero_shot"]["pixels"]]
+    view = widgets.sample_gallery({"this run": results, "another": other})
+    grid = view.grid()
+    assert grid.shape == (len(results["samples"]), denoiser.N_CLASSES, 8, 8)
+    z = np.asarray(view.trace("samples").z, dtype=float)
+    assert np.nanmax(z) <= 1 and np.isnan(z).any()  # gaps are blank
+    view.run_dropdown.value = "another"
+    assert (view.grid()[0] == 1).all() and not (grid[0] == 1).all()
+    if view.sample_slider.max > 0:
+        view.sample_slider.value = 1
+        assert not np.array_equal(view.grid()[1:], grid[1:])
+    assert "subject" in view.stats.value and "(subject)" in "".join(view.figure.layout.xaxis.ticktext)
+
+
+def test_sample_gallery_refuses_a_run_without_samples():
+    import widgets
+    with pytest.raises(EmlocError):
+        widgets.sample_gallery({"variants": {}})
+
+
+def test_the_subject_share_exercise_accepts_the_judges_reading_only(finished_run, capsys):
+    from emloc.exercises import check_subject_share
+    results = finished_run.results()
+    images = denoiser.stored_samples(results["samples"]["transfer_corrected"])[denoiser.HELD_OUT_DIGIT]
+    seen = denoiser.judged(torch.tensor(images * 2 - 1, dtype=torch.float32).unsqueeze(1))
+    right = float((seen == denoiser.HELD_OUT_DIGIT).mean())
+    assert check_subject_share(right, results)
+    assert not check_subject_share(right + 0.3, results)
+    assert not check_subject_share("garbage", results)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("✅") and all(line.startswith("❌") for line in lines[1:])
