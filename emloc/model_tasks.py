@@ -9,6 +9,7 @@ kind of model (a VLM next) is one more class here and one more case in :func:`ta
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 from typing import Callable, ContextManager
@@ -35,7 +36,7 @@ VariantModels = dict[str, Callable[[], ContextManager[nn.Module]]]
 """Variant name -> a context manager that yields the variant's model (and frees it after)."""
 
 
-class ModelTask:
+class ModelTask(abc.ABC):
     """The interface; :class:`CausalLMTask` and :class:`DreamBoothTask` implement it."""
 
     name: str = ""
@@ -44,25 +45,43 @@ class ModelTask:
     plans_memory: bool = False
     """Whether ``--memory-budget`` can plan its training (the ledger knows Llama-style decoders only)."""
 
-    def resolve_targets(self, config: RunConfig) -> RunConfig: ...
+    @abc.abstractmethod
+    def resolve_targets(self, config: RunConfig) -> RunConfig:
+        """``config`` with ``emulator.target_modules: [auto]`` replaced by the module types found."""
 
-    def load_model(self, run) -> nn.Module: ...
+    @abc.abstractmethod
+    def load_model(self, run) -> nn.Module:
+        """A freshly loaded original model on the run's device and dtype."""
 
-    def data(self, run): ...
+    @abc.abstractmethod
+    def data(self, run):
+        """The task's data (loaded once by ``run.data``)."""
 
+    @abc.abstractmethod
     def check_data(self, run) -> None:
-        """Fail early, before any compute or write, on data the stages cannot use."""
+        """Fail early, before any compute or write, on data or settings the stages cannot use."""
 
-    def data_report(self, run) -> dict: ...
+    @abc.abstractmethod
+    def data_report(self, run) -> dict:
+        """What the calibration manifest records about the data."""
 
-    def calibration_stats(self, run) -> CalibrationStats: ...
+    @abc.abstractmethod
+    def calibration_stats(self, run) -> CalibrationStats:
+        """``C`` per distinct input of the targeted linears, from the original model."""
 
-    def model_for_training(self, run, which: str) -> nn.Module: ...
+    @abc.abstractmethod
+    def model_for_training(self, run, which: str) -> nn.Module:
+        """The model LoRA trains on: ``'emulator'`` or ``'original'``."""
 
-    def train(self, run, model: nn.Module, on_loss: LossCallback | None) -> TrainResult: ...
+    @abc.abstractmethod
+    def train(self, run, model: nn.Module, on_loss: LossCallback | None) -> TrainResult:
+        """LoRA (peft) on ``model`` with the task's objective; ``on_loss(step, loss)`` as it trains."""
 
-    def fidelity(self, run) -> dict: ...
+    @abc.abstractmethod
+    def fidelity(self, run) -> dict:
+        """The emulator (no adapter) against the original, end to end."""
 
+    @abc.abstractmethod
     def evaluate(self, run, variants: VariantModels) -> tuple[dict, dict]:
         """``(per-variant metrics, extra results keys)``."""
 
