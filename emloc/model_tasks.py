@@ -66,8 +66,12 @@ class ModelTask(abc.ABC):
         """What the calibration manifest records about the data."""
 
     @abc.abstractmethod
-    def calibration_stats(self, run) -> CalibrationStats:
-        """``C`` per distinct input of the targeted linears, from the original model."""
+    def calibration_inputs(self, run):
+        """What calibration feeds the model, prepared before anything is written (bad data fails here)."""
+
+    @abc.abstractmethod
+    def calibration_stats(self, run, inputs) -> CalibrationStats:
+        """``C`` per distinct input of the targeted linears, from the original model on ``inputs``."""
 
     @abc.abstractmethod
     def model_for_training(self, run, which: str) -> nn.Module:
@@ -107,13 +111,16 @@ class CausalLMTask(ModelTask):
         return load_task_data(run.config.data, run.config.seed)
 
     def check_data(self, run) -> None:
-        run.features("calibration")
+        run.data
 
     def data_report(self, run) -> dict:
         return run.data_report()
 
-    def calibration_stats(self, run) -> CalibrationStats:
-        return collect_statistics(run.model, run.features("calibration"), run.config.emulator.target_modules,
+    def calibration_inputs(self, run) -> list[dict]:
+        return run.features("calibration")
+
+    def calibration_stats(self, run, inputs: list[dict]) -> CalibrationStats:
+        return collect_statistics(run.model, inputs, run.config.emulator.target_modules,
                                   run.tokenizer.pad_token_id, progress=run.progress)
 
     def model_for_training(self, run, which: str) -> nn.Module:
@@ -192,15 +199,18 @@ class DreamBoothTask(ModelTask):
         return {"subject_images": len(data.subject), "prior_images": len(data.prior),
                 "subject_digit": denoiser.HELD_OUT_DIGIT}
 
-    def calibration_stats(self, run) -> CalibrationStats:
-        """Every subject image ``calibration_repeats`` times and the first ``calibration_prior`` prior images,
-        each noised once at a timestep drawn as in training."""
+    def calibration_inputs(self, run) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every subject image ``calibration_repeats`` times and the first ``calibration_prior`` prior images
+        (``images``, ``labels``); calibration noises each once at a timestep drawn as in training."""
+        self.check_data(run)
         cfg, data = run.config.dreambooth, run.data
         images = torch.cat([data.subject.repeat(cfg.calibration_repeats, 1, 1, 1),
                             data.prior[:cfg.calibration_prior]])
         subject = torch.full((cfg.calibration_repeats * len(data.subject),), denoiser.HELD_OUT_DIGIT)
-        labels = torch.cat([subject, data.prior_labels[:cfg.calibration_prior]])
-        return denoiser.calibration_statistics(run.model, images, labels, self.preset, run.config.seed,
+        return images, torch.cat([subject, data.prior_labels[:cfg.calibration_prior]])
+
+    def calibration_stats(self, run, inputs: tuple[torch.Tensor, torch.Tensor]) -> CalibrationStats:
+        return denoiser.calibration_statistics(run.model, *inputs, self.preset, run.config.seed,
                                                run.config.emulator.target_modules)
 
     def model_for_training(self, run, which: str) -> nn.Module:

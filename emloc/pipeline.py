@@ -122,11 +122,11 @@ def _timed(function: Callable) -> tuple:
 
 def calibrate(run: Run) -> CalibrationStats:
     """Stage 1a: ``C`` per distinct linear input on the calibration samples."""
-    run.task.check_data(run)  # bad data fails here, before anything is written
+    inputs = run.task.calibration_inputs(run)  # bad data fails here, before anything is written
     run.begin("calibrate")
     run.save_config()
     print(targeting_line(run), flush=True)
-    stats, seconds = _timed(lambda: run.task.calibration_stats(run))
+    stats, seconds = _timed(lambda: run.task.calibration_stats(run, inputs))
     save_stats(run, stats, seconds, run.task.data_report(run))
     return stats
 
