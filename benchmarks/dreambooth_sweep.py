@@ -31,9 +31,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "dreambooth"
 ROWS = "rows_seed{seed}.csv"
 """One rows file per seed (seeds are measured side by side)."""
 METRICS = ("subject_fidelity", "prior_preservation", "memorisation", "quality")
-HIGHER_IS_BETTER = {"subject_fidelity": True, "prior_preservation": True, "memorisation": False,
+HIGHER_IS_BETTER = {"subject_fidelity": True, "prior_preservation": True, "memorisation": True,
                     "quality": True}
-"""Memorisation is a distance to the nearest subject image: higher is further from copying (better)."""
+"""Memorisation is a distance to the nearest subject image: higher is further from copying."""
+FINDINGS = ("subject_fidelity", "prior_preservation")
+"""The metrics whose comparisons ``findings.md`` states as sentences."""
 FIELDS = ["point", "method", "ratio", "conditioning", "seed", "variant", *METRICS, "n",
           "noise_prediction_error", "train_seconds"]
 
@@ -149,6 +151,14 @@ def comparisons(rows, ratios: list[float]) -> list[dict]:
     return out
 
 
+def findings(table) -> str:
+    """The comparisons on :data:`FINDINGS` as sentences produced from their intervals (a one-column table)."""
+    from emloc.statistics import comparison_sentence
+    lines = [f"| {r.setting}: {comparison_sentence(r.a, r.b, (r.difference, r.low, r.high), r.metric.replace('_', ' '), HIGHER_IS_BETTER[r.metric], r.seeds)} |"
+             for r in table.itertuples() if r.metric in FINDINGS]
+    return "| finding (paired by seed, 95% interval) |\n|---|\n" + "\n".join(lines) + "\n"
+
+
 def summarize(ratios: list[float], command: str) -> None:
     import pandas as pd
 
@@ -171,6 +181,7 @@ def summarize(ratios: list[float], command: str) -> None:
               "|---|---|---|---:|---|---:|\n")
     (RESULTS / "comparisons.md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
     table.to_csv(RESULTS / "comparisons.csv", index=False)
+    (RESULTS / "findings.md").write_text(findings(table), encoding="utf-8")
     print((RESULTS / "summary.md").read_text(), (RESULTS / "comparisons.md").read_text(), sep="\n")
     samples = int(rows["n"].iloc[0]) // 10
     configs = {p["point"]: run_config(p, 0, samples) | {"seed": 0} for p in points(ratios)}
