@@ -36,7 +36,7 @@ class SampleGallery(FigureView):
         self.run_dropdown = widgets.Dropdown(options=names, value=names[0], description="run",
                                              layout=widgets.Layout(width="420px"))
         per_digit = min(next(iter(r["samples"].values()))["per_digit"] for r in results_by_run.values())
-        self.sample_slider = widgets.IntSlider(value=0, min=0, max=per_digit - 1, description="sample",
+        self.sample_slider = widgets.IntSlider(value=1, min=1, max=per_digit, description="sample",
                                                continuous_update=False)
         self.stats = stat_line("")
         controls = [widgets.HBox([self.run_dropdown, self.sample_slider])] if len(names) > 1 else [
@@ -47,8 +47,7 @@ class SampleGallery(FigureView):
         self.sample_slider.observe(self.update, "value")
 
     def _empty_figure(self) -> go.Figure:
-        figure = new_figure(height=120 + 70 * len(next(iter(self.results_by_run.values()))["samples"]),
-                            width=900)
+        figure = new_figure(height=140 + 75 * len(next(iter(self.results_by_run.values()))["samples"]))
         figure.add_trace(go.Heatmap(meta="samples", colorscale="gray", zmin=0, zmax=1, showscale=False,
                                     hovertemplate="%{z:.2f}<extra></extra>"))
         figure.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False, zeroline=False)
@@ -64,7 +63,7 @@ class SampleGallery(FigureView):
 
     def grid(self) -> np.ndarray:
         """The shown samples: ``(variants, digits, 8, 8)`` in ``[0, 1]``."""
-        k = self.sample_slider.value
+        k = self.sample_slider.value - 1  # the slider counts from 1
         return np.stack([stored_samples(self.results["samples"][v])[:, k] for v in self.variants()])
 
     def update(self, _change=None) -> None:
@@ -79,7 +78,7 @@ class SampleGallery(FigureView):
                                                for d in digits])
             self.figure.update_yaxes(tickvals=centres[:len(variants)],
                                      ticktext=[VARIANT_LABELS.get(v, v) for v in variants])
-            self.figure.layout.title.text = (f"Sample {self.sample_slider.value + 1} of each digit, per "
+            self.figure.layout.title.text = (f"Sample {self.sample_slider.value} of each digit, per "
                                              f"variant ({self.run_dropdown.value})")
         figures = self.results["variants"]
         self.stats.value = " · ".join(
@@ -99,7 +98,7 @@ def image_grid(images: np.ndarray, row_labels: list[str], column_labels: list[st
     """Images ``(rows, cols, 8, 8)`` in ``[0, 1]`` as one greyscale picture (e.g. the training images)."""
     rows, cols = images.shape[:2]
     step = IMAGE_SIZE + GAP
-    figure = new_figure(height=110 + 60 * rows, width=min(900, 120 + 60 * cols), title=title)
+    figure = new_figure(height=110 + 60 * rows, title=title)
     figure.add_trace(go.Heatmap(z=mosaic(images, GAP), colorscale="gray", zmin=0, zmax=1, showscale=False,
                                 hovertemplate="%{z:.2f}<extra></extra>"))
     figure.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False, zeroline=False,
