@@ -174,6 +174,8 @@ def planned(run, command: str):
     if run.config.memory_budget is None or command not in ("run", "build", "train"):
         return run
     from emloc.memory import plan_for_run
+    from emloc.model_tasks import check_plannable
+    check_plannable(run.task)
     plan = plan_for_run(run.config, run.features("train"))
     print(plan, flush=True)
     run.config = plan.apply(run.config)

@@ -135,6 +135,37 @@ class EvalConfig:
     batch_size: int = 32
 
 
+DIFFUSION_MODELS = {"digits-dit": "standard", "digits-dit-tiny": "tiny"}
+"""The built-in diffusion models a run's ``model`` can name -> their denoiser preset
+(``emloc.denoiser.DENOISER_PRESETS``): ``digits-dit`` is pretrained once and cached (``emloc denoiser``),
+``digits-dit-tiny`` is for tests and CI."""
+
+
+@dataclass
+class DreamBoothConfig:
+    """DreamBooth on a built-in digits denoiser (``model: digits-dit``): the held-out digit taught from a few
+    images through its never-trained class id, real other digits as prior. Language models ignore it (and
+    their fingerprints and provenance leave it out)."""
+
+    subject_images: int = 10
+    """Images of the held-out digit LoRA learns from."""
+    prior_images: int = 200
+    """Real images of the other digits (prior preservation)."""
+    prior_share: float = 0.5
+    """Share of each training batch drawn from the prior images."""
+    prior_weight: float = 1.0
+    """Weight of the prior images' denoising loss in DreamBooth's objective."""
+    calibration_repeats: int = 4
+    """Calibration noises every subject image this many times (at timesteps drawn as in training) ..."""
+    calibration_prior: int = 40
+    """... together with this many prior images."""
+    samples_per_digit: int = 20
+    """Evaluation samples per digit (subject fidelity, prior preservation, memorisation, quality)."""
+    keep_conditioning_dense: bool = True
+    """With ``emulator.target_modules: [auto]``: leave the adaLN modulation and timestep layers dense (False
+    compresses them too)."""
+
+
 @dataclass
 class RunConfig:
     model: str = "default"
@@ -150,6 +181,7 @@ class RunConfig:
     lora: LoraConfigSpec = field(default_factory=LoraConfigSpec)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     memory_budget: Optional[str] = None
     """Peak memory LoRA training must stay within: 'inference' (the original model's inference peak) or an
     amount such as '1500MB' or '2GB'. The planner (``emloc.memory.plan_for_budget``) then picks the ratio,
@@ -160,6 +192,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> "RunConfig":
+        """``raw`` over the defaults of its model (:data:`MODEL_DEFAULTS`) over the dataclass defaults."""
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if model in MODEL_DEFAULTS:
+            raw = merge_dicts(MODEL_DEFAULTS[model], raw)
         config = _build(cls, raw or {}, "config")
         validate(config)
         return config
@@ -175,6 +211,25 @@ PRESETS: dict[str, dict] = {
         "lora": {"steps": 100, "batch_size": 8, "warmup_steps": 10},
     },
 }
+
+
+MODEL_DEFAULTS: dict[str, dict] = {
+    "digits-dit": {"lora": {"steps": 300, "batch_size": 16, "warmup_steps": 0}},
+    "digits-dit-tiny": {"lora": {"steps": 4, "batch_size": 8, "warmup_steps": 0},
+                        "dreambooth": {"subject_images": 4, "prior_images": 16, "calibration_repeats": 1,
+                                       "calibration_prior": 8, "samples_per_digit": 2}},
+}
+"""Settings a built-in model starts from, beneath a config file, a preset and flags (DreamBooth trains 300
+steps of 16 images at a constant learning rate: no warm-up)."""
+
+
+def applicable(config: dict) -> dict:
+    """A config dict (``RunConfig.to_dict()``) without the sections its model never reads (``dreambooth``
+    for a language model): what fingerprints hash and provenance compares, so a section added for another
+    kind of model leaves every finished stage and stored result of this one valid."""
+    if config.get("model") in DIFFUSION_MODELS:
+        return config
+    return {key: value for key, value in config.items() if key != "dreambooth"}
 
 
 def nested(dotted: str, value) -> dict:
@@ -255,6 +310,7 @@ def validate(config: RunConfig) -> None:
                          f"not {emu.method!r}: set calibration to 'independent'")
     if not emu.target_modules:
         raise EmlocError("emulator.target_modules is empty: name at least one linear layer, e.g. q_proj")
+    _validate_dreambooth(config.dreambooth)
     if config.dtype not in DTYPES:
         raise EmlocError(f"dtype = {config.dtype!r} is unknown: use {_either(DTYPES, quote='')}")
     positive = {"lora.r": lora.r, "lora.steps": lora.steps, "lora.batch_size": lora.batch_size,
@@ -297,3 +353,19 @@ def parse_memory_budget(budget: str) -> Optional[float]:
         raise EmlocError(f"memory_budget = {budget!r} is not understood: "
                          "use 'inference' or an amount like '1500MB' or '2GB'")
     return float(match.group(1)) * 1024 ** (3 if match.group(2).upper().startswith("G") else 2)
+
+
+def _validate_dreambooth(cfg: DreamBoothConfig) -> None:
+    counts = {"subject_images": cfg.subject_images, "calibration_repeats": cfg.calibration_repeats,
+              "samples_per_digit": cfg.samples_per_digit}
+    for name, value in counts.items():
+        if value < 1:
+            raise EmlocError(f"dreambooth.{name} = {value} must be at least 1")
+    for name, value in {"prior_images": cfg.prior_images, "calibration_prior": cfg.calibration_prior}.items():
+        if value < 0:
+            raise EmlocError(f"dreambooth.{name} = {value} must be 0 or more")
+    if not 0 <= cfg.prior_share < 1:
+        raise EmlocError(f"dreambooth.prior_share = {cfg.prior_share} is outside [0, 1): a batch needs "
+                         "subject images; try 0.5")
+    if cfg.prior_weight < 0:
+        raise EmlocError(f"dreambooth.prior_weight = {cfg.prior_weight} must be >= 0: try 1.0")

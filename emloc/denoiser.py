@@ -107,8 +107,18 @@ def judged(images: torch.Tensor) -> np.ndarray:
 
 def build_denoiser(preset: DenoiserPreset, seed: int = 0) -> nn.Module:
     """A freshly initialised class-conditional DiT for ``preset`` (weights from ``seed``)."""
-    from diffusers import DiTTransformer2DModel
     torch.manual_seed(seed)
+    return _dit(preset)
+
+
+def denoiser_skeleton(preset: DenoiserPreset) -> nn.Module:
+    """``preset``'s DiT on the meta device (its structure only: no weights, the global RNG untouched)."""
+    with torch.device("meta"):
+        return _dit(preset)
+
+
+def _dit(preset: DenoiserPreset) -> nn.Module:
+    from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel(num_attention_heads=preset.num_attention_heads,
                                  attention_head_dim=preset.attention_head_dim, in_channels=1, out_channels=1,
                                  num_layers=preset.num_layers, sample_size=IMAGE_SIZE, patch_size=2,
@@ -121,10 +131,13 @@ def noise_scheduler(preset: DenoiserPreset):
     return DDPMScheduler(num_train_timesteps=preset.train_timesteps, beta_schedule=preset.beta_schedule)
 
 
-def noised_batch(images: torch.Tensor, scheduler, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """``(x_t, t, epsilon)``: each image noised at a timestep drawn uniformly, as in training."""
+def noised_batch(images: torch.Tensor, scheduler, generator: torch.Generator,
+                 timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """``(x_t, t, epsilon)``: each image noised at a timestep drawn uniformly, as in training (``timesteps``:
+    from ``[low, high)`` only)."""
     noise = torch.randn(images.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator)
+    low, high = timesteps or (0, scheduler.config.num_train_timesteps)
+    t = torch.randint(low, high, (len(images),), generator=generator)
     return scheduler.add_noise(images, noise, t), t, noise
 
 
@@ -235,9 +248,11 @@ def dreambooth_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: DenoiserPreset, steps: int = 100,
                      learning_rate: float = 1e-3, batch_size: int = 16, prior_share: float = 0.5,
-                     prior_weight: float = 1.0, seed: int = 0, progress: bool = True) -> list[float]:
+                     prior_weight: float = 1.0, seed: int = 0, progress: bool = True,
+                     on_loss=None) -> list[float]:
     """LoRA on a denoiser (a peft model: only the LoRA weights train) with :func:`dreambooth_loss`, AdamW and
-    a constant learning rate; the same seed gives the same batches and noise. Returns the losses."""
+    a constant learning rate; the same seed gives the same batches and noise. Returns the losses;
+    ``on_loss(step, loss)`` sees each one as it comes."""
     scheduler = noise_scheduler(preset)
     generator = torch.Generator().manual_seed(seed)
 
@@ -246,36 +261,70 @@ def train_dreambooth(peft_model: nn.Module, data: DreamBoothData, preset: Denois
         return dreambooth_loss(peft_model, *batch, scheduler, generator, prior_weight)
     peft_model.train()
     losses = _optimise([p for p in peft_model.parameters() if p.requires_grad], learning_rate, steps,
-                       step_loss, "DreamBooth LoRA", progress)
+                       step_loss, "DreamBooth LoRA", progress, on_loss)
     peft_model.eval()
     return losses
 
 
 def _optimise(parameters, learning_rate: float, steps: int, step_loss, desc: str,
-              progress: bool) -> list[float]:
+              progress: bool, on_loss=None) -> list[float]:
     """``steps`` AdamW steps (constant learning rate, no weight decay) on ``step_loss()``; the losses."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress):
         loss = step_loss()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_loss is not None:
+            on_loss(step, losses[-1])
     return losses
 
 
 @torch.no_grad()
 def calibration_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                           preset: DenoiserPreset, seed: int = 0) -> CalibrationStats:
-    """``C`` per distinct input of the targeted linears (``'auto'``), from one forward over ``images`` noised
-    at timesteps drawn as in training (every patch token counts)."""
-    x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed))
+                           preset: DenoiserPreset, seed: int = 0,
+                           target_modules: list[str] | tuple[str, ...] = (AUTO,),
+                           timesteps: tuple[int, int] | None = None) -> CalibrationStats:
+    """``C`` per distinct input of the targeted linears, from one forward over ``images`` noised at timesteps
+    drawn as in training (``timesteps``: from ``[low, high)`` only; every patch token counts)."""
+    x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed), timesteps)
     device = next(model.parameters()).device
-    with recording_inputs(target_linears(model, [AUTO]), device) as accumulator:
+    with recording_inputs(target_linears(model, list(target_modules)), device) as accumulator:
         accumulator.begin_batch(None)
         model(x_t.to(device), timestep=t.to(device), class_labels=labels.to(device))
     return stats_from_accumulator(accumulator, len(images))
+
+
+TIMESTEP_BINS = 4
+"""The fidelity check's timestep ranges (equal shares of the training schedule, low noise first)."""
+
+
+@torch.no_grad()
+def noise_prediction_error(original: nn.Module, emulator: nn.Module, data: DreamBoothData,
+                           preset: DenoiserPreset, seed: int = 0, draws: int = 4) -> dict:
+    """How far the emulator's noise prediction is from the original's on the subject and prior images, each
+    noised ``draws`` times at timesteps drawn as in training: ``||eps' - eps|| / ||eps||`` over all of them
+    and per timestep range (:data:`TIMESTEP_BINS`), the diffusion counterpart of the language model's KL."""
+    images = torch.cat([data.subject, data.prior]).repeat(draws, 1, 1, 1)
+    labels = torch.cat([torch.full((len(data.subject),), HELD_OUT_DIGIT), data.prior_labels]).repeat(draws)
+    x_t, t, _ = noised_batch(images, noise_scheduler(preset), torch.Generator().manual_seed(seed))
+    device = next(original.parameters()).device
+    inputs = dict(timestep=t.to(device), class_labels=labels.to(device))
+    eps = original(x_t.to(device), **inputs).sample.flatten(1).float()
+    eps_emulator = emulator(x_t.to(device), **inputs).sample.flatten(1).float()
+    error, norm = (eps_emulator - eps).norm(dim=1) ** 2, eps.norm(dim=1) ** 2
+    bins = (t * TIMESTEP_BINS // preset.train_timesteps).clamp(max=TIMESTEP_BINS - 1)
+    width = preset.train_timesteps // TIMESTEP_BINS
+    per_bin = {f"{b * width}-{(b + 1) * width - 1}": _relative(error[bins == b], norm[bins == b])
+               for b in range(TIMESTEP_BINS) if (bins == b).any()}
+    return {"relative_error": _relative(error, norm), "relative_error_by_timestep": per_bin,
+            "images": int(len(images))}
+
+
+def _relative(squared_error: torch.Tensor, squared_norm: torch.Tensor) -> float:
+    return float((squared_error.sum() / squared_norm.sum()).sqrt())
 
 
 def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
@@ -288,7 +337,13 @@ def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> torch.T
 @torch.no_grad()
 def dreambooth_metrics(model: nn.Module, preset: DenoiserPreset, data: DreamBoothData, per_class: int = 20,
                        seed: int = 0) -> dict[str, float]:
-    """How a personalised denoiser does, from ``per_class`` samples of every digit:
+    """:func:`sample_metrics` of ``per_class`` samples of every digit (seeded by ``seed``)."""
+    labels = torch.tensor([c for c in range(N_CLASSES) for _ in range(per_class)])
+    return sample_metrics(sample(model, labels, preset, seed), labels, data)
+
+
+def sample_metrics(images: torch.Tensor, labels: torch.Tensor, data: DreamBoothData) -> dict[str, float]:
+    """How a personalised denoiser does, from its samples ``images`` of the digits ``labels``:
 
     - ``subject_fidelity``: share of held-out-digit samples the judge reads as that digit;
     - ``prior_preservation``: share of the other digits' samples read as the digit asked for;
@@ -296,8 +351,6 @@ def dreambooth_metrics(model: nn.Module, preset: DenoiserPreset, data: DreamBoot
       closer to copying the few training images);
     - ``quality``: the judge's mean confidence (its top class probability) over all samples.
     """
-    labels = torch.tensor([c for c in range(N_CLASSES) for _ in range(per_class)])
-    images = sample(model, labels, preset, seed)
     seen, confidence = judged(images), judge().predict_proba(_pixels(images)).max(axis=1)
     subject = (labels == HELD_OUT_DIGIT).numpy()
     asked = seen == labels.numpy()
@@ -305,6 +358,70 @@ def dreambooth_metrics(model: nn.Module, preset: DenoiserPreset, data: DreamBoot
             "prior_preservation": float(asked[~subject].mean()),
             "memorisation": float(nearest_distance(images[subject], data.subject).mean()),
             "quality": float(confidence.mean()), "samples": int(len(labels))}
+
+
+# ---- what a class looks at: stored samples, image grids, calibration error across timesteps ------
+
+def sample_record(images: torch.Tensor, labels: torch.Tensor, keep: int) -> dict:
+    """The first ``keep`` samples of every digit as 8-bit pixels (``results.json`` keeps them for the views):
+    ``{"digits": [...], "per_digit": keep, "pixels": [[64 ints] per sample, digit by digit]}``."""
+    pixels = ((images.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).flatten(1)
+    digits = sorted(int(d) for d in labels.unique())
+    rows = [pixels[labels == digit][:keep] for digit in digits]
+    return {"digits": digits, "per_digit": min(len(r) for r in rows),
+            "pixels": [row.tolist() for block in rows for row in block[:min(len(r) for r in rows)]]}
+
+
+def stored_samples(record: dict) -> np.ndarray:
+    """A :func:`sample_record` back as ``(digits, per_digit, 8, 8)`` in ``[0, 1]``."""
+    pixels = np.asarray(record["pixels"], dtype=float) / 255
+    return pixels.reshape(len(record["digits"]), record["per_digit"], IMAGE_SIZE, IMAGE_SIZE)
+
+
+def as_unit_images(images: torch.Tensor) -> np.ndarray:
+    """``(N, 1, 8, 8)`` in ``[-1, 1]`` -> ``(N, 8, 8)`` in ``[0, 1]`` (for pictures)."""
+    return ((images.clamp(-1, 1) + 1) / 2).squeeze(1).numpy()
+
+
+def mosaic(tiles: np.ndarray, gap: int = 1) -> np.ndarray:
+    """``(rows, cols, h, w)`` images as one ``(rows (h + gap) - gap, cols (w + gap) - gap)`` picture, NaN in
+    the gaps (a heatmap leaves them blank)."""
+    rows, cols, h, w = tiles.shape
+    picture = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), np.nan)
+    for i in range(rows):
+        for j in range(cols):
+            picture[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tiles[i, j]
+    return picture
+
+
+def calibration_error_by_timestep(model: nn.Module, factors, data: DreamBoothData, preset: DenoiserPreset,
+                                  seed: int = 0, bins: int = TIMESTEP_BINS) -> pd.DataFrame:
+    """Each emulated linear's calibration error ``||(W - W') X|| / ||W X||`` when ``X`` are its inputs at
+    timesteps from one range of the schedule: subject and prior images noised within each of ``bins`` equal
+    ranges. Columns: ``module``, ``block``, ``type``, ``timesteps`` (the range), ``low`` (its first step),
+    ``error``."""
+    from emloc.lowrank import calibration_error
+    from emloc.targets import module_types
+    images = torch.cat([data.subject, data.prior])
+    labels = torch.cat([torch.full((len(data.subject),), HELD_OUT_DIGIT), data.prior_labels])
+    width = preset.train_timesteps // bins
+    types = module_types(list(factors.u))
+    rows = []
+    for b in range(bins):
+        stats = calibration_statistics(model, images, labels, preset, seed, list(factors.u),
+                                       timesteps=(b * width, (b + 1) * width))
+        linears = target_linears(model, list(factors.u))
+        for name in factors.u:
+            W = linears[name].weight.detach().double()
+            error = calibration_error(W, factors.W_emulated(name).double(), stats.C(name).double())
+            rows.append({"module": name, "block": _block_index(name), "type": types[name],
+                         "timesteps": f"{b * width}-{(b + 1) * width - 1}", "low": b * width, "error": error})
+    return pd.DataFrame(rows)
+
+
+def _block_index(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[parts.index("transformer_blocks") + 1]) if "transformer_blocks" in parts else -1
 
 
 # ---- the cached base denoiser ------------------------------------------------------------------------

@@ -493,11 +493,30 @@ def check_clamp(D_clamped, D, B_tilde, lam: float) -> str:
                  f"{relative_difference(answer, expected):.1%}", hint)
 
 
+@exercise("subject_share", "take the stored samples of the subject digit, turn them into the judge's "
+                           "input range [-1, 1] with a channel axis, and count those it reads as that digit")
+def check_subject_share(share, results: dict, variant: str = "transfer_corrected") -> str:
+    """``share``: of ``variant``'s stored samples of the held-out digit, the share the judge reads as it."""
+    from emloc.denoiser import HELD_OUT_DIGIT, judged, stored_samples
+    images = stored_samples(results["samples"][variant])[HELD_OUT_DIGIT]
+    seen = judged(torch.tensor(images * 2 - 1, dtype=torch.float32).unsqueeze(1))
+    expected = float((seen == HELD_OUT_DIGIT).mean())
+    answer = _number(share, "your share")
+    if abs(answer - expected) < 1e-9:
+        return (f"the judge reads {expected:.0%} of the {len(images)} stored samples of {variant} as a "
+                f"{HELD_OUT_DIGIT}")
+    if abs(answer - (1 - expected)) < 1e-9:
+        raise NotYet(f"{answer:.3f} is the share judged something else",
+                     "count the samples judged the subject")
+    raise NotYet(f"{answer:.3f} is not the share of subject samples judged {HELD_OUT_DIGIT}",
+                 "use stored_samples(...)[HELD_OUT_DIGIT], map [0, 1] to [-1, 1] and add a channel axis")
+
+
 CHECKS = {f.exercise_id: f for f in (check_rank_from_ratio, check_break_even, check_error_curve,
                                      check_smallest_rank,
                                      check_whitened_truncation, check_compressed_parameters, check_prediction,
                                      check_lora_scaling, check_lora_parameters, check_B_tilde_and_D,
-                                     check_clamp)}
+                                     check_clamp, check_subject_share)}
 
 
 # ---- solutions -------------------------------------------------------------------------------

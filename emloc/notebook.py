@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from emloc import pipeline
-from emloc.config import PRESETS, RunConfig, merge_dicts
+from emloc.config import DIFFUSION_MODELS, PRESETS, RunConfig, merge_dicts
 from emloc.errors import EmlocError
 
 
@@ -34,6 +34,28 @@ def notebook_run(preset: str = "quick", directory: str | Path | None = None, **o
     model = {"model": os.environ["EMLOC_NOTEBOOK_MODEL"]} if os.environ.get("EMLOC_NOTEBOOK_MODEL") else {}
     config = RunConfig.from_dict(merge_dicts(merge_dicts(PRESETS[preset], model), overrides))
     return pipeline.Run(directory or notebook_run_dir(), config)
+
+
+def denoiser_model() -> str:
+    """The denoiser notebook 08 runs: ``$EMLOC_NOTEBOOK_DENOISER`` if set, else ``digits-dit`` once it is
+    pretrained (``emloc denoiser``, minutes, once), else the few-step ``digits-dit-tiny`` (its samples are
+    noise: it shows the machinery, not the method)."""
+    from emloc.denoiser import DENOISER_FILE, denoiser_dir
+    chosen = os.environ.get("EMLOC_NOTEBOOK_DENOISER")
+    if chosen:
+        if chosen not in DIFFUSION_MODELS:
+            raise EmlocError(f"EMLOC_NOTEBOOK_DENOISER = {chosen!r} is not a built-in denoiser: use "
+                             f"{' or '.join(DIFFUSION_MODELS)}")
+        return chosen
+    return "digits-dit" if (denoiser_dir("standard", 0) / DENOISER_FILE).exists() else "digits-dit-tiny"
+
+
+def denoiser_run(ratio: float = 0.5, **overrides) -> pipeline.Run:
+    """A DreamBooth run of :func:`denoiser_model` at emulator ratio ``ratio`` (``overrides``: RunConfig
+    sections), in its own folder beside the shared notebook run (one per model and ratio)."""
+    model = denoiser_model()
+    config = RunConfig.from_dict(merge_dicts({"model": model, "emulator": {"ratio": ratio}}, overrides))
+    return pipeline.Run(notebook_run_dir().parent / f"dreambooth_{model}_ratio{ratio:g}", config)
 
 
 def ensure(run: pipeline.Run, stage: str,

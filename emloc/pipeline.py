@@ -17,21 +17,19 @@ from typing import Callable
 
 import pandas as pd
 
-from emloc.calibration import CalibrationStats, collect_statistics, target_linears
+from emloc.calibration import CalibrationStats, target_linears
 from emloc.config import RunConfig
 from emloc.correction import correct_adapter
-from emloc.data import IGNORE_INDEX, TaskData, count_truncated, encode_examples, hygiene_line, load_task_data
+from emloc.data import TaskData, count_truncated, encode_examples, hygiene_line
 from emloc.svd_emulator import count_parameters, load_emulator_lean
 from emloc.emulator_kinds import Emulator, as_emulator
 from emloc.errors import EmlocError
-from emloc.evaluation import evaluate_variants
-from emloc.fidelity import fidelity_report
 from emloc.allocation import allocate
 from emloc.sequential import build_sequential
-from emloc.lora import LossCallback, check_lora_rank, load_adapter, train_lora
-from emloc.families import last_block_output, with_resolved_targets
-from emloc.heap import small_heap_for_budget
-from emloc.models import load_model, load_tokenizer, resolve_device, resolve_model_path
+from emloc.lora import LossCallback, check_lora_rank, load_adapter
+from emloc.families import last_block_output
+from emloc.model_tasks import task_for
+from emloc.models import load_tokenizer, resolve_device, resolve_model_path
 from emloc.rundir import (CORRECTION_SKIPPED, RunDir, check_finite_losses, save_built_emulator,
                           save_correction, save_fidelity, save_results, save_stats, save_training)
 from emloc.targets import excluded_modules, targeting_summary
@@ -47,7 +45,9 @@ class Run(RunDir):
 
     def __init__(self, directory, config: RunConfig | None = None, progress: bool = True):
         super().__init__(directory, config)
-        self.config = with_resolved_targets(self.config)
+        self.task = task_for(self.config)
+        """What differs between kinds of model (:mod:`emloc.model_tasks`)."""
+        self.config = self.task.resolve_targets(self.config)
         self.progress = progress
         self.device = resolve_device(self.config.device)
         self._tokenizer = None
@@ -61,9 +61,10 @@ class Run(RunDir):
         return self._tokenizer
 
     @property
-    def data(self) -> TaskData:
+    def data(self):
+        """The task data (:class:`~emloc.data.TaskData`; a denoiser's DreamBooth images), loaded once."""
         if self._data is None:
-            self._data = load_task_data(self.config.data, self.config.seed)
+            self._data = self.task.data(self)
         return self._data
 
     def data_report(self) -> dict:
@@ -85,7 +86,7 @@ class Run(RunDir):
 
     def fresh_model(self):
         """A newly loaded original model (stages that wrap it with LoRA must not share it)."""
-        return load_model(self.config.model, self.device, self.config.dtype, self.config.trust_remote_code)
+        return self.task.load_model(self)
 
     @property
     def model(self):
@@ -97,6 +98,10 @@ class Run(RunDir):
     def emulator(self, factors: Emulator | None = None):
         """A fresh emulator model (original architecture with low-rank layers, or a baseline's)."""
         return as_emulator(factors or self.factors()).apply(self.fresh_model())
+
+    def lean_emulator(self):
+        """The emulator for training, never holding the original (:func:`lean_emulator_for_training`)."""
+        return lean_emulator_for_training(self)
 
 
 def targeting_line(run: Run) -> str:
@@ -117,14 +122,12 @@ def _timed(function: Callable) -> tuple:
 
 def calibrate(run: Run) -> CalibrationStats:
     """Stage 1a: ``C`` per distinct linear input on the calibration samples."""
-    features = run.features("calibration")  # bad data fails here, before anything is written
+    inputs = run.task.calibration_inputs(run)  # bad data fails here, before anything is written
     run.begin("calibrate")
     run.save_config()
     print(targeting_line(run), flush=True)
-    stats, seconds = _timed(lambda: collect_statistics(run.model, features,
-                                                       run.config.emulator.target_modules,
-                                                       run.tokenizer.pad_token_id, progress=run.progress))
-    save_stats(run, stats, seconds, run.data_report())
+    stats, seconds = _timed(lambda: run.task.calibration_stats(run, inputs))
+    save_stats(run, stats, seconds, run.task.data_report(run))
     return stats
 
 
@@ -166,11 +169,7 @@ def fidelity(run: Run) -> dict:
         save_fidelity(run, {"skipped": "the layer-drop emulator has fewer decoder layers than the original"},
                       0.0)
         return run.fidelity()
-    cfg = run.config
-    report, seconds = _timed(lambda: fidelity_report(run.model, run.emulator(), run.features("test"),
-                                                     run.tokenizer.pad_token_id,
-                                                     batch_size=cfg.evaluation.batch_size,
-                                                     progress=run.progress))
+    report, seconds = _timed(lambda: run.task.fidelity(run))
     save_fidelity(run, report, seconds)
     return report
 
@@ -180,17 +179,10 @@ def train(run: Run, which: str = "emulator", on_loss: LossCallback | None = None
     if which not in ("emulator", "original"):
         raise EmlocError(f"cannot train on {which!r}: use 'emulator' or 'original'")
     stage = f"train_{which}"
-    features = run.features("train")
-    if not any(label != IGNORE_INDEX for feature in features for label in feature["labels"][1:]):
-        raise EmlocError(f"no training example keeps a response token within data.max_length = "
-                         f"{run.config.data.max_length}: raise data.max_length")
-    # the emulator is loaded without ever holding the original model (same weights as run.emulator())
-    model = lean_emulator_for_training(run) if which == "emulator" else run.fresh_model()
+    model = run.task.model_for_training(run, which)  # bad data fails here, before anything is written
     run.begin(stage)
     run.save_config()
-    result = train_lora(model, features, run.config.lora, run.config.emulator.target_modules,
-                        run.tokenizer.pad_token_id, seed=run.config.seed, on_loss=on_loss,
-                        progress=run.progress, small_heap=small_heap_for_budget(run.config.memory_budget))
+    result = run.task.train(run, model, on_loss)
     check_finite_losses(result.history, which)
     return save_training(run, which, result, recovered_adapter(run, which, result.model))
 
@@ -287,14 +279,12 @@ def evaluate(run: Run, variants: list[str] | None = None) -> dict:
     run.save_config()
     cfg = run.config
     start = time.perf_counter()
-    raw = evaluate_variants({v: (lambda v=v: _variant(loaders[v])) for v in chosen}, run.tokenizer, run.data,
-                            cfg.data.max_length, cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size,
-                            run.progress)
+    metrics, extra = run.task.evaluate(run, {v: (lambda v=v: _variant(loaders[v])) for v in chosen})
     seconds = time.perf_counter() - start
     build_manifest = run.build_manifest()
     results = {
-        "variants": {v: {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]} for v, r in raw.items()},
-        "predictions": {v: r["predictions"] for v, r in raw.items()},
+        "variants": metrics,
+        **extra,
         "parameters": {"original": build_manifest["params_original"],
                        "emulator": build_manifest["params_emulator"]},
         "config": cfg.to_dict(),
@@ -360,7 +350,7 @@ def run_pipeline(run: Run, force: bool = False,
     returns the results. ``on_loss(which, step, loss)`` receives the training losses."""
     if force and run.dir.exists():
         shutil.rmtree(run.dir / "manifests", ignore_errors=True)
-    run.data  # bad data or settings fail here, before any compute
+    run.task.check_data(run)  # bad data or settings fail here, before any compute
     check_lora_rank(run.model, run.config.lora, run.config.emulator.target_modules)
     run_stages(run, on_loss=on_loss)
     return run.results()

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from emloc import io
-from emloc.config import PRESETS, RunConfig, merge_dicts
-from emloc.families import with_resolved_targets
+from emloc.config import PRESETS, RunConfig, applicable, merge_dicts
+from emloc.model_tasks import task_for
 
 CURRENT = "current defaults"
 NAMED = "named settings"
@@ -69,7 +69,7 @@ def resolve(overrides: dict) -> dict:
     raw = dict(overrides)
     preset = raw.pop("preset", None)
     config = RunConfig.from_dict(merge_dicts(PRESETS[preset], raw) if preset else raw)
-    return with_resolved_targets(config).to_dict()
+    return task_for(config).resolve_targets(config).to_dict()
 
 
 def record(configs: dict[str, dict] | None = None, command: str = "", **extra) -> dict:
@@ -122,7 +122,8 @@ def stale_settings(provenance: dict) -> list[str]:
     if provenance.get("declares") != CURRENT:
         return []
     return [f"{label}: {difference}" for label, config in provenance.get("configs", {}).items()
-            for difference in _differences(config["resolved"], resolve(config["overrides"]))]
+            for difference in _differences(applicable(config["resolved"]),
+                                           applicable(resolve(config["overrides"])))]
 
 
 def measured_under(provenance: dict | None) -> str:

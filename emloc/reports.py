@@ -258,3 +258,17 @@ def memory_headline(memory: dict, *memory_big: dict) -> pd.DataFrame:
                           for stage, row in (("inference, original", inference),
                                              ("LoRA on the emulator", lora))])
     return table
+
+
+def seed_summary(rows: pd.DataFrame, by: list[str], metrics: list[str],
+                 bounds: tuple[float, float] | None = (0.0, 1.0)) -> pd.DataFrame:
+    """One row per ``by`` group and metric: ``mean``, ``low``, ``high`` (95% Student-t over the seeds, each
+    seed one value: :func:`emloc.statistics.seed_interval`) and ``seeds``, from ``rows`` holding one row per
+    seed (a ``seed`` column) and group. ``bounds``: the range the metrics lie in (shares: 0 to 1)."""
+    out = []
+    for key, group in rows.groupby(by, sort=False):
+        for metric in metrics:
+            mean, low, high = seed_interval(group[metric].tolist(), bounds=bounds)
+            out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "metric": metric,
+                        "mean": mean, "low": low, "high": high, "seeds": group["seed"].nunique()})
+    return pd.DataFrame(out)

@@ -32,7 +32,7 @@ import torch
 
 from emloc import io
 from emloc.calibration import CalibrationStats
-from emloc.config import RunConfig
+from emloc.config import RunConfig, applicable
 from emloc.svd_emulator import count_parameters
 from emloc.emulator_kinds import Emulator, emulator_kind, factor_tensors, write_factor_folder
 from emloc.errors import EmlocError
@@ -67,6 +67,7 @@ have no duplicates), so adding one keeps every finished built-in-task stage vali
 
 
 def _stage_parts(c: dict, stage: Stage) -> dict:
+    c = applicable(c)  # a language model's fingerprints leave the dreambooth section out
     c = c | {"lora": fingerprint_part(c["lora"], c["device"])}  # 32-true left out; auto resolved
     if c["emulator"].get("calibration") != "sequential":
         c = c | {"emulator": {k: v for k, v in c["emulator"].items() if k not in SEQUENTIAL_ONLY}}
@@ -80,7 +81,8 @@ def _stage_parts(c: dict, stage: Stage) -> dict:
     data = (c["data"] if stage.uses_calibration
             else {k: v for k, v in c["data"].items() if k != "n_calibration"})
     base = ({k: c[k] for k in ("model", "dtype", "seed")}
-            | {"data": data, "targets": c["emulator"]["target_modules"]})
+            | {"data": data, "targets": c["emulator"]["target_modules"]}
+            | ({"dreambooth": c["dreambooth"]} if "dreambooth" in c else {}))
     return base | {section: c[section] for section in stage.config}
 
 
@@ -263,14 +265,17 @@ class RunDir:
         return io.read_tensors(self.dir / "correction" / "subspace.safetensors")
 
     def fidelity(self) -> dict:
-        """The emulator's end-to-end fidelity (:func:`emloc.fidelity.fidelity_report`): KL and residual
-        drift."""
+        """The emulator's end-to-end fidelity: a language model's KL and residual drift
+        (:func:`emloc.fidelity.fidelity_report`), a denoiser's noise-prediction error
+        (:func:`emloc.denoiser.noise_prediction_error`)."""
         self.require("fidelity")
         path = self.dir / "fidelity.json"
         report = io.read_json(path)
-        if not isinstance(report, dict) or not ({"kl", "drift"} <= set(report) or "skipped" in report):
-            raise EmlocError(f"{path} is not a fidelity report (no 'kl' and 'drift'): delete it and re-run "
-                             f"`emloc fidelity --out {self.dir}`")
+        known = isinstance(report, dict) and ({"kl", "drift"} <= set(report)
+                                              or bool({"relative_error", "skipped"} & set(report)))
+        if not known:
+            raise EmlocError(f"{path} is not a fidelity report (no 'kl' and 'drift', no 'relative_error'): "
+                             f"delete it and re-run `emloc fidelity --out {self.dir}`")
         return report
 
     def results(self) -> dict:

@@ -20,10 +20,11 @@ import pytest
 import torch
 import yaml
 
-from emloc import io, pipeline
+from emloc import io, model_tasks, pipeline
 from emloc.calibration import CalibrationStats, collect_statistics
 from emloc.cli import main
 from emloc.config import LLAMA_PROJECTIONS, EmulatorConfig, LoraConfigSpec, RunConfig
+from emloc.data import load_task_data
 from emloc.svd_emulator import build_factors, emulate
 from emloc.errors import EmlocError
 from emloc.lora import add_lora, load_adapter
@@ -140,16 +141,16 @@ def test_jsonl_wrong_keys(capsys, tmp_path, config_file):
 def test_csv_wrong_header_and_header_only(tmp_path):
     wrong = write_bytes_file(tmp_path / "wrong.csv", b"input,output\n1+1,2\n2+2,4\n")
     with pytest.raises(EmlocError, match="lacks 'prompt' and 'response'"):
-        pipeline.load_task_data(RunConfig.from_dict({"data": {"path": str(wrong)}}).data, 0)
+        load_task_data(RunConfig.from_dict({"data": {"path": str(wrong)}}).data, 0)
     header_only = write_bytes_file(tmp_path / "header.csv", b"prompt,response\n")
     with pytest.raises(EmlocError, match="has 0 record"):
-        pipeline.load_task_data(RunConfig.from_dict({"data": {"path": str(header_only)}}).data, 0)
+        load_task_data(RunConfig.from_dict({"data": {"path": str(header_only)}}).data, 0)
 
 
 def test_csv_short_row_and_empty_response(tmp_path):
     short = write_bytes_file(tmp_path / "short.csv", b"prompt,response\nwhat is 1+1,2\nwhat is 2+2\n")
     with pytest.raises(EmlocError, match="record 2 has an empty or non-text prompt/response"):
-        pipeline.load_task_data(RunConfig.from_dict({"data": {"path": str(short)}}).data, 0)
+        load_task_data(RunConfig.from_dict({"data": {"path": str(short)}}).data, 0)
 
 
 def test_data_not_utf8(capsys, tmp_path, config_file):
@@ -160,7 +161,7 @@ def test_data_not_utf8(capsys, tmp_path, config_file):
 def test_data_wrong_suffix(tmp_path):
     data = write_bytes_file(tmp_path / "data.txt", b"prompt: a\n")
     with pytest.raises(EmlocError, match="use .jsonl or .csv"):
-        pipeline.load_task_data(RunConfig.from_dict({"data": {"path": str(data)}}).data, 0)
+        load_task_data(RunConfig.from_dict({"data": {"path": str(data)}}).data, 0)
 
 
 def test_unknown_task(capsys, tmp_path, config_file):
@@ -490,7 +491,7 @@ def test_keyboard_interrupt_in_cli(capsys, tmp_path, config_file, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train_lora", interrupted)
+    monkeypatch.setattr(model_tasks, "train_lora", interrupted)
     out = tmp_path / "r"
     assert main(["run", "--out", str(out), "--config", str(config_file)]) == 130
     err = capsys.readouterr().err
@@ -505,13 +506,13 @@ def test_keyboard_interrupt_in_cli(capsys, tmp_path, config_file, monkeypatch):
 
 def test_diverged_training_is_not_saved(capsys, tmp_path, config_file, monkeypatch):
     from emloc.lora import TrainResult
-    real_train = pipeline.train_lora
+    real_train = model_tasks.train_lora
 
     def diverging(*args, **kwargs):
         result = real_train(*args, **kwargs)
         return TrainResult(result.model, [(1, 2.5), (2, float("nan"))], result.seconds, result.seconds_per_step)
 
-    monkeypatch.setattr(pipeline, "train_lora", diverging)
+    monkeypatch.setattr(model_tasks, "train_lora", diverging)
     out = tmp_path / "r"
     line = cli_error(capsys, "run", "--out", out, "--config", config_file)
     assert "diverged (loss nan at step 2)" in line

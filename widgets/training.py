@@ -17,7 +17,7 @@ class TrainingMonitor(FigureView):
     Traces ``emulator`` and ``original`` hold ``(step, loss)``; ``progress[which]`` is a progress bar.
     """
 
-    def __init__(self, total_steps: int | None = None):
+    def __init__(self, total_steps: int | None = None, loss_label: str = "training loss (response tokens)"):
         self.total_steps = total_steps
         self.points: dict[str, list[tuple[int, float]]] = {which: [] for which in MODELS}
         self._started: dict[str, float] = {}
@@ -31,7 +31,7 @@ class TrainingMonitor(FigureView):
                                line_color=COLOURS[which], marker_size=4,
                                hovertemplate=f"{label}<br>step %{{x}}<br>loss %{{y:.4f}}<extra></extra>")
         figure.update_xaxes(title_text="optimizer step")
-        figure.update_yaxes(title_text="training loss (response tokens)")
+        figure.update_yaxes(title_text=loss_label)
         rows = [widgets.HBox([self.progress[w], self.stats[w]]) for w in MODELS]
         super().__init__(figure, rows)
 
@@ -77,10 +77,12 @@ class TrainingMonitor(FigureView):
         self.refresh()
 
 
-def training_monitor(histories: dict | None = None, total_steps: int | None = None) -> TrainingMonitor:
+def training_monitor(histories: dict | None = None, total_steps: int | None = None,
+                     loss_label: str = "training loss (response tokens)") -> TrainingMonitor:
     """A loss monitor. ``histories``: ``{'emulator': run.history('emulator'), ...}`` to render finished
-    runs; otherwise an empty monitor to feed live through :meth:`TrainingMonitor.on_loss`."""
-    monitor = TrainingMonitor(total_steps)
+    runs; otherwise an empty monitor to feed live through :meth:`TrainingMonitor.on_loss`. ``loss_label``:
+    the y axis (what the loss is)."""
+    monitor = TrainingMonitor(total_steps, loss_label)
     for which, summary in (histories or {}).items():
         monitor.show_history(which, summary)
     return monitor

@@ -1,6 +1,6 @@
 # Solutions of the notebooks' exercises, one block per exercise id (never imported).
 #
-# An exercise cell in notebooks 01-04 is a code cell whose first line is `# EXERCISE <id>`.
+# An exercise cell in notebooks 01-04 and 08 is a code cell whose first line is `# EXERCISE <id>`.
 # `python -m emloc.exercises solve notebooks/0*.ipynb --out DIR` copies the notebooks and replaces the rest of
 # each exercise cell with the block `# SOLUTION <id>` below (the header line stays). The check call lives in the
 # *next* cell, which is never replaced. Each block may use what the notebook defined before the exercise
@@ -106,3 +106,12 @@ module = report["module"].iloc[0]
 D, B_tilde = tensors[f"{module}.D"].double(), tensors[f"{module}.B_tilde"].double()
 ratio = D.abs().mean(0) / B_tilde.abs().mean(0)    # one ratio per LoRA column
 D_clamped = torch.where(ratio > lam, D * lam / ratio, D)
+
+# SOLUTION subject_share
+# notebook 08 - defines share; check: check_subject_share(share, results, "transfer_corrected")
+import torch
+from emloc.denoiser import HELD_OUT_DIGIT, judged, stored_samples
+
+images = stored_samples(results["samples"]["transfer_corrected"])[HELD_OUT_DIGIT]   # (k, 8, 8) in [0, 1]
+seen = judged(torch.tensor(images * 2 - 1, dtype=torch.float32).unsqueeze(1))         # the digit the judge sees
+share = float((seen == HELD_OUT_DIGIT).mean())
