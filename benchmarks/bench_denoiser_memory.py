@@ -19,9 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_readme_commands import EMLOC, peak_of, repeat, trained  # noqa: E402
+from bench_readme_commands import EMLOC, peak_of, repeat, trained, write_result  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 LABELS = {"inference_original": "inference with the original (200 samples)",
           "train_emulator": "**`emloc train --on emulator`**",
           "train_original": "`emloc train --on original`"}
@@ -74,13 +73,8 @@ def main(argv: list[str] | None = None) -> int:
               "lora_original_over_inference_original": rows["train_original"]["peak_rss_mb"] / inference,
               "ledger": "not applicable: the ledger models Llama-style decoders only"}
     print(markdown(rows))
-    from emloc import io, provenance
-    paths = [RESULTS / "denoiser_memory.json", RESULTS / "denoiser_memory.md"]
-    io.write_json(paths[0], result)
-    paths[1].write_text(markdown(rows), encoding="utf-8")
-    record = provenance.record({"digits-dit": {"model": "digits-dit"}},
-                               command=f"python benchmarks/bench_denoiser_memory.py --repeats {args.repeats}")
-    provenance.write(paths, record)
+    write_result("denoiser_memory", result, markdown(rows), {"digits-dit": {"model": "digits-dit"}},
+                 f"python benchmarks/bench_denoiser_memory.py --repeats {args.repeats}")
     return 0
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_readme_commands import EMLOC, peak_of, repeat, trained  # noqa: E402
+from bench_readme_commands import EMLOC, peak_of, repeat, trained, write_result  # noqa: E402
 from emloc import heap  # noqa: E402  (light: no torch)
 
-RESULTS = ROOT / "benchmarks" / "results"
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
@@ -112,14 +111,9 @@ def main(argv: list[str] | None = None) -> int:
               "largest_error": max(abs(row["error"]) for row in table),
               **{key: value for key, value in predicted.items() if key != "predicted_mb"}}
     print(markdown(result))
-    from emloc import io, provenance
-    paths = [RESULTS / "plan_accuracy.json", RESULTS / "plan_accuracy.md"]
-    io.write_json(paths[0], result)
-    paths[1].write_text(markdown(result), encoding="utf-8")
-    record = provenance.record({"standard": {"preset": "standard"}}, micro_batches=list(MICRO_BATCHES),
-                               command=f"python benchmarks/bench_plan_accuracy.py --steps {args.steps} "
-                                       f"--repeats {args.repeats}")
-    provenance.write(paths, record)
+    write_result("plan_accuracy", result, markdown(result), {"standard": {"preset": "standard"}},
+                 f"python benchmarks/bench_plan_accuracy.py --steps {args.steps} --repeats {args.repeats}",
+                 micro_batches=list(MICRO_BATCHES))
     return 0
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_readme_commands import write_result  # noqa: E402
 CANDIDATES = {"15 steps (today's quick preset)": ["--steps", "15"],
               "30 steps": ["--steps", "30"],
               "30 steps, --precision auto": ["--steps", "30", "--precision", "auto"],
@@ -61,14 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     for index, (name, flags) in enumerate(CANDIDATES.items()):
         rows[name] = measure(Path(args.out) / f"candidate{index}", flags)
         print(name, f"{rows[name]['wall_s']:.0f} s", rows[name]["variants"], flush=True)
-    from emloc import io, provenance
-    paths = [RESULTS / "quick_preset.json", RESULTS / "quick_preset.md"]
-    io.write_json(paths[0], {"candidates": rows})
-    paths[1].write_text(markdown(rows), encoding="utf-8")
     print(markdown(rows))
-    record = provenance.record({"quick": {"preset": "quick"}}, candidates=dict(CANDIDATES),
-                               command="python benchmarks/bench_quick_preset.py")
-    provenance.write(paths, record)
+    write_result("quick_preset", {"candidates": rows}, markdown(rows), {"quick": {"preset": "quick"}},
+                 "python benchmarks/bench_quick_preset.py", candidates=dict(CANDIDATES))
     return 0
 
 

@@ -148,6 +148,18 @@ def markdown(result: dict) -> str:
     return "\n".join([*lines, "", *ratios]) + "\n"
 
 
+
+def write_result(stem: str, result: dict, table: str, configs: dict, command: str, **extra) -> None:
+    """``RESULTS/stem.json`` and its Markdown ``table`` (``stem.md``), with one provenance record for both
+    (taken before they are written, so the commit is the code's, not "+changes" from the results)."""
+    from emloc import io, provenance
+    record = provenance.record(configs, command=command, **extra)
+    paths = [RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"]
+    io.write_json(paths[0], result)
+    paths[1].write_text(table, encoding="utf-8")
+    provenance.write(paths, record)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -203,14 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in result.items():
         if key.endswith(RATIO_SUFFIXES):
             print(f"{key}: {value:.2f}x")
-    sys.path.insert(0, str(ROOT))
-    from emloc import io, provenance
-    io.write_json(RESULTS / "readme_commands.json", result)
-    (RESULTS / "readme_commands.md").write_text(markdown(result), encoding="utf-8")
-    record = provenance.record(
-        {"readme": {"preset": "standard"}},
-        command=f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}")
-    provenance.write([RESULTS / "readme_commands.json", RESULTS / "readme_commands.md"], record)
+    write_result("readme_commands", result, markdown(result), {"readme": {"preset": "standard"}},
+                 f"python benchmarks/bench_readme_commands.py --steps {args.steps} --repeats {args.repeats}")
     return 0
 
 

@@ -52,6 +52,7 @@ class Run(RunDir):
         self.device = resolve_device(self.config.device)
         self._tokenizer = None
         self._data: TaskData | None = None
+        self._features: dict[str, list[dict]] = {}
         self._model = None
 
     @property
@@ -81,8 +82,12 @@ class Run(RunDir):
         return report
 
     def features(self, split: str) -> list[dict]:
-        return encode_examples(self.tokenizer, self.data.task, getattr(self.data, split),
-                               self.config.data.max_length)
+        """The tokenized examples of ``split`` (``train``, ``calibration`` or ``test``), encoded once per run
+        (planning, the checks before training and training itself read the same list; nobody mutates it)."""
+        if split not in self._features:
+            self._features[split] = encode_examples(self.tokenizer, self.data.task, getattr(self.data, split),
+                                                    self.config.data.max_length)
+        return self._features[split]
 
     def fresh_model(self):
         """A newly loaded original model (stages that wrap it with LoRA must not share it)."""

@@ -143,6 +143,70 @@ def baseline_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def kept_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Transfer kept: the share of emulator + LoRA's accuracy a transfer keeps on the original, per point (a
+    ratio of means over seeds with its interval: the gap closed from 0 to ``emulator_lora``; undefined, with
+    the reason, when ``emulator_lora``'s own interval is not above zero). Next to the gap closed it says
+    whether what is lost is the emulator's learning or the transfer."""
+    rows = []
+    for point, group in _points(seeds, axes):
+        for variant in ("transfer_uncorrected", "transfer_corrected"):
+            values = _per_seed(group, [variant, "emulator_lora"], "accuracy")
+            if not len(values):
+                continue
+            nothing = pd.Series(0.0, index=values.index)
+            kept = gap_closed_interval(values[variant], nothing, values["emulator_lora"])
+            reason = kept["reason"].replace("the gap", "emulator + LoRA's accuracy")
+            rows.append({**point, "variant": variant, "kept": kept["estimate"], "ci_low": kept["low"],
+                         "ci_high": kept["high"], "seeds": len(values), "defined": kept["defined"],
+                         "reason": reason})
+    return pd.DataFrame(rows)
+
+
+AXIS_VARIANTS = ["transfer_corrected", "transfer_uncorrected", "emulator_lora"]
+"""The variants an axis comparison pairs: the transfers and what the emulator learned."""
+
+
+def axis_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Each axis value against the sweep's reference point (its first point) where only that axis differs:
+    the paired difference per seed of every variant of :data:`AXIS_VARIANTS` (accuracy, and loss where
+    stored), with the verdict and the sentence to quote (e.g. sequential against independent calibration,
+    300 against 100 steps). ``emulator.method`` is left to :func:`baseline_table`."""
+    compared = [a for a in axes if a != "emulator.method"]
+    if seeds.empty or not compared:
+        return pd.DataFrame()
+    reference = seeds.iloc[0][axes].to_dict()
+    rows = []
+    for axis in compared:
+        others = [a for a in axes if a != axis]
+        rows_of = seeds[(seeds[others] == pd.Series({a: reference[a] for a in others})).all(axis=1)]
+        base = rows_of[rows_of[axis] == reference[axis]]
+        for value in (v for v in rows_of[axis].unique() if v != reference[axis]):
+            other = rows_of[rows_of[axis] == value]
+            for variant in AXIS_VARIANTS:
+                rows += _axis_rows(axis, value, reference[axis], variant, other, base)
+    return pd.DataFrame(rows)
+
+
+def _axis_rows(axis: str, value, reference, variant: str, other: pd.DataFrame, base: pd.DataFrame) -> list:
+    """The accuracy and loss rows of one variant at ``axis=value`` against the reference, paired by seed."""
+    if variant not in set(other["variant"]) or variant not in set(base["variant"]):
+        return []
+    ours, theirs = (rows[rows["variant"] == variant].set_index("seed") for rows in (other, base))
+    out = []
+    for metric, higher in (("accuracy", True), ("loss", False)):
+        paired = pd.concat([ours[metric], theirs[metric]], axis=1, join="inner").dropna()
+        if paired.empty:
+            continue
+        row = _difference_row(paired.iloc[:, 0], paired.iloc[:, 1], higher)
+        sentence = comparison_sentence(f"{axis}={value}", f"{axis}={reference}",
+                                       (row["difference"], row["ci_low"], row["ci_high"]),
+                                       f"{variant} {metric}", higher, row["seeds"])
+        out.append({"axis": axis, "value": value, "reference": reference, "variant": variant,
+                    "metric": metric, **row, "sentence": sentence})
+    return out
+
+
 def loss_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     """Mean response-token loss per (axes, variant) with its interval over seeds, and the share of the
     zero-shot -> LoRA loss gap closed (the same definition as the accuracy's)."""
@@ -212,6 +276,7 @@ def all_tables(seeds: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame]:
     summary = summary_table(seeds, axes)
     return {"seeds": seeds, "summary": summary, "gap": gap_table(seeds, axes),
             "correction": correction_table(seeds, axes), "baselines": baseline_table(seeds, axes),
+            "kept": kept_table(seeds, axes), "axes": axis_table(seeds, axes),
             "loss": loss_table(seeds, axes), "wide": wide_table(summary, axes)}
 
 

@@ -215,6 +215,7 @@ def test_the_cli_plans_from_the_runs_training_data(tiny_model_dir, tmp_path, cap
     printed = capsys.readouterr().out
     assert "memory plan for budget '2GB'" in printed and "predicted peak" in printed
     seq_len, window = longest_lengths(run.features("train"))
+    assert run.features("train") is run.features("train")  # encoded once, read by the plan and by training
     assert seq_len < config.data.max_length and window < seq_len  # sized by the data, not the worst case
     assert config.lora.batch_size % run.config.lora.micro_batch_size == 0
     untouched = cli.planned(pipeline.Run(tmp_path / "other", config, progress=False), "calibrate")

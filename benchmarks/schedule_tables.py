@@ -1,0 +1,154 @@
+"""The paper's schedule (issue 24, part c): LoRA for 300 steps next to the standard preset's 100, from the stored
+sweeps -> benchmarks/results/schedule/.
+
+    python benchmarks/schedule_tables.py
+
+Sources (each a sweep's stored tables, 5 seeds, 32-true): ``sweep_addition_5seeds`` (addition, 100 steps, ratio
+0.5; its EMLoC rows), ``sweep_addition_5seeds_ratio`` (ratio 0.4, 100 steps), ``schedule_addition`` (300 steps:
+ratio 0.5 and 0.4, the three correction methods, sequential calibration) and ``schedule_wordfacts`` (wordfacts
+at 300 and 100 steps). A source's settings that are not axes of its sweep are read from its provenance record,
+so every row names its task, ratio, steps, correction method and calibration. Points with the same seed share
+the test items, so differences are paired by seed.
+
+Writes ``table.md`` (per point: the accuracy of every variant, the share of the gap the corrected transfer
+closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed and the correction's effect, each
+with its 95% interval), ``findings.md`` (the sentences the docs quote, produced from the intervals), and the
+sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
+against 300 steps at ratio 0.5, official correction, independent calibration).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS  # noqa: E402
+
+from emloc import provenance, sweep_tables  # noqa: E402
+
+OUT = RESULTS / "schedule"
+SOURCES = ["schedule_addition", "schedule_wordfacts", "sweep_addition_5seeds", "sweep_addition_5seeds_ratio"]
+AXES = {"task": ("data", "task"), "emulator.ratio": ("emulator", "ratio"), "lora.steps": ("lora", "steps"),
+        "correction.method": ("correction", "method"), "emulator.calibration": ("emulator", "calibration")}
+"""The columns every row gets, and where a source that does not vary one finds its value (its resolved config)."""
+REFERENCE = {"emulator.ratio": 0.5, "lora.steps": 300, "correction.method": "official",
+             "emulator.calibration": "independent"}
+"""The point each one-axis comparison is made against: the paper's schedule at ratio 0.5, today's defaults."""
+HALF = 0.5
+
+
+def source_seeds(name: str) -> pd.DataFrame:
+    """A source sweep's per-seed results with a value on every axis of :data:`AXES` (EMLoC rows only)."""
+    folder = RESULTS / name
+    seeds = pd.read_csv(folder / "seeds.csv")
+    if "emulator.method" in seeds:
+        seeds = seeds[seeds["emulator.method"] == sweep_tables.REFERENCE_METHOD].drop(columns="emulator.method")
+    resolved = next(iter(provenance.read(folder)["configs"].values()))["resolved"]
+    for column, (section, key) in AXES.items():
+        if column not in seeds:
+            seeds[column] = resolved[section][key]
+    return seeds
+
+
+def combined_seeds(sources: list[str]) -> pd.DataFrame:
+    """Every finished source, the reference point's rows first (the sweep tables compare against the first)."""
+    frames = [source_seeds(name) for name in sources if (RESULTS / name / "seeds.csv").exists()]
+    seeds = pd.concat(frames, ignore_index=True)
+    at_reference = (seeds[list(REFERENCE)] == pd.Series(REFERENCE)).all(axis=1)
+    return pd.concat([seeds[at_reference], seeds[~at_reference]], ignore_index=True)
+
+
+def _cell(mean: float, low: float, high: float) -> str:
+    return "" if pd.isna(mean) else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _share(row: pd.Series, column: str) -> str:
+    return _cell(row[column], row["ci_low"], row["ci_high"]) if row["defined"] else row["reason"]
+
+
+def point_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFrame:
+    """One row per point: accuracy per variant, gap closed, transfer kept, loss gap closed, correction effect."""
+    summary = tables["summary"].set_index([*axes, "variant"])
+    gap = tables["gap"].set_index([*axes, "variant"])
+    kept = tables["kept"].set_index([*axes, "variant"])
+    loss = tables["loss"].set_index([*axes, "variant"])
+    correction = tables["correction"].set_index(axes)
+    rows = []
+    for point in summary.index.droplevel("variant").unique():
+        accuracy = {v: _cell(*summary.loc[(*point, v), ["accuracy", "ci_low", "ci_high"]])
+                    for v in ("emulator_lora", "transfer_uncorrected", "transfer_corrected", "full_lora")
+                    if (*point, v) in summary.index}
+        corrected = (*point, "transfer_corrected")
+        effect = correction.loc[point]
+        rows.append({**dict(zip(axes, point)), **accuracy,
+                     "gap closed (corrected)": _share(gap.loc[corrected], "gap_closed"),
+                     "transfer kept (corrected)": _share(kept.loc[corrected], "kept"),
+                     "loss gap closed (corrected)": _cell(*loss.loc[corrected, ["loss_gap_closed", "gap_low",
+                                                                                "gap_high"]]),
+                     "correction on - off": f"{_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
+                                            f" {effect['verdict']}",
+                     "seeds": int(summary.loc[corrected, "seeds"])})
+    return pd.DataFrame(rows)
+
+
+def half_gap_findings(gap: pd.DataFrame, correction: pd.DataFrame, axes: list[str]) -> list[str]:
+    """Where the corrected transfer closes half the accuracy gap (its interval above 0.5, or its estimate only),
+    and whether the correction helps there; one sentence per point, from the intervals."""
+    findings = []
+    rows = gap[gap["variant"] == "transfer_corrected"]
+    effects = correction.set_index(axes)
+    for _, row in rows.iterrows():
+        where = ", ".join(f"{a}={row[a]}" for a in axes)
+        if not row["defined"]:
+            findings.append(f"{where}: gap closed {row['reason']}")
+            continue
+        share = _cell(row["gap_closed"], row["ci_low"], row["ci_high"])
+        if row["ci_low"] > HALF:
+            said = f"the corrected transfer closes more than half the gap: {share}"
+        elif row["gap_closed"] >= HALF:
+            said = f"the corrected transfer's estimate reaches half the gap but its interval does not: {share}"
+        elif row["ci_high"] < HALF:
+            said = f"the corrected transfer closes less than half the gap: {share}"
+        else:
+            said = f"undecided whether the corrected transfer closes half the gap: {share}"
+        effect = effects.loc[tuple(row[a] for a in axes)]
+        said += (f"; correction on - off {_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
+                 f" ({effect['verdict']})")
+        findings.append(f"{where}: {said}")
+    return findings
+
+
+def main() -> None:
+    seeds = combined_seeds(SOURCES)
+    axes = list(AXES)
+    OUT.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task, rows in seeds.groupby("task", sort=False):
+        task_axes = axes[1:]
+        tables = sweep_tables.all_tables(rows.drop(columns="task").reset_index(drop=True), task_axes)
+        table = point_table(tables, task_axes).assign(task=task)
+        findings = half_gap_findings(tables["gap"], tables["correction"], task_axes)
+        findings += tables["axes"]["sentence"].tolist() if len(tables["axes"]) else []
+        written.append((task, tables, table, findings))
+    table = pd.concat([t for _, _, t, _ in written], ignore_index=True)
+    table = table[["task", *[c for c in table.columns if c != "task"]]]
+    (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
+    table.to_csv(OUT / "table.csv", index=False)
+    findings = pd.DataFrame([{"task": task, "finding": f} for task, _, _, fs in written for f in fs])
+    (OUT / "findings.md").write_text(findings.to_markdown(index=False) + "\n", encoding="utf-8")
+    for name in ("gap", "kept", "loss", "correction", "axes"):
+        frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
+                          ignore_index=True)
+        frame.to_csv(OUT / f"{name}.csv", index=False)
+    seeds.to_csv(OUT / "seeds.csv", index=False)
+    used = [name for name in SOURCES if (RESULTS / name / "seeds.csv").exists()]
+    provenance.write(OUT, {"declares": provenance.DERIVED, "from": used,
+                           "command": "python benchmarks/schedule_tables.py"})
+    print(table.to_markdown(index=False))
+    print("\n".join(findings["finding"]))
+
+
+if __name__ == "__main__":
+    main()
