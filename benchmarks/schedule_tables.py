@@ -10,9 +10,9 @@ at 300 and 100 steps). A source's settings that are not axes of its sweep are re
 so every row names its task, ratio, steps, correction method and calibration. Points with the same seed share
 the test items, so differences are paired by seed.
 
-Writes ``table.md`` (per point: the accuracy of every variant, the share of the gap the corrected transfer
+Writes ``table.md``/``.csv`` (per point: the accuracy of every variant, the share of the gap the corrected transfer
 closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed and the correction's effect, each
-with its 95% interval), ``findings.md`` (the sentences the docs quote, produced from the intervals), and the
+with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -68,6 +68,11 @@ def _share(row: pd.Series, column: str) -> str:
     return _cell(row[column], row["ci_low"], row["ci_high"]) if row["defined"] else row["reason"]
 
 
+def _loss_share(row: pd.Series) -> str:
+    return (_cell(row["loss_gap_closed"], row["gap_low"], row["gap_high"]) if row["gap_defined"]
+            else row["reason"])
+
+
 def point_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFrame:
     """One row per point: accuracy per variant, gap closed, transfer kept, loss gap closed, correction effect."""
     summary = tables["summary"].set_index([*axes, "variant"])
@@ -85,21 +90,22 @@ def point_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFram
         rows.append({**dict(zip(axes, point)), **accuracy,
                      "gap closed (corrected)": _share(gap.loc[corrected], "gap_closed"),
                      "transfer kept (corrected)": _share(kept.loc[corrected], "kept"),
-                     "loss gap closed (corrected)": _cell(*loss.loc[corrected, ["loss_gap_closed", "gap_low",
-                                                                                "gap_high"]]),
+                     "loss gap closed (corrected)": _loss_share(loss.loc[corrected]),
                      "correction on - off": f"{_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
                                             f" {effect['verdict']}",
                      "seeds": int(summary.loc[corrected, "seeds"])})
     return pd.DataFrame(rows)
 
 
-def half_gap_findings(gap: pd.DataFrame, correction: pd.DataFrame, axes: list[str]) -> list[str]:
+def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
     """Where the corrected transfer closes half the accuracy gap (its interval above 0.5, or its estimate only),
-    and whether the correction helps there; one sentence per point, from the intervals."""
+    how much of emulator + LoRA's accuracy it keeps, and whether the correction helps there; one sentence per
+    point, from the intervals."""
     findings = []
-    rows = gap[gap["variant"] == "transfer_corrected"]
-    effects = correction.set_index(axes)
-    for _, row in rows.iterrows():
+    effects = tables["correction"].set_index(axes)
+    kept = tables["kept"].set_index([*axes, "variant"])
+    for _, row in tables["gap"][tables["gap"]["variant"] == "transfer_corrected"].iterrows():
+        point = tuple(row[a] for a in axes)
         where = ", ".join(f"{a}={row[a]}" for a in axes)
         if not row["defined"]:
             findings.append(f"{where}: gap closed {row['reason']}")
@@ -113,11 +119,22 @@ def half_gap_findings(gap: pd.DataFrame, correction: pd.DataFrame, axes: list[st
             said = f"the corrected transfer closes less than half the gap: {share}"
         else:
             said = f"undecided whether the corrected transfer closes half the gap: {share}"
-        effect = effects.loc[tuple(row[a] for a in axes)]
+        said += f"; it keeps {_share(kept.loc[(*point, 'transfer_corrected')], 'kept')} of emulator + LoRA's accuracy"
+        effect = effects.loc[point]
         said += (f"; correction on - off {_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
                  f" ({effect['verdict']})")
         findings.append(f"{where}: {said}")
     return findings
+
+
+def axis_findings(axes_table: pd.DataFrame) -> list[str]:
+    """The one-axis comparisons on accuracy, less the ones that cannot differ (a correction method leaves the
+    emulator's own adapter as it is: a zero difference with a zero-width interval)."""
+    if axes_table.empty:
+        return []
+    rows = axes_table[axes_table["metric"] == "accuracy"]
+    same = (rows["difference"] == 0) & (rows["ci_low"] == 0) & (rows["ci_high"] == 0)
+    return rows.loc[~same, "sentence"].tolist()
 
 
 def main() -> None:
@@ -129,8 +146,7 @@ def main() -> None:
         task_axes = axes[1:]
         tables = sweep_tables.all_tables(rows.drop(columns="task").reset_index(drop=True), task_axes)
         table = point_table(tables, task_axes).assign(task=task)
-        findings = half_gap_findings(tables["gap"], tables["correction"], task_axes)
-        findings += tables["axes"]["sentence"].tolist() if len(tables["axes"]) else []
+        findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))
     table = pd.concat([t for _, _, t, _ in written], ignore_index=True)
     table = table[["task", *[c for c in table.columns if c != "task"]]]
@@ -138,6 +154,7 @@ def main() -> None:
     table.to_csv(OUT / "table.csv", index=False)
     findings = pd.DataFrame([{"task": task, "finding": f} for task, _, _, fs in written for f in fs])
     (OUT / "findings.md").write_text(findings.to_markdown(index=False) + "\n", encoding="utf-8")
+    findings.to_csv(OUT / "findings.csv", index=False)
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)
