@@ -12,7 +12,8 @@ the test items, so differences are paired by seed.
 
 Writes ``table.md``/``.csv`` (per point: the accuracy of every variant, the share of the gap the corrected transfer
 closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed and the correction's effect, each
-with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals), and the
+with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals),
+``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -97,6 +98,33 @@ def point_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def methods_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFrame:
+    """The three correction methods on the same 300-step adapters: each one's corrected transfer, its effect
+    against no correction and against the official method, paired by seed (for docs/correction.md)."""
+    others = {axis: REFERENCE[axis] for axis in axes if axis != "correction.method"}
+    def chosen(table):
+        return table[(table[list(others)] == pd.Series(others)).all(axis=1)]
+    summary = chosen(tables["summary"])
+    summary = summary[summary["variant"] == "transfer_corrected"].set_index("correction.method")
+    effects = chosen(tables["correction"]).set_index("correction.method")
+    against = tables["axes"]
+    if len(against):
+        against = against[(against["axis"] == "correction.method") & (against["variant"] == "transfer_corrected")
+                          & (against["metric"] == "accuracy")].set_index("value")
+    rows = []
+    for method in summary.index:
+        effect = effects.loc[method]
+        row = {"correction.method": method, "seeds": int(summary.loc[method, "seeds"]),
+               "transfer corrected": _cell(*summary.loc[method, ["accuracy", "ci_low", "ci_high"]]),
+               "corrected - uncorrected": f"{_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
+                                          f" {effect['verdict']}"}
+        if method in against.index:
+            versus = against.loc[method]
+            row["minus official"] = f"{_cell(versus['difference'], versus['ci_low'], versus['ci_high'])} {versus['verdict']}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
     """Where the corrected transfer closes half the accuracy gap (its interval above 0.5, or its estimate only),
     how much of emulator + LoRA's accuracy it keeps, and whether the correction helps there; one sentence per
@@ -141,13 +169,14 @@ def main() -> None:
     seeds = combined_seeds(SOURCES)
     axes = list(AXES)
     OUT.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, methods = [], {}
     for task, rows in seeds.groupby("task", sort=False):
         task_axes = axes[1:]
         tables = sweep_tables.all_tables(rows.drop(columns="task").reset_index(drop=True), task_axes)
         table = point_table(tables, task_axes).assign(task=task)
         findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))
+        methods[task] = methods_table(tables, task_axes)
     table = pd.concat([t for _, _, t, _ in written], ignore_index=True)
     table = table[["task", *[c for c in table.columns if c != "task"]]]
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
@@ -155,6 +184,9 @@ def main() -> None:
     findings = pd.DataFrame([{"task": task, "finding": f} for task, _, _, fs in written for f in fs])
     (OUT / "findings.md").write_text(findings.to_markdown(index=False) + "\n", encoding="utf-8")
     findings.to_csv(OUT / "findings.csv", index=False)
+    methods = pd.concat([t.assign(task=task) for task, t in methods.items()], ignore_index=True)
+    methods = methods[["task", *[c for c in methods.columns if c != "task"]]]
+    (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(methods), encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)
