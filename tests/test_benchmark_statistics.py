@@ -220,3 +220,47 @@ def test_seed_table_identical_transfers_are_within_noise_and_flat_gap_undefined(
     assert table.attrs["correction_verdict"] == "within noise"
     row = table.loc["transfer_corrected"]
     assert not row["gap_defined"] and math.isnan(row["gap_closed"]) and "not above zero" in row["gap_reason"]
+
+
+# ---- the paper's schedule (benchmarks/schedule_tables.py) -----------------------------------------------
+
+import schedule_tables  # noqa: E402
+from emloc import provenance, sweep_tables  # noqa: E402
+
+SCHEDULE_VARIANTS = {"zero_shot": 0.0, "emulator": 0.0, "emulator_lora": 0.8, "transfer_uncorrected": 0.5,
+                     "transfer_corrected": 0.6, "full_lora": 0.9}
+
+
+def _stored_sweep(folder: Path, steps: int, shift: float, axis: str | None) -> None:
+    """A sweep's seeds.csv and provenance record: 3 seeds, accuracies near ``SCHEDULE_VARIANTS`` (+ ``shift``
+    but for LoRA on the original)."""
+    rows = [{"seed": seed, **({axis: steps} if axis else {}), "variant": variant,
+             "accuracy": value + (shift if variant != "full_lora" else 0.0) + 0.01 * seed if value else 0.0,
+             "loss": 1.0 - value,
+             "items": 100, "correct": 0}
+            for seed in range(3) for variant, value in SCHEDULE_VARIANTS.items()]
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "seeds.csv", index=False)
+    provenance.write(folder, provenance.record({"p": {"preset": "standard", "lora": {"steps": steps}}}))
+
+
+def test_schedule_sources_get_every_axis_from_their_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule_tables, "RESULTS", tmp_path)
+    _stored_sweep(tmp_path / "long", 300, 0.0, "lora.steps")
+    _stored_sweep(tmp_path / "short", 100, -0.4, None)   # steps not an axis there: read from its settings
+    seeds = schedule_tables.combined_seeds(["short", "long", "absent"])
+    assert set(seeds["lora.steps"]) == {100, 300} and set(seeds["task"]) == {"addition"}
+    assert (seeds.iloc[0][list(schedule_tables.REFERENCE)] == pd.Series(schedule_tables.REFERENCE)).all()
+    axes = list(schedule_tables.AXES)[1:]
+    tables = sweep_tables.all_tables(seeds.drop(columns="task"), axes)
+    findings = schedule_tables.half_gap_findings(tables, axes)
+    gap = tables["gap"].set_index(["lora.steps", "variant"])
+    long, short = gap.loc[(300, "transfer_corrected")], gap.loc[(100, "transfer_corrected")]
+    assert long["ci_low"] > 0.5 and short["ci_high"] < 0.5
+    assert "lora.steps=300" in findings[0] and "closes more than half the gap" in findings[0]
+    assert "lora.steps=100" in findings[1] and "closes less than half the gap" in findings[1]
+    assert "keeps" in findings[0] and "correction on - off" in findings[0]
+    said = schedule_tables.axis_findings(tables["axes"])
+    assert said and all(s.startswith("lora.steps=100 is worse than lora.steps=300") for s in said)
+    table = schedule_tables.point_table(tables, axes)
+    assert list(table["lora.steps"]) == [300, 100] and (table["seeds"] == 3).all()
