@@ -152,6 +152,9 @@ def adopt_finished_stages(run, donors: list) -> list[str]:
 
 
 def variant_key(config: RunConfig, variant: str) -> str:
+    """What fixes a variant's result: its stage's fingerprint and the evaluation settings. Two variants of one
+    stage share it (``emulator_lora`` and ``transfer_uncorrected`` both hang on ``train_emulator``), so results
+    are cached per ``(variant, key)``."""
     return f"{fingerprint(config, VARIANT_STAGE[variant])}:{sorted(config.evaluation.__dict__.items())}"
 
 
@@ -166,8 +169,8 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
     record = run.read_point() or {"variants": {}}
     keys = {v: variant_key(run.config, v) for v in wanted}
     for v in wanted:
-        if record["variants"].get(v, {}).get("key") != keys[v] and keys[v] in cache:
-            record["variants"][v] = cache[keys[v]]
+        if record["variants"].get(v, {}).get("key") != keys[v] and (v, keys[v]) in cache:
+            record["variants"][v] = cache[(v, keys[v])]
     missing = [v for v in wanted if record["variants"].get(v, {}).get("key") != keys[v]]
     if missing:
         results = pipeline.evaluate(run, missing)
@@ -179,7 +182,7 @@ def run_point(run, spec: SweepSpec, donors: list, cache: dict) -> dict:
     record["notes"] = [] if corrects else [CORRECTION_SKIPPED]
     run.write_point(record)
     for v in wanted:
-        cache[keys[v]] = record["variants"][v]
+        cache[(v, keys[v])] = record["variants"][v]
     return record
 
 
@@ -205,7 +208,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
     cache = {}
     for run in runs:  # variants finished by an earlier (interrupted) sweep
         for v, rec in ((run.read_point() or {}).get("variants", {})).items():
-            cache.setdefault(rec["key"], rec)
+            cache.setdefault((v, rec["key"]), rec)
     for i, (point, run) in enumerate(zip(points, runs)):
         if on_point:
             on_point(i, len(points), point)

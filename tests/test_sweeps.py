@@ -173,3 +173,17 @@ def test_a_grid_asking_for_another_confidence_is_refused():
     with pytest.raises(sweeps.EmlocError, match="intervals are 95%"):
         sweeps.spec_from_dict({"grid": {"seed": [0]}, "confidence": 0.9})
     assert sweeps.spec_from_dict({"grid": {"seed": [0]}, "confidence": 0.95, "n_boot": 10}).confidence == 0.95
+
+
+def test_points_sharing_the_emulators_adapter_take_each_variant_from_its_own_record(tiny_model_dir, tmp_path):
+    """Two correction methods on the same adapters: the second point reuses the first's evaluations, each
+    variant its own (``emulator_lora`` and ``transfer_uncorrected`` hang on the same stage, but differ)."""
+    base = tiny_run_config(tiny_model_dir).to_dict()
+    spec = sweeps.spec_from_dict({"base": base, "grid": {"seed": [0], "correction.method": ["official", "aligned"]}})
+    out = tmp_path / "sweep"
+    sweeps.run_sweep(spec, out, progress=False)
+    first, second = (sweeps.io.read_json(out / "points" / f"seed=0,method={method}" / "point.json")["variants"]
+                     for method in ("official", "aligned"))
+    assert first["emulator_lora"]["loss"] != first["transfer_uncorrected"]["loss"]
+    for variant in ("emulator_lora", "transfer_uncorrected", "zero_shot", "full_lora"):
+        assert second[variant] == first[variant], variant
