@@ -122,7 +122,7 @@ def methods_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFr
             versus = against.loc[method]
             row["minus official"] = f"{_cell(versus['difference'], versus['ci_low'], versus['ci_high'])} {versus['verdict']}"
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("")
 
 
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
