@@ -152,9 +152,9 @@ def adopt_finished_stages(run, donors: list) -> list[str]:
 
 
 def variant_key(config: RunConfig, variant: str) -> str:
-    """What fixes a variant's result: its stage's fingerprint and the evaluation settings. Two variants of one
-    stage share it (``emulator_lora`` and ``transfer_uncorrected`` both hang on ``train_emulator``), so results
-    are cached per ``(variant, key)``."""
+    """What fixes a variant's result: its stage's fingerprint and the evaluation settings. Two variants of
+    one stage share it (``emulator_lora`` and ``transfer_uncorrected`` both hang on ``train_emulator``), so
+    results are cached per ``(variant, key)``."""
     return f"{fingerprint(config, VARIANT_STAGE[variant])}:{sorted(config.evaluation.__dict__.items())}"
 
 
