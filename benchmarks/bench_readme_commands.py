@@ -148,7 +148,6 @@ def markdown(result: dict) -> str:
     return "\n".join([*lines, "", *ratios]) + "\n"
 
 
-
 def write_result(stem: str, result: dict, table: str, configs: dict, command: str, **extra) -> None:
     """``RESULTS/stem.json`` and its Markdown ``table`` (``stem.md``), with one provenance record for both
     (taken before they are written, so the commit is the code's, not "+changes" from the results)."""

@@ -57,7 +57,7 @@ def combined_seeds(sources: list[str]) -> pd.DataFrame:
     """Every finished source, the reference point's rows first (the sweep tables compare against the first)."""
     frames = [source_seeds(name) for name in sources if (RESULTS / name / "seeds.csv").exists()]
     seeds = pd.concat(frames, ignore_index=True)
-    at_reference = (seeds[list(REFERENCE)] == pd.Series(REFERENCE)).all(axis=1)
+    at_reference = _matching(seeds, REFERENCE)
     return pd.concat([seeds[at_reference], seeds[~at_reference]], ignore_index=True)
 
 
@@ -67,6 +67,16 @@ def _cell(mean: float, low: float, high: float) -> str:
 
 def _share(row: pd.Series, column: str) -> str:
     return _cell(row[column], row["ci_low"], row["ci_high"]) if row["defined"] else row["reason"]
+
+
+def _effect(row: pd.Series, column: str = "difference") -> str:
+    """A paired difference with its interval and verdict, e.g. ``0.012 [-0.108, 0.133] within noise``."""
+    return f"{_cell(row[column], row['ci_low'], row['ci_high'])} {row['verdict']}"
+
+
+def _matching(table: pd.DataFrame, values: dict) -> pd.Series:
+    """Rows of ``table`` whose columns hold ``values``."""
+    return (table[list(values)] == pd.Series(values)).all(axis=1)
 
 
 def _loss_share(row: pd.Series) -> str:
@@ -92,8 +102,7 @@ def point_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFram
                      "gap closed (corrected)": _share(gap.loc[corrected], "gap_closed"),
                      "transfer kept (corrected)": _share(kept.loc[corrected], "kept"),
                      "loss gap closed (corrected)": _loss_share(loss.loc[corrected]),
-                     "correction on - off": f"{_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
-                                            f" {effect['verdict']}",
+                     "correction on - off": _effect(effect, "corrected_minus_uncorrected"),
                      "seeds": int(summary.loc[corrected, "seeds"])})
     return pd.DataFrame(rows)
 
@@ -102,11 +111,9 @@ def methods_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFr
     """The three correction methods on the same 300-step adapters: each one's corrected transfer, its effect
     against no correction and against the official method, paired by seed (for docs/correction.md)."""
     others = {axis: REFERENCE[axis] for axis in axes if axis != "correction.method"}
-    def chosen(table):
-        return table[(table[list(others)] == pd.Series(others)).all(axis=1)]
-    summary = chosen(tables["summary"])
-    summary = summary[summary["variant"] == "transfer_corrected"].set_index("correction.method")
-    effects = chosen(tables["correction"]).set_index("correction.method")
+    summary = tables["summary"][_matching(tables["summary"], {**others, "variant": "transfer_corrected"})]
+    summary = summary.set_index("correction.method")
+    effects = tables["correction"][_matching(tables["correction"], others)].set_index("correction.method")
     against = tables["axes"]
     if len(against):
         against = against[(against["axis"] == "correction.method") & (against["variant"] == "transfer_corrected")
@@ -116,11 +123,9 @@ def methods_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFr
         effect = effects.loc[method]
         row = {"correction.method": method, "seeds": int(summary.loc[method, "seeds"]),
                "transfer corrected": _cell(*summary.loc[method, ["accuracy", "ci_low", "ci_high"]]),
-               "corrected - uncorrected": f"{_cell(effect['corrected_minus_uncorrected'], effect['ci_low'], effect['ci_high'])}"
-                                          f" {effect['verdict']}"}
+               "corrected - uncorrected": _effect(effect, "corrected_minus_uncorrected")}
         if method in against.index:
-            versus = against.loc[method]
-            row["minus official"] = f"{_cell(versus['difference'], versus['ci_low'], versus['ci_high'])} {versus['verdict']}"
+            row["minus official"] = _effect(against.loc[method])
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
 

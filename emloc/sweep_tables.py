@@ -131,16 +131,24 @@ def baseline_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         for method in (m for m in methods if m != REFERENCE_METHOD):
             theirs = group[(group["emulator.method"] == method)
                            & (group["variant"] == transfer_variant(method))].set_index("seed")
-            for metric, higher in (("accuracy", True), ("loss", False)):
-                paired = pd.concat([ours[metric], theirs[metric]], axis=1, join="inner").dropna()
-                if paired.empty:
-                    continue
-                row = _difference_row(paired.iloc[:, 0], paired.iloc[:, 1], higher)
-                sentence = comparison_sentence(f"EMLoC ({REFERENCE_METHOD})", method,
-                                               (row["difference"], row["ci_low"], row["ci_high"]),
-                                               metric, higher, row["seeds"])
-                rows.append({**point, "method": method, "metric": metric, **row, "sentence": sentence})
+            rows += [{**point, "method": method, **row}
+                     for row in _paired_metrics(ours, theirs, f"EMLoC ({REFERENCE_METHOD})", method)]
     return pd.DataFrame(rows)
+
+
+def _paired_metrics(ours: pd.DataFrame, theirs: pd.DataFrame, a: str, b: str, what: str = "") -> list[dict]:
+    """``a - b`` on accuracy and on loss (where stored), paired by seed (both indexed by seed): per metric the
+    difference, its interval, verdict and sentence (``what`` names the variant in the sentence's metric)."""
+    rows = []
+    for metric, higher in (("accuracy", True), ("loss", False)):
+        paired = pd.concat([ours[metric], theirs[metric]], axis=1, join="inner").dropna()
+        if paired.empty:
+            continue
+        row = _difference_row(paired.iloc[:, 0], paired.iloc[:, 1], higher)
+        sentence = comparison_sentence(a, b, (row["difference"], row["ci_low"], row["ci_high"]),
+                                       f"{what} {metric}" if what else metric, higher, row["seeds"])
+        rows.append({"metric": metric, **row, "sentence": sentence})
+    return rows
 
 
 def kept_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -193,18 +201,8 @@ def _axis_rows(axis: str, value, reference, variant: str, other: pd.DataFrame, b
     if variant not in set(other["variant"]) or variant not in set(base["variant"]):
         return []
     ours, theirs = (rows[rows["variant"] == variant].set_index("seed") for rows in (other, base))
-    out = []
-    for metric, higher in (("accuracy", True), ("loss", False)):
-        paired = pd.concat([ours[metric], theirs[metric]], axis=1, join="inner").dropna()
-        if paired.empty:
-            continue
-        row = _difference_row(paired.iloc[:, 0], paired.iloc[:, 1], higher)
-        sentence = comparison_sentence(f"{axis}={value}", f"{axis}={reference}",
-                                       (row["difference"], row["ci_low"], row["ci_high"]),
-                                       f"{variant} {metric}", higher, row["seeds"])
-        out.append({"axis": axis, "value": value, "reference": reference, "variant": variant,
-                    "metric": metric, **row, "sentence": sentence})
-    return out
+    return [{"axis": axis, "value": value, "reference": reference, "variant": variant, **row}
+            for row in _paired_metrics(ours, theirs, f"{axis}={value}", f"{axis}={reference}", variant)]
 
 
 def loss_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
