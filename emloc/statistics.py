@@ -1,9 +1,10 @@
 """Confidence intervals: seed-level Student-t intervals, the two-level bootstrap, and their fallbacks.
 
-The seed-level functions (:func:`seed_interval`, :func:`paired_difference`, :func:`gap_closed_interval`,
-:func:`verdict`, :func:`comparison_sentence`) treat each seed as one observation; with 3 or 5 seeds they keep
-their 95% (a simulation test checks 93-97% coverage), where the two-level bootstrap below undercovers (it
-cannot reach past the most extreme seed). Comparisons between variants are paired differences per seed.
+The seed-level functions (:func:`seed_interval`, :func:`paired_difference`, :func:`ratio_of_means_interval`,
+:func:`gap_closed_interval`, :func:`verdict`, :func:`comparison_sentence`) treat each seed as one
+observation; with 3 or 5 seeds they keep their 95% (a simulation test checks 93-97% coverage), where the
+two-level bootstrap below undercovers (it cannot reach past the most extreme seed). Comparisons between
+variants are paired differences per seed.
 
 Pure numpy functions, the one statistics module of the project (sweep tables, seed tables, the correction
 sweep, the results board). The bootstrap needs per-item scores; when only per-seed means exist (a
@@ -198,29 +199,41 @@ def paired_difference(a: Sequence[float], b: Sequence[float],
     return (mean, low, high) if a.size > 1 else (mean, math.nan, math.nan)
 
 
-def gap_closed_interval(variant: Sequence[float], lower: Sequence[float], upper: Sequence[float],
-                        confidence: float = 0.95) -> dict:
-    """The share of the ``lower -> upper`` gap a variant closes, as a ratio of means over seeds, with a
-    seed-level interval (the ratio estimator's linearisation, Student's t with ``n - 1`` degrees of freedom).
+def ratio_of_means_interval(numerator: Sequence[float], denominator: Sequence[float],
+                            confidence: float = 0.95, denominator_name: str = "the denominator") -> dict:
+    """``mean(numerator) / mean(denominator)`` over seeds with a seed-level interval (the ratio estimator's
+    linearisation, Student's t with ``n - 1`` degrees of freedom); both hold one value per seed.
 
-    ``variant``, ``lower`` (e.g. zero-shot) and ``upper`` (e.g. LoRA on the original) hold one value per seed.
-    Returns ``{"estimate", "low", "high", "defined", "reason"}``; the share is *undefined* (NaNs, with the
-    reason) when the gap's own paired interval does not lie above zero: a ratio over a gap that may be zero or
-    negative means nothing, however it comes out (e.g. 1.333 [-1.0, 6.0] from a 0.025 gap).
+    Returns ``{"estimate", "low", "high", "defined", "reason"}``; the ratio is *undefined* (NaNs, with the
+    reason naming ``denominator_name``) when the denominator's own interval does not lie above zero: a ratio
+    over something that may be zero or negative means nothing, however it comes out.
     """
-    v, lo, up = (np.asarray(x, dtype=float) for x in (variant, lower, upper))
-    gap, gained = up - lo, v - lo
-    gap_mean, gap_low, gap_high = seed_interval(gap, confidence)
-    if gap.size < 2 or not gap_low > 0:
-        why = ("one seed: the gap's spread is unknown" if gap.size < 2 else
-               f"the gap {gap_mean:.3f} [{gap_low:.3f}, {gap_high:.3f}] is not above zero")
+    top, bottom = (np.asarray(x, dtype=float) for x in (numerator, denominator))
+    bottom_mean, bottom_low, bottom_high = seed_interval(bottom, confidence)
+    if bottom.size < 2 or not bottom_low > 0:
+        shown = f"{bottom_mean:.3f} [{bottom_low:.3f}, {bottom_high:.3f}]"
+        why = (f"one seed: {denominator_name}'s spread is unknown" if bottom.size < 2 else
+               f"{denominator_name} {shown} is not above zero")
         return {"estimate": math.nan, "low": math.nan, "high": math.nan, "defined": False,
                 "reason": f"undefined: {why}"}
-    ratio = float(gained.mean() / gap_mean)
-    residuals = gained - ratio * gap
-    half = (t_quantile(0.5 + confidence / 2, gap.size - 1) * float(residuals.std(ddof=1))
-            / math.sqrt(gap.size) / gap_mean)
+    ratio = float(top.mean() / bottom_mean)
+    residuals = top - ratio * bottom
+    half = (t_quantile(0.5 + confidence / 2, bottom.size - 1) * float(residuals.std(ddof=1))
+            / math.sqrt(bottom.size) / bottom_mean)
     return {"estimate": ratio, "low": ratio - half, "high": ratio + half, "defined": True, "reason": ""}
+
+
+def gap_closed_interval(variant: Sequence[float], lower: Sequence[float], upper: Sequence[float],
+                        confidence: float = 0.95) -> dict:
+    """The share of the ``lower -> upper`` gap a variant closes: ``(variant - lower) / (upper - lower)`` as a
+    ratio of means over seeds (:func:`ratio_of_means_interval`).
+
+    ``variant``, ``lower`` (e.g. zero-shot) and ``upper`` (e.g. LoRA on the original) hold one value per seed.
+    The share is *undefined* (NaNs, with the reason) when the gap's own paired interval does not lie above
+    zero (e.g. 1.333 [-1.0, 6.0] from a 0.025 gap).
+    """
+    v, lo, up = (np.asarray(x, dtype=float) for x in (variant, lower, upper))
+    return ratio_of_means_interval(v - lo, up - lo, confidence, denominator_name="the gap")
 
 
 def verdict(low: float, high: float, higher_is_better: bool = True) -> str:

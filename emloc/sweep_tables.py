@@ -20,7 +20,7 @@ import pandas as pd
 from emloc.emulator_kinds import emulator_kind
 from emloc.stages import VARIANT_SPECS
 from emloc.statistics import (accuracy_interval, comparison_sentence, gap_closed_interval, paired_difference,
-                              seed_interval, verdict)
+                              ratio_of_means_interval, seed_interval, verdict)
 
 VARIANTS = [variant.name for variant in VARIANT_SPECS]
 GAP_VARIANTS = [variant.name for variant in VARIANT_SPECS if variant.gap]
@@ -162,12 +162,11 @@ def kept_table(seeds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
             values = _per_seed(group, [variant, "emulator_lora"], "accuracy")
             if not len(values):
                 continue
-            nothing = pd.Series(0.0, index=values.index)
-            kept = gap_closed_interval(values[variant], nothing, values["emulator_lora"])
-            reason = kept["reason"].replace("the gap", "emulator + LoRA's accuracy")
+            kept = ratio_of_means_interval(values[variant], values["emulator_lora"],
+                                           denominator_name="emulator + LoRA's accuracy")
             rows.append({**point, "variant": variant, "kept": kept["estimate"], "ci_low": kept["low"],
                          "ci_high": kept["high"], "seeds": len(values), "defined": kept["defined"],
-                         "reason": reason})
+                         "reason": kept["reason"]})
     return pd.DataFrame(rows)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from emloc.statistics import (accuracy_interval, bootstrap_ci, comparison_sentence, gap_closed_interval, paired_difference,
-                              seed_interval, t_interval, t_quantile, verdict, wilson_interval)
+                              ratio_of_means_interval, seed_interval, t_interval, t_quantile, verdict, wilson_interval)
 
 
 def test_intervals():
@@ -91,6 +91,24 @@ def test_gap_closed_is_a_ratio_of_means_and_undefined_for_a_doubtful_gap():
     assert not zero_gap["defined"]
     one_seed = gap_closed_interval([0.4], [0.0], [0.8])
     assert not one_seed["defined"] and "one seed" in one_seed["reason"]
+
+
+def test_ratio_of_means_covers_its_ratio_and_names_a_doubtful_denominator():
+    # transfer kept: transfer accuracy over emulator + LoRA's, the ratio of means (not the mean of ratios)
+    rng = np.random.default_rng(3)
+    hits, trials = 0, 2000
+    for _ in range(trials):
+        denominator = 0.8 + 0.05 * rng.standard_normal(5)
+        numerator = 0.6 * denominator + 0.04 * rng.standard_normal(5)
+        kept = ratio_of_means_interval(numerator, denominator)
+        hits += kept["low"] <= 0.6 <= kept["high"]
+    assert 0.93 <= hits / trials <= 0.97
+    kept = ratio_of_means_interval([0.3, 0.5, 0.4], [0.6, 0.8, 0.7])
+    assert kept["estimate"] == pytest.approx(0.4 / 0.7)
+    doubtful = ratio_of_means_interval([0.1, 0.1, 0.1], [0.05, -0.04, 0.02], denominator_name="accuracy")
+    assert not doubtful["defined"] and doubtful["reason"].startswith("undefined: accuracy ")
+    assert "one seed: accuracy's spread" in ratio_of_means_interval([0.1], [0.5], denominator_name="accuracy")[
+        "reason"]
 
 
 def test_comparison_sentences_come_from_the_interval():
