@@ -160,6 +160,24 @@ def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[
     return findings
 
 
+def steps_at_other_ratios(rows: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """300 against 100 steps at every ratio other than the reference's (the sweep tables compare each axis
+    against the reference point only, where the ratio is 0.5): the ``lora.steps`` rows of
+    :func:`emloc.sweep_tables.axis_table` over that ratio's points, its 300-step point first, with the ratio in
+    a column and in the sentence."""
+    frames = []
+    for ratio in (r for r in rows["emulator.ratio"].unique() if r != REFERENCE["emulator.ratio"]):
+        at_ratio = rows[rows["emulator.ratio"] == ratio]
+        first = _matching(at_ratio, {**REFERENCE, "emulator.ratio": ratio})
+        if not first.any():
+            continue
+        table = sweep_tables.axis_table(pd.concat([at_ratio[first], at_ratio[~first]]), axes)
+        if len(table):
+            table = table[table["axis"] == "lora.steps"].assign(**{"emulator.ratio": ratio})
+            frames.append(table.assign(sentence=f"at emulator.ratio={ratio}: " + table["sentence"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def axis_findings(axes_table: pd.DataFrame) -> list[str]:
     """The one-axis comparisons on accuracy, less the ones that cannot differ (a correction method leaves the
     emulator's own adapter as it is: a zero difference with a zero-width interval)."""
@@ -177,7 +195,9 @@ def main() -> None:
     written, methods = [], {}
     for task, rows in seeds.groupby("task", sort=False):
         task_axes = axes[1:]
-        tables = sweep_tables.all_tables(rows.drop(columns="task").reset_index(drop=True), task_axes)
+        rows = rows.drop(columns="task").reset_index(drop=True)
+        tables = sweep_tables.all_tables(rows, task_axes)
+        tables["axes"] = pd.concat([tables["axes"], steps_at_other_ratios(rows, task_axes)], ignore_index=True)
         table = point_table(tables, task_axes).assign(task=task)
         findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))

@@ -264,3 +264,21 @@ def test_schedule_sources_get_every_axis_from_their_settings(tmp_path, monkeypat
     assert said and all(s.startswith("lora.steps=100 is worse than lora.steps=300") for s in said)
     table = schedule_tables.point_table(tables, axes)
     assert list(table["lora.steps"]) == [300, 100] and (table["seeds"] == 3).all()
+
+
+def test_schedule_compares_the_steps_at_a_second_ratio_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule_tables, "RESULTS", tmp_path)
+    _stored_sweep(tmp_path / "long", 300, 0.0, "lora.steps")
+    _stored_sweep(tmp_path / "short", 100, -0.4, None)
+    at_half = schedule_tables.combined_seeds(["short", "long"]).drop(columns="task")
+    at_lower = at_half.assign(**{"emulator.ratio": 0.4})
+    at_lower.loc[at_lower["lora.steps"] == 100, "accuracy"] += 0.35  # 100 steps as good as 300 at ratio 0.4
+    seeds = pd.concat([at_half, at_lower], ignore_index=True)
+    axes = list(schedule_tables.AXES)[1:]
+    steps = schedule_tables.steps_at_other_ratios(seeds, axes)
+    assert set(steps["axis"]) == {"lora.steps"} and set(steps["emulator.ratio"]) == {0.4}
+    assert set(steps["value"]) == {100} and set(steps["reference"]) == {300}
+    corrected = steps[(steps["variant"] == "transfer_corrected") & (steps["metric"] == "accuracy")].iloc[0]
+    assert corrected["sentence"].startswith("at emulator.ratio=0.4: lora.steps=100 is worse than lora.steps=300")
+    assert corrected["difference"] == pytest.approx(-0.05)
+    assert schedule_tables.steps_at_other_ratios(at_half, axes).empty
