@@ -192,7 +192,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
     """Run (or resume) every point of ``spec`` under ``out``; returns the per-item table.
 
     ``reuse``: finished run directories (e.g. of ``emloc run``) whose stages are hard-linked into any
-    point with the same stage fingerprint instead of being recomputed.
+    point with the same stage fingerprint instead of being recomputed; where one is another sweep's point, its
+    evaluations are reused too (same variant, stage fingerprint and evaluation settings).
     """
     from emloc import pipeline
     out = Path(out)
@@ -206,7 +207,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
                          "give a finished run's folder")
     donors = runs + [pipeline.Run(d, progress=False) for d in reuse or []]
     cache = {}
-    for run in runs:  # variants finished by an earlier (interrupted) sweep
+    for run in donors:  # variants finished by an earlier (interrupted) sweep or a reused sweep's point
         for v, rec in ((run.read_point() or {}).get("variants", {})).items():
             cache.setdefault((v, rec["key"]), rec)
     for i, (point, run) in enumerate(zip(points, runs)):

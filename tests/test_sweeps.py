@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_run_config
-from emloc import cli, sweeps
+from emloc import cli, pipeline, sweeps
 from emloc.statistics import bootstrap_ci, bootstrap_means, gap_closed
 from emloc.errors import EmlocError
 
@@ -187,3 +187,22 @@ def test_points_sharing_the_emulators_adapter_take_each_variant_from_its_own_rec
     assert first["emulator_lora"]["loss"] != first["transfer_uncorrected"]["loss"]
     for variant in ("emulator_lora", "transfer_uncorrected", "zero_shot", "full_lora"):
         assert second[variant] == first[variant], variant
+
+
+def test_a_reused_sweep_point_lends_its_evaluations(tiny_model_dir, tmp_path, monkeypatch):
+    """A second sweep reusing a first sweep's point (e.g. one split off to run beside it) evaluates only what
+    differs: here the corrected transfer of another correction method."""
+    base = tiny_run_config(tiny_model_dir).to_dict()
+    first = tmp_path / "first"
+    sweeps.run_sweep(sweeps.spec_from_dict({"base": base, "grid": {"seed": [0]}}), first, progress=False)
+    evaluated_variants = []
+    real_evaluate = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate",
+                        lambda run, variants, **kw: evaluated_variants.extend(variants) or real_evaluate(
+                            run, variants, **kw))
+    spec = sweeps.spec_from_dict({"base": base, "grid": {"seed": [0], "correction.method": ["aligned"]}})
+    sweeps.run_sweep(spec, tmp_path / "second", progress=False, reuse=[first / "points" / "seed=0"])
+    assert evaluated_variants == ["transfer_corrected"]
+    lent = sweeps.io.read_json(first / "points" / "seed=0" / "point.json")["variants"]
+    taken = sweeps.io.read_json(tmp_path / "second" / "points" / "seed=0,method=aligned" / "point.json")["variants"]
+    assert all(taken[v] == lent[v] for v in ("zero_shot", "emulator_lora", "transfer_uncorrected", "full_lora"))
