@@ -13,7 +13,8 @@ the test items, so differences are paired by seed.
 Writes ``table.md``/``.csv`` (per point: the accuracy of every variant, the share of the gap the corrected transfer
 closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed and the correction's effect, each
 with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals),
-``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md), and the
+``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md),
+``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -130,6 +131,18 @@ def methods_table(tables: dict[str, pd.DataFrame], axes: list[str]) -> pd.DataFr
     return pd.DataFrame(rows).fillna("")
 
 
+def calibration_table(axes_table: pd.DataFrame) -> pd.DataFrame:
+    """Sequential against independent calibration at 300 steps, paired by seed (for docs/sequential.md): per
+    variant and metric the difference with its interval and verdict; no rows until sequential points land."""
+    columns = ["variant", "metric", "sequential - independent", "seeds"]
+    if axes_table.empty:
+        return pd.DataFrame(columns=columns)
+    rows = axes_table[(axes_table["axis"] == "emulator.calibration") & (axes_table["value"] == "sequential")]
+    return pd.DataFrame({"variant": rows["variant"], "metric": rows["metric"],
+                         "sequential - independent": [_effect(row) for _, row in rows.iterrows()],
+                         "seeds": rows["seeds"]}, columns=columns)
+
+
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
     """Where the corrected transfer closes half the accuracy gap (its interval above 0.5, or its estimate only),
     how much of emulator + LoRA's accuracy it keeps, and whether the correction helps there; one sentence per
@@ -192,7 +205,7 @@ def main() -> None:
     seeds = combined_seeds(SOURCES)
     axes = list(AXES)
     OUT.mkdir(parents=True, exist_ok=True)
-    written, methods = [], {}
+    written, methods, calibration = [], {}, {}
     for task, rows in seeds.groupby("task", sort=False):
         task_axes = axes[1:]
         rows = rows.drop(columns="task").reset_index(drop=True)
@@ -202,6 +215,7 @@ def main() -> None:
         findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))
         methods[task] = methods_table(tables, task_axes)
+        calibration[task] = calibration_table(tables["axes"])
     table = pd.concat([t for _, _, t, _ in written], ignore_index=True)
     table = table[["task", *[c for c in table.columns if c != "task"]]]
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
@@ -212,6 +226,9 @@ def main() -> None:
     methods = pd.concat([t.assign(task=task) for task, t in methods.items()], ignore_index=True)
     methods = methods[["task", *[c for c in methods.columns if c != "task"]]]
     (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(methods), encoding="utf-8")
+    calibration = pd.concat([t.assign(task=task) for task, t in calibration.items()], ignore_index=True)
+    calibration = calibration[["task", *[c for c in calibration.columns if c != "task"]]]
+    (OUT / "calibration.md").write_text(sweep_tables.as_markdown(calibration), encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)

@@ -282,3 +282,18 @@ def test_schedule_compares_the_steps_at_a_second_ratio_too(tmp_path, monkeypatch
     assert corrected["sentence"].startswith("at emulator.ratio=0.4: lora.steps=100 is worse than lora.steps=300")
     assert corrected["difference"] == pytest.approx(-0.05)
     assert schedule_tables.steps_at_other_ratios(at_half, axes).empty
+
+
+def test_schedule_calibration_table_pairs_sequential_with_independent(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule_tables, "RESULTS", tmp_path)
+    _stored_sweep(tmp_path / "long", 300, 0.0, "lora.steps")
+    independent = schedule_tables.combined_seeds(["long"]).drop(columns="task")
+    sequential = independent.assign(**{"emulator.calibration": "sequential"})
+    sequential["accuracy"] += [0.02 * seed for seed in sequential["seed"]]  # a gain that grows with the seed
+    axes = list(schedule_tables.AXES)[1:]
+    tables = sweep_tables.all_tables(pd.concat([independent, sequential], ignore_index=True), axes)
+    table = schedule_tables.calibration_table(tables["axes"])
+    row = table[(table["variant"] == "transfer_corrected") & (table["metric"] == "accuracy")].iloc[0]
+    assert row["sequential - independent"].startswith("0.020 [") and row["seeds"] == 3
+    assert row["sequential - independent"].endswith("within noise")  # 0, 0.02, 0.04: the interval holds 0
+    assert schedule_tables.calibration_table(pd.DataFrame()).empty
