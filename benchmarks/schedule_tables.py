@@ -14,7 +14,8 @@ Writes ``table.md``/``.csv`` (per point: the accuracy of every variant, the shar
 closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed and the correction's effect, each
 with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals),
 ``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md),
-``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md), and the
+``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md),
+``clamp.md`` (the correction's clamp lambda at 300 steps, from ``schedule_clamp``, for docs/correction.md), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -28,7 +29,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
 
-from emloc import provenance, sweep_tables  # noqa: E402
+from emloc import provenance, sweep_tables, sweeps  # noqa: E402
 
 OUT = RESULTS / "schedule"
 SOURCES = ["schedule_addition", "schedule_wordfacts", "sweep_addition_5seeds", "sweep_addition_5seeds_ratio"]
@@ -143,6 +144,30 @@ def calibration_table(axes_table: pd.DataFrame) -> pd.DataFrame:
                          "seeds": rows["seeds"]}, columns=columns)
 
 
+CLAMP_SOURCE = "schedule_clamp"
+"""The clamp sweep on the 300-step adapters of ``schedule_addition`` (``benchmarks/grids/schedule_clamp.yaml``)."""
+
+
+def clamp_table(folder: Path) -> pd.DataFrame:
+    """The correction's clamp lambda at 300 steps (for docs/correction.md): per value its corrected transfer,
+    its effect against no correction and against today's lambda (the sweep's first value), paired by seed."""
+    def value(v) -> str:  # 3.0 -> "3"; "none" (no clamp) as it is
+        return f"{float(v):g}" if str(v) != sweeps.NO_VALUE else str(v)
+
+    summary, effects, axes = (pd.read_csv(folder / f"{name}.csv") for name in ("summary", "correction", "axes"))
+    corrected = summary[summary["variant"] == "transfer_corrected"]
+    against = axes[(axes["variant"] == "transfer_corrected") & (axes["metric"] == "accuracy")]
+    against = {value(row["value"]): _effect(row) for _, row in against.iterrows()}
+    on_off = {value(row["correction.clamp"]): _effect(row, "corrected_minus_uncorrected")
+              for _, row in effects.iterrows()}
+    reference = value(corrected["correction.clamp"].iloc[0])
+    return pd.DataFrame([{"clamp lambda": value(row["correction.clamp"]), "seeds": int(row["seeds"]),
+                          "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
+                          "corrected - uncorrected": on_off[value(row["correction.clamp"])],
+                          f"minus lambda {reference}": against.get(value(row["correction.clamp"]), "")}
+                         for _, row in corrected.iterrows()])
+
+
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
     """Where the corrected transfer closes half the accuracy gap (its interval above 0.5, or its estimate only),
     how much of emulator + LoRA's accuracy it keeps, and whether the correction helps there; one sentence per
@@ -229,6 +254,9 @@ def main() -> None:
     calibration = pd.concat([t.assign(task=task) for task, t in calibration.items()], ignore_index=True)
     calibration = calibration[["task", *[c for c in calibration.columns if c != "task"]]]
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(calibration), encoding="utf-8")
+    if (RESULTS / CLAMP_SOURCE / "summary.csv").exists():
+        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamp_table(RESULTS / CLAMP_SOURCE)),
+                                      encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)

@@ -231,11 +231,18 @@ def items_table(out: str | Path) -> pd.DataFrame:
 
 
 def _finished_points(out: str | Path) -> tuple[SweepSpec, list[tuple[dict, dict]]]:
-    """The sweep's spec and ``(point, variant records)`` of every point with a ``point.json``."""
+    """The sweep's spec and ``(point, variant records)`` of every point with a ``point.json``. An axis value
+    of ``None`` (e.g. ``correction.clamp: null``, no clamp) reads ``"none"``: the tables group by it, and a
+    missing value would drop out of a group or come back from CSV as NaN."""
     out = Path(out)
     spec = spec_from_dict(io.read_yaml(out / "grid.yaml"))
     paths = [(point, out / "points" / point_name(point) / "point.json") for point in spec.points()]
-    return spec, [(point, io.read_json(path)["variants"]) for point, path in paths if path.exists()]
+    return spec, [({axis: NO_VALUE if value is None else value for axis, value in point.items()},
+                   io.read_json(path)["variants"]) for point, path in paths if path.exists()]
+
+
+NO_VALUE = "none"
+"""How an axis value of ``None`` reads in a sweep's tables."""
 
 
 def seeds_table(out: str | Path) -> pd.DataFrame:

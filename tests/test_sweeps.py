@@ -206,3 +206,21 @@ def test_a_reused_sweep_point_lends_its_evaluations(tiny_model_dir, tmp_path, mo
     lent = sweeps.io.read_json(first / "points" / "seed=0" / "point.json")["variants"]
     taken = sweeps.io.read_json(tmp_path / "second" / "points" / "seed=0,method=aligned" / "point.json")["variants"]
     assert all(taken[v] == lent[v] for v in ("zero_shot", "emulator_lora", "transfer_uncorrected", "full_lora"))
+
+
+def test_a_null_axis_value_keeps_its_rows_in_every_table(tmp_path):
+    """``correction.clamp: null`` (no clamp) reads "none": pandas would drop a missing value from a group
+    (the summary lost the unclamped point) and CSV would bring it back as NaN."""
+    out = tmp_path / "sweep"
+    sweeps.io.write_yaml(out / "grid.yaml", {"base": {"preset": "quick"},
+                                             "grid": {"seed": [0, 1], "correction.clamp": [3.0, None]}})
+    spec = sweeps.load_spec(out / "grid.yaml")
+    for point in spec.points():
+        record = {v: {"key": "k", "accuracy": 0.5, "loss": 1.0, "n": 2, "correct": [1, 0]}
+                  for v in sweeps.VARIANT_STAGE}
+        sweeps.io.write_json(out / "points" / sweeps.point_name(point) / "point.json", {"variants": record})
+    seeds = sweeps.seeds_table(out)
+    assert set(seeds["correction.clamp"]) == {3.0, "none"}
+    tables = sweeps.sweep_tables.all_tables(seeds, spec.axes)
+    assert set(tables["summary"]["correction.clamp"]) == {3.0, "none"}
+    assert "none" in set(tables["axes"]["value"]) and len(tables["correction"]) == 2
