@@ -15,7 +15,7 @@ closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed an
 with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals),
 ``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md),
 ``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md),
-``clamp.md`` (the correction's clamp lambda at 300 steps, from ``schedule_clamp``, for docs/correction.md), and the
+``clamp.md`` (the correction's clamp lambda at 300 steps, from ``schedule_clamp*``, for docs/correction.md), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -144,8 +144,9 @@ def calibration_table(axes_table: pd.DataFrame) -> pd.DataFrame:
                          "seeds": rows["seeds"]}, columns=columns)
 
 
-CLAMP_SOURCE = "schedule_clamp"
-"""The clamp sweep on the 300-step adapters of ``schedule_addition`` (``benchmarks/grids/schedule_clamp.yaml``)."""
+CLAMP_SOURCES = {"addition": "schedule_clamp", "wordfacts": "schedule_clamp_wordfacts"}
+"""The clamp sweeps on the 300-step adapters of ``schedule_addition`` and ``schedule_wordfacts``
+(``benchmarks/grids/schedule_clamp.yaml``, ``schedule_clamp_wordfacts.yaml``), per task."""
 
 
 def clamp_table(folder: Path) -> pd.DataFrame:
@@ -254,9 +255,12 @@ def main() -> None:
     calibration = pd.concat([t.assign(task=task) for task, t in calibration.items()], ignore_index=True)
     calibration = calibration[["task", *[c for c in calibration.columns if c != "task"]]]
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(calibration), encoding="utf-8")
-    if (RESULTS / CLAMP_SOURCE / "summary.csv").exists():
-        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamp_table(RESULTS / CLAMP_SOURCE)),
-                                      encoding="utf-8")
+    clamps = [clamp_table(RESULTS / name).assign(task=task) for task, name in CLAMP_SOURCES.items()
+              if (RESULTS / name / "summary.csv").exists()]
+    if clamps:
+        clamp = pd.concat(clamps, ignore_index=True)
+        clamp = clamp[["task", *[c for c in clamp.columns if c != "task"]]]
+        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamp), encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)
