@@ -227,6 +227,15 @@ def axis_findings(axes_table: pd.DataFrame) -> list[str]:
     return rows.loc[~same, "sentence"].tolist()
 
 
+def _task_first(table: pd.DataFrame) -> pd.DataFrame:
+    return table[["task", *[c for c in table.columns if c != "task"]]]
+
+
+def _per_task(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One table from per-task tables, the task as its first column."""
+    return _task_first(pd.concat([t.assign(task=task) for task, t in tables.items()], ignore_index=True))
+
+
 def main() -> None:
     seeds = combined_seeds(SOURCES)
     axes = list(AXES)
@@ -242,25 +251,18 @@ def main() -> None:
         written.append((task, tables, table, findings))
         methods[task] = methods_table(tables, task_axes)
         calibration[task] = calibration_table(tables["axes"])
-    table = pd.concat([t for _, _, t, _ in written], ignore_index=True)
-    table = table[["task", *[c for c in table.columns if c != "task"]]]
+    table = _task_first(pd.concat([t for _, _, t, _ in written], ignore_index=True))
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
     table.to_csv(OUT / "table.csv", index=False)
     findings = pd.DataFrame([{"task": task, "finding": f} for task, _, _, fs in written for f in fs])
     (OUT / "findings.md").write_text(findings.to_markdown(index=False) + "\n", encoding="utf-8")
     findings.to_csv(OUT / "findings.csv", index=False)
-    methods = pd.concat([t.assign(task=task) for task, t in methods.items()], ignore_index=True)
-    methods = methods[["task", *[c for c in methods.columns if c != "task"]]]
-    (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(methods), encoding="utf-8")
-    calibration = pd.concat([t.assign(task=task) for task, t in calibration.items()], ignore_index=True)
-    calibration = calibration[["task", *[c for c in calibration.columns if c != "task"]]]
-    (OUT / "calibration.md").write_text(sweep_tables.as_markdown(calibration), encoding="utf-8")
-    clamps = [clamp_table(RESULTS / name).assign(task=task) for task, name in CLAMP_SOURCES.items()
-              if (RESULTS / name / "summary.csv").exists()]
+    (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(_per_task(methods)), encoding="utf-8")
+    (OUT / "calibration.md").write_text(sweep_tables.as_markdown(_per_task(calibration)), encoding="utf-8")
+    clamps = {task: clamp_table(RESULTS / name) for task, name in CLAMP_SOURCES.items()
+              if (RESULTS / name / "summary.csv").exists()}
     if clamps:
-        clamp = pd.concat(clamps, ignore_index=True)
-        clamp = clamp[["task", *[c for c in clamp.columns if c != "task"]]]
-        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamp), encoding="utf-8")
+        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(_per_task(clamps)), encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)
