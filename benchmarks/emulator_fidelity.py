@@ -27,27 +27,47 @@ from pathlib import Path
 
 import pandas as pd
 
-from emloc import pipeline, sweeps
+from emloc import pipeline, provenance, sweeps
 from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.statistics import gap_closed_interval, paired_difference, seed_interval, verdict
 
 SETTINGS = {
-    "today": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": False},
-    "official_skip": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": True},
+    "default": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": True},
+    "compress_last": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": False},
     "sequential": {"calibration": "sequential", "allocation": "uniform", "skip_last_down_proj": True},
     "global": {"calibration": "independent", "allocation": "global", "skip_last_down_proj": True},
     "both": {"calibration": "sequential", "allocation": "global", "skip_last_down_proj": True},
 }
-"""Emulator options per setting; every setting keeps the same parameter budget (rho)."""
+"""Emulator options per setting; every setting keeps the same parameter budget (rho). ``default`` is today's
+defaults (the last decoder layer's ``down_proj`` left dense, as the official configuration does);
+``compress_last`` compresses it too (the default before issue 24)."""
 RESULTS = Path("benchmarks/results/emulator_fidelity")
 
 
+def point_overrides(task: str, ratio: float, setting: str, steps: int) -> dict:
+    """The point's settings over today's defaults (the seed apart): what its provenance record names."""
+    return {"preset": "standard", "data": {"task": task}, "emulator": {"ratio": ratio, **SETTINGS[setting]},
+            # same loss and gradients, about a quarter less time per step
+            "lora": {"steps": steps, "gradient_checkpointing": False}}
+
+
 def point_config(task: str, ratio: float, seed: int, setting: str, steps: int) -> RunConfig:
-    raw = merge_dicts(PRESETS["standard"], {"seed": seed, "data": {"task": task},
-                                            "emulator": {"ratio": ratio, **SETTINGS[setting]},
-                                            # same loss and gradients, about a quarter less time per step
-                                            "lora": {"steps": steps, "gradient_checkpointing": False}})
-    return RunConfig.from_dict(raw)
+    overrides = point_overrides(task, ratio, setting, steps)
+    return RunConfig.from_dict(merge_dicts(PRESETS[overrides.pop("preset")], {"seed": seed, **overrides}))
+
+
+def record_provenance(args) -> None:
+    """Declare the points as measured under today's defaults with each setting's overrides, adding to the
+    configurations another run of this script recorded (several runs may share the results folder)."""
+    configs = {f"{task}, ratio {ratio}, {setting}, {args.steps} steps":
+               point_overrides(task, ratio, setting, args.steps) for task in args.tasks for ratio in args.ratios for setting in args.settings}
+    with open(RESULTS / ".points.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        earlier = provenance.read(RESULTS) or {}
+        if earlier.get("declares") == provenance.CURRENT:
+            configs = {label: c["overrides"] for label, c in earlier["configs"].items()} | configs
+        command = "PYTHONPATH=. python benchmarks/emulator_fidelity.py (see summary.md for the runs)"
+        provenance.write(RESULTS, provenance.record(configs, command=command))
 
 
 PER_SEED, SWEEP_MEAN = "per seed", "sweep mean, no per-seed value"
@@ -131,6 +151,8 @@ def record(row: dict) -> None:
 
 def run_points(args) -> None:
     out = Path(args.out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record_provenance(args)
     donors: list = []
     for task in args.tasks:
         for ratio in args.ratios:

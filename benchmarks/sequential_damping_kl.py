@@ -9,7 +9,7 @@ stages (calibrate -> build -> fidelity, both calibrations share the calibrate st
 ``KL(p_original || p_emulator)`` on the held-out prompts from ``fidelity.json``
 (:func:`emloc.fidelity.fidelity_report`), the same number ``benchmarks/emulator_fidelity.py`` reports as
 ``kl_all``. The library has no switch for the previous (inexact) truncation, so it is not rebuilt here: the
-summary quotes the stored ``benchmarks/results/emulator_fidelity/points.csv`` numbers of the same points,
+summary quotes the stored ``benchmarks/results/emulator_fidelity_3seeds/points.csv`` numbers of the same points,
 measured before the fix, for comparison.
 
 Writes ``kl.csv`` (one row per seed and calibration, rewritten after every point) and ``summary.md`` (mean
@@ -36,7 +36,7 @@ from emloc.config import PRESETS, RunConfig, merge_dicts
 from emloc.statistics import paired_difference, seed_interval
 
 RESULTS = Path("benchmarks/results/sequential_damping")
-PREVIOUS = Path("benchmarks/results/emulator_fidelity/points.csv")
+PREVIOUS = Path("benchmarks/results/emulator_fidelity_3seeds/points.csv")
 """The same points measured before issue 24 (``official_skip`` = independent with the default
 ``skip_last_down_proj``; ``sequential`` = the damped build truncating under ``C~``)."""
 PREVIOUS_SETTING = {"independent": "official_skip", "sequential": "sequential"}
