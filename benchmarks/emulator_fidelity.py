@@ -29,7 +29,7 @@ import pandas as pd
 
 from emloc import pipeline, provenance, sweeps
 from emloc.config import PRESETS, RunConfig, merge_dicts
-from emloc.statistics import gap_closed_interval, paired_difference, seed_interval, verdict
+from emloc.statistics import comparison_sentence, gap_closed_interval, paired_difference, seed_interval, verdict
 
 SETTINGS = {
     "default": {"calibration": "independent", "allocation": "uniform", "skip_last_down_proj": True},
@@ -60,7 +60,8 @@ def record_provenance(args) -> None:
     """Declare the points as measured under today's defaults with each setting's overrides, adding to the
     configurations another run of this script recorded (several runs may share the results folder)."""
     configs = {f"{task}, ratio {ratio}, {setting}, {args.steps} steps":
-               point_overrides(task, ratio, setting, args.steps) for task in args.tasks for ratio in args.ratios for setting in args.settings}
+               point_overrides(task, ratio, setting, args.steps)
+               for task in args.tasks for ratio in args.ratios for setting in args.settings}
     with open(RESULTS / ".points.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         earlier = provenance.read(RESULTS) or {}
@@ -285,6 +286,60 @@ def _difference_rows(key: dict, group: pd.DataFrame) -> list[dict]:
     return rows
 
 
+REFERENCE = "default"
+"""Every other setting is compared with today's defaults, paired by seed."""
+LOWER_IS_BETTER = {"kl_all", "kl_response", "drift_last", "emulator_loss", "emulator_lora_loss",
+                   "transfer_uncorrected_loss", "transfer_corrected_loss"}
+COMPARED = {False: ["kl_all", "kl_response", "top1_agreement", "drift_last", "emulator_loss"],
+            True: ["emulator_lora_accuracy", "transfer_uncorrected_accuracy", "transfer_corrected_accuracy",
+                   "emulator_lora_loss", "transfer_corrected_loss"]}
+"""The measures compared between settings: of the emulator alone, and after LoRA."""
+DIFFERENCE_COLUMNS = ["task", "ratio", "steps", "trained", "setting", "measure", "mean", "ci_low", "ci_high",
+                      "seeds", "higher_is_better", "verdict", "sentence"]
+
+
+def setting_differences(points: pd.DataFrame) -> pd.DataFrame:
+    """Each setting minus :data:`REFERENCE` on the seeds both have, paired by seed (:func:`paired_difference`),
+    with its :func:`verdict` and the sentence the docs quote (:func:`comparison_sentence`); emulator-alone
+    measures pooled per emulator as in :func:`intervals`."""
+    emulators = points.groupby(["task", "ratio", "seed", "setting"], sort=False).first().reset_index()
+    parts = {False: emulators.assign(trained=False), True: points[points["trained"].astype(bool)]}
+    rows = []
+    for trained, table in parts.items():
+        for key, group in table.groupby(["task", "ratio", "steps"], sort=False):
+            reference = group[group["setting"] == REFERENCE].set_index("seed")
+            for setting in (s for s in group["setting"].unique() if s != REFERENCE):
+                other = group[group["setting"] == setting].set_index("seed")
+                seeds = sorted(set(reference.index) & set(other.index))
+                for measure in (m for m in COMPARED[trained] if m in group and other[m].notna().any()):
+                    rows.append(_difference(dict(zip(["task", "ratio", "steps"], key)), trained, setting, measure,
+                                            other.loc[seeds, measure], reference.loc[seeds, measure]))
+    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+
+
+def _difference(key: dict, trained: bool, setting: str, measure: str, values, reference) -> dict:
+    higher = measure not in LOWER_IS_BETTER
+    mean, low, high = paired_difference(values.to_numpy(float), reference.to_numpy(float))
+    sentence = comparison_sentence(setting, REFERENCE, (mean, low, high), measure.replace("_", " "), higher,
+                                   seeds=len(values)) if len(values) > 1 else \
+        f"{setting} minus {REFERENCE} on {measure.replace('_', ' ')}: {mean:+.3f} (1 seed: no interval, no verdict)"
+    return key | {"trained": trained, "setting": setting, "measure": measure, "mean": mean, "ci_low": low,
+                  "ci_high": high, "seeds": len(values), "higher_is_better": higher,
+                  "verdict": verdict(low, high, higher),
+                  "sentence": f"{key['task']}, ratio {key['ratio']}: {sentence}"}
+
+
+def difference_table(differences: pd.DataFrame, trained: bool) -> pd.DataFrame:
+    """One row per (task, setting): "mean [low, high] verdict" of setting minus default per measure."""
+    rows = differences[differences["trained"] == trained]
+    text = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}" if n > 1 else f"{m:+.3f} (1 seed, no interval)"
+            for m, lo, hi, v, n in zip(rows["mean"], rows["ci_low"], rows["ci_high"], rows["verdict"], rows["seeds"])]
+    table = rows.assign(text=text).pivot_table(index=["task", "ratio", "steps", "setting"], columns="measure",
+                                               values="text", aggfunc="first", sort=False)
+    seeds = rows.groupby(["task", "ratio", "steps", "setting"], sort=False)["seeds"].max()
+    return table[[m for m in COMPARED[trained] if m in table]].join(seeds).reset_index()
+
+
 def _cell(row) -> str:
     if not row["defined"]:
         if math.isnan(row["mean"]):
@@ -320,7 +375,35 @@ def summarize() -> pd.DataFrame:
             f"- {r['task']}, ratio {r['ratio']}, {r['steps']} steps, {'trained' if r['trained'] else 'no adapter'}, "
             f"{r['setting']}, {r['measure']}: {r['reason']}" for r in notes.to_dict("records"))]
     (RESULTS / "summary.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    if len(tables) > 1:  # the docs render a file's first table: the trained one, in brief, gets its own file
+        brief = tables[1][[c for c in TRAINED_BRIEF if c in tables[1]]]
+        (RESULTS / "trained.md").write_text(brief.to_markdown(index=False) + "\n", encoding="utf-8")
+    write_differences(setting_differences(pd.read_csv(RESULTS / "points.csv")))
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+TRAINED_BRIEF = ["task", "ratio", "steps", "setting", "seeds", "emulator_lora_accuracy",
+                 "transfer_uncorrected_accuracy", "transfer_corrected_accuracy", "full_lora_accuracy",
+                 "transfer_corrected_gap_closed", "transfer_corrected_loss_gap_closed",
+                 "corrected_minus_uncorrected_accuracy"]
+"""The columns of ``trained.md``, the docs' short form of the trained table (``summary.md`` has them all)."""
+DIFFERENCE_NOTE = (f"Each setting minus `{REFERENCE}` (today's defaults), paired by seed on the same test items: "
+                   "mean [95% Student-t interval] and its verdict (for KL, drift and loss lower is better).")
+
+
+def write_differences(differences: pd.DataFrame) -> None:
+    """``differences.csv`` (tidy, with the sentences), ``differences.md`` (emulator alone, then after LoRA),
+    ``differences_trained.md`` (after LoRA alone, for the docs) and ``findings.md`` (the sentences, one per line)."""
+    differences.to_csv(RESULTS / "differences.csv", index=False)
+    parts = [f"## {title}\n\n" + difference_table(differences, trained).to_markdown(index=False)
+             for trained, title in ((False, "Emulator alone (no adapter)"), (True, "After LoRA"))
+             if (differences["trained"] == trained).any()]
+    (RESULTS / "differences.md").write_text("\n\n".join(parts + [DIFFERENCE_NOTE]) + "\n", encoding="utf-8")
+    if (differences["trained"] == True).any():  # noqa: E712 (a column of bools); the docs render first tables
+        (RESULTS / "differences_trained.md").write_text(
+            difference_table(differences, True).to_markdown(index=False) + "\n", encoding="utf-8")
+    lines = [f"- {sentence}" for sentence in differences["sentence"]]
+    (RESULTS / "findings.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:

@@ -144,29 +144,78 @@ def calibration_table(axes_table: pd.DataFrame) -> pd.DataFrame:
                          "seeds": rows["seeds"]}, columns=columns)
 
 
-CLAMP_SOURCES = {"addition": "schedule_clamp", "wordfacts": "schedule_clamp_wordfacts"}
-"""The clamp sweeps on the 300-step adapters of ``schedule_addition`` and ``schedule_wordfacts``
-(``benchmarks/grids/schedule_clamp.yaml``, ``schedule_clamp_wordfacts.yaml``), per task."""
+CLAMP_SOURCES = {("addition", 100): "clamp_100steps", ("addition", 300): "schedule_clamp",
+                 ("wordfacts", 100): "clamp_100steps_wordfacts", ("wordfacts", 300): "schedule_clamp_wordfacts"}
+"""The clamp sweeps per (task, LoRA steps): at 100 steps ``benchmarks/grids/clamp_100steps*.yaml`` train their
+own adapters; at 300 steps ``schedule_clamp*.yaml`` reuse the schedule sweeps' adapters."""
 
 
-def clamp_table(folder: Path) -> pd.DataFrame:
-    """The correction's clamp lambda at 300 steps (for docs/correction.md): per value its corrected transfer,
-    its effect against no correction and against today's lambda (the sweep's first value), paired by seed."""
-    def value(v) -> str:  # 3.0 -> "3"; "none" (no clamp) as it is
-        return f"{float(v):g}" if str(v) != sweeps.NO_VALUE else str(v)
+def _lambda(value) -> str:
+    """3.0 -> "3"; "none" (no clamp) as it is."""
+    return f"{float(value):g}" if str(value) != sweeps.NO_VALUE else str(value)
 
+
+def clamp_effects(folder: Path) -> tuple[pd.DataFrame, dict, dict, str]:
+    """A clamp sweep's corrected transfer per lambda (``summary.csv`` rows), each lambda's corrected minus
+    uncorrected and its difference to the sweep's first lambda (rows with ``difference``, ``ci_low``,
+    ``ci_high``, ``verdict``, keyed by lambda), and that first lambda (today's default)."""
     summary, effects, axes = (pd.read_csv(folder / f"{name}.csv") for name in ("summary", "correction", "axes"))
     corrected = summary[summary["variant"] == "transfer_corrected"]
     against = axes[(axes["variant"] == "transfer_corrected") & (axes["metric"] == "accuracy")]
-    against = {value(row["value"]): _effect(row) for _, row in against.iterrows()}
-    on_off = {value(row["correction.clamp"]): _effect(row, "corrected_minus_uncorrected")
+    against = {_lambda(row["value"]): row for _, row in against.iterrows()}
+    on_off = {_lambda(row["correction.clamp"]): row.rename({"corrected_minus_uncorrected": "difference"})
               for _, row in effects.iterrows()}
-    reference = value(corrected["correction.clamp"].iloc[0])
-    return pd.DataFrame([{"clamp lambda": value(row["correction.clamp"]), "seeds": int(row["seeds"]),
-                          "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
-                          "corrected - uncorrected": on_off[value(row["correction.clamp"])],
-                          f"minus lambda {reference}": against.get(value(row["correction.clamp"]), "")}
-                         for _, row in corrected.iterrows()])
+    return corrected, on_off, against, _lambda(corrected["correction.clamp"].iloc[0])
+
+
+def clamp_table(folder: Path) -> pd.DataFrame:
+    """The correction's clamp lambda (for docs/correction.md): per value its corrected transfer, its effect
+    against no correction and against today's lambda (the sweep's first value), paired by seed."""
+    corrected, on_off, against, reference = clamp_effects(folder)
+    rows = []
+    for _, row in corrected.iterrows():
+        value = _lambda(row["correction.clamp"])
+        rows.append({"clamp lambda": value, "seeds": int(row["seeds"]),
+                     "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
+                     "corrected - uncorrected": _effect(on_off[value]),
+                     f"minus lambda {reference}": _effect(against[value]) if value in against else ""})
+    return pd.DataFrame(rows)
+
+
+def clamp_findings(folder: Path) -> list[str]:
+    """Two sentences from the intervals: which lambdas beat, match or lose to no correction, and to today's."""
+    _, on_off, against, reference = clamp_effects(folder)
+
+    def grouped(rows: dict, other: str) -> str:
+        verdicts = {}
+        for value, row in rows.items():
+            verdicts.setdefault(row["verdict"], []).append(f"lambda {value}" if value != "none" else "no clamp")
+        parts = []
+        for word, values in verdicts.items():
+            one = len(values) == 1
+            names = values[0] if one else f"{', '.join(values[:-1])} and {values[-1]}"
+            verb = {"beats": "beats" if one else "beat", "within noise": f"{'is' if one else 'are'} within noise of",
+                    "worse": f"{'is' if one else 'are'} worse than"}[word]
+            parts.append(f"{names} {verb} {other}")
+        return "; ".join(parts)
+
+    return [f"corrected transfer: {grouped(on_off, 'no correction')}",
+            f"corrected transfer: {grouped(against, f'lambda {reference} (today)')}"]
+
+
+def clamp_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``clamp.md``'s table (task, steps, then :func:`clamp_table`) and its findings, over the clamp sweeps
+    stored so far."""
+    tables, findings = [], []
+    for (task, steps), name in sorted(CLAMP_SOURCES.items()):
+        folder = RESULTS / name
+        if (folder / "summary.csv").exists():
+            tables.append(clamp_table(folder).assign(task=task, steps=steps))
+            findings += [{"task": task, "steps": steps, "finding": f} for f in clamp_findings(folder)]
+    if not tables:
+        return pd.DataFrame(), pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    return table[["task", "steps", *[c for c in table.columns if c not in ("task", "steps")]]], pd.DataFrame(findings)
 
 
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
@@ -259,16 +308,16 @@ def main() -> None:
     findings.to_csv(OUT / "findings.csv", index=False)
     (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(_per_task(methods)), encoding="utf-8")
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(_per_task(calibration)), encoding="utf-8")
-    clamps = {task: clamp_table(RESULTS / name) for task, name in CLAMP_SOURCES.items()
-              if (RESULTS / name / "summary.csv").exists()}
-    if clamps:
-        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(_per_task(clamps)), encoding="utf-8")
+    clamps, clamp_said = clamp_tables()
+    if len(clamps):
+        (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamps), encoding="utf-8")
+        (OUT / "clamp_findings.md").write_text(clamp_said.to_markdown(index=False) + "\n", encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],
                           ignore_index=True)
         frame.to_csv(OUT / f"{name}.csv", index=False)
     seeds.to_csv(OUT / "seeds.csv", index=False)
-    used = [name for name in SOURCES if (RESULTS / name / "seeds.csv").exists()]
+    used = [name for name in [*SOURCES, *CLAMP_SOURCES.values()] if (RESULTS / name / "seeds.csv").exists()]
     provenance.write(OUT, {"declares": provenance.DERIVED, "from": used,
                            "command": "python benchmarks/schedule_tables.py"})
     print(table.to_markdown(index=False))

@@ -89,11 +89,11 @@ def test_correction_summary_has_loss_only_where_stored():
 # ---- emulator fidelity -------------------------------------------------------------------------------
 
 def _points(variant: list[float], zero: list[float], full: list[float], full_loss: list[float],
-            source: str | None = "per seed") -> pd.DataFrame:
+            source: str | None = "per seed", setting: str = "default") -> pd.DataFrame:
     """Trained points of one group (one row per seed)."""
     rows = []
     for seed, (v, z, f, fl) in enumerate(zip(variant, zero, full, full_loss)):
-        row = {"task": "addition", "ratio": 0.5, "seed": seed, "setting": "today", "steps": 100,
+        row = {"task": "addition", "ratio": 0.5, "seed": seed, "setting": setting, "steps": 100,
                "trained": True,
                "kl_all": 0.3 + 0.01 * seed, "kl_response": 0.2, "top1_agreement": 0.7, "drift_last": 0.2,
                "emulator_accuracy": 0.0, "emulator_loss": 4.0 + 0.1 * seed,
@@ -225,7 +225,7 @@ def test_seed_table_identical_transfers_are_within_noise_and_flat_gap_undefined(
 # ---- the paper's schedule (benchmarks/schedule_tables.py) -----------------------------------------------
 
 import schedule_tables  # noqa: E402
-from emloc import provenance, sweep_tables  # noqa: E402
+from emloc import provenance, sweep_tables, sweeps  # noqa: E402
 
 SCHEDULE_VARIANTS = {"zero_shot": 0.0, "emulator": 0.0, "emulator_lora": 0.8, "transfer_uncorrected": 0.5,
                      "transfer_corrected": 0.6, "full_lora": 0.9}
@@ -297,3 +297,52 @@ def test_schedule_calibration_table_pairs_sequential_with_independent(tmp_path, 
     assert row["sequential - independent"].startswith("0.020 [") and row["seeds"] == 3
     assert row["sequential - independent"].endswith("within noise")  # 0, 0.02, 0.04: the interval holds 0
     assert schedule_tables.calibration_table(pd.DataFrame()).empty
+
+
+def test_fidelity_settings_are_compared_with_the_default_paired_by_seed():
+    default = _points([0.1, 0.3, 0.5, 0.2], [0.0] * 4, [0.8] * 4, [0.1] * 4)
+    other = _points([0.2, 0.3, 0.4, 0.9], [0.0] * 4, [0.8] * 4, [0.1] * 4, setting="sequential")
+    other["kl_all"] = default["kl_all"] - [0.20, 0.21, 0.19, 0.5]
+    other = other[other["seed"] < 3].iloc[::-1]   # seed 3 has no partner; rows out of order
+    differences = emulator_fidelity.setting_differences(pd.concat([default, other], ignore_index=True))
+    assert set(differences["setting"]) == {"sequential"} and (differences["seeds"] == 3).all()
+    kl = differences[differences["measure"] == "kl_all"].iloc[0]
+    expected = paired_difference(np.array([0.1, 0.1, 0.13]), np.array([0.3, 0.31, 0.32]))
+    assert (kl["mean"], kl["ci_low"], kl["ci_high"]) == pytest.approx(expected)
+    assert kl["verdict"] == "beats" and not kl["trained"]          # lower KL is better
+    assert "sequential beats default on kl all" in kl["sentence"]
+    accuracy = differences[(differences["measure"] == "transfer_corrected_accuracy")].iloc[0]
+    assert accuracy["mean"] == pytest.approx(0.0) and accuracy["verdict"] == "within noise" and accuracy["trained"]
+    assert "within noise" in accuracy["sentence"]
+
+
+def _clamp_sweep(folder: Path) -> None:
+    """A stored clamp sweep (5 seeds): lambda 1 gains 0.1 over no correction on every seed, no clamp loses 0.1,
+    lambda 3 (the first value, today's) moves a seed by at most 0.02 either way."""
+    jitter = [0.01, -0.01, 0.0, 0.02, -0.02]
+    effect = {"3.0": jitter, "1.0": [0.1 + j / 2 for j in jitter], sweeps.NO_VALUE: [-0.1 + j / 2 for j in jitter]}
+    rows = []
+    for clamp, gains in effect.items():
+        for seed, gain in enumerate(gains):
+            base = {"seed": seed, "correction.clamp": clamp, "items": 100, "correct": 0}
+            accuracies = {"zero_shot": 0.0, "emulator_lora": 0.7, "transfer_uncorrected": 0.4 + 0.02 * seed,
+                          "transfer_corrected": 0.4 + 0.02 * seed + gain}
+            rows += [base | {"variant": v, "accuracy": a, "loss": 1.0 - a} for v, a in accuracies.items()]
+    tables = {"items": pd.DataFrame({"item": [0]}),
+              **sweep_tables.all_tables(pd.DataFrame(rows), ["correction.clamp"])}
+    sweeps.write_table_files(tables, ["correction.clamp"], folder)
+
+
+def test_clamp_table_and_findings_read_each_lambda_against_none_and_today(tmp_path):
+    _clamp_sweep(tmp_path)
+    table = schedule_tables.clamp_table(tmp_path).set_index("clamp lambda")
+    assert list(table.index) == ["3", "1", "none"] and (table["seeds"] == 5).all()
+    assert table.loc["1", "corrected - uncorrected"].endswith("beats")
+    assert table.loc["none", "corrected - uncorrected"].endswith("worse")
+    assert table.loc["3", "corrected - uncorrected"].endswith("within noise")
+    assert table.loc["1", "minus lambda 3"].endswith("beats") and table.loc["3", "minus lambda 3"] == ""
+    against_none, against_today = schedule_tables.clamp_findings(tmp_path)
+    assert against_none == ("corrected transfer: lambda 3 is within noise of no correction; lambda 1 beats no "
+                            "correction; no clamp is worse than no correction")
+    assert against_today == ("corrected transfer: lambda 1 beats lambda 3 (today); no clamp is worse than "
+                             "lambda 3 (today)")
