@@ -393,7 +393,7 @@ DIFFERENCE_NOTE = (f"Each setting minus `{REFERENCE}` (today's defaults), paired
 
 def write_differences(differences: pd.DataFrame) -> None:
     """``differences.csv`` (tidy, with the sentences), ``differences.md`` (emulator alone, then after LoRA),
-    ``differences_trained.md`` (after LoRA alone, for the docs) and ``findings.md`` (the sentences, one per line)."""
+    ``differences_trained.md`` (after LoRA alone, for the docs) and ``findings.md`` (the sentences, a table)."""
     differences.to_csv(RESULTS / "differences.csv", index=False)
     parts = [f"## {title}\n\n" + difference_table(differences, trained).to_markdown(index=False)
              for trained, title in ((False, "Emulator alone (no adapter)"), (True, "After LoRA"))
@@ -402,8 +402,10 @@ def write_differences(differences: pd.DataFrame) -> None:
     if (differences["trained"] == True).any():  # noqa: E712 (a column of bools); the docs render first tables
         (RESULTS / "differences_trained.md").write_text(
             difference_table(differences, True).to_markdown(index=False) + "\n", encoding="utf-8")
-    lines = [f"- {sentence}" for sentence in differences["sentence"]]
-    (RESULTS / "findings.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    stage = [f"after {steps} LoRA steps" if trained else "emulator alone"
+             for trained, steps in zip(differences["trained"], differences["steps"])]
+    findings = pd.DataFrame({"measured on": stage, "finding": differences["sentence"]})
+    (RESULTS / "findings.md").write_text(findings.to_markdown(index=False) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:
