@@ -144,10 +144,11 @@ def calibration_table(axes_table: pd.DataFrame) -> pd.DataFrame:
                          "seeds": rows["seeds"]}, columns=columns)
 
 
-CLAMP_SOURCES = {("addition", 100): "clamp_100steps", ("addition", 300): "schedule_clamp",
+CLAMP_SOURCES = {("addition", 50): "clamp_50steps", ("addition", 100): "clamp_100steps",
+                 ("addition", 300): "schedule_clamp", ("wordfacts", 50): "clamp_50steps_wordfacts",
                  ("wordfacts", 100): "clamp_100steps_wordfacts", ("wordfacts", 300): "schedule_clamp_wordfacts"}
-"""The clamp sweeps per (task, LoRA steps): at 100 steps ``benchmarks/grids/clamp_100steps*.yaml`` train their
-own adapters; at 300 steps ``schedule_clamp*.yaml`` reuse the schedule sweeps' adapters."""
+"""The clamp sweeps per (task, LoRA steps): at 50 and 100 steps ``benchmarks/grids/clamp_*steps*.yaml`` train
+their own adapters; at 300 steps ``schedule_clamp*.yaml`` reuse the schedule sweeps' adapters."""
 
 
 def _lambda(value) -> str:
@@ -182,6 +183,23 @@ def clamp_table(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def clamp_tidy(folder: Path) -> pd.DataFrame:
+    """The numbers of :func:`clamp_table`, one row per lambda (for notebooks): the corrected transfer's accuracy
+    and both paired differences with their intervals and verdicts."""
+    corrected, on_off, against, reference = clamp_effects(folder)
+    rows = []
+    for _, row in corrected.iterrows():
+        value = _lambda(row["correction.clamp"])
+        entry = {"clamp_lambda": value, "seeds": int(row["seeds"]), "accuracy": row["accuracy"],
+                 "ci_low": row["ci_low"], "ci_high": row["ci_high"], "reference_lambda": reference}
+        for prefix, effect in (("minus_uncorrected", on_off.get(value)), ("minus_reference", against.get(value))):
+            if effect is not None:
+                entry |= {prefix: effect["difference"], f"{prefix}_low": effect["ci_low"],
+                          f"{prefix}_high": effect["ci_high"], f"{prefix}_verdict": effect["verdict"]}
+        rows.append(entry)
+    return pd.DataFrame(rows)
+
+
 def clamp_findings(folder: Path) -> list[str]:
     """Two sentences from the intervals: which lambdas beat, match or lose to no correction, and to today's."""
     _, on_off, against, reference = clamp_effects(folder)
@@ -203,19 +221,24 @@ def clamp_findings(folder: Path) -> list[str]:
             f"corrected transfer: {grouped(against, f'lambda {reference} (today)')}"]
 
 
-def clamp_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``clamp.md``'s table (task, steps, then :func:`clamp_table`) and its findings, over the clamp sweeps
-    stored so far."""
-    tables, findings = [], []
+def clamp_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``clamp.md``'s table (task, steps, then :func:`clamp_table`), ``clamp.csv``'s numbers (:func:`clamp_tidy`)
+    and the findings, over the clamp sweeps stored so far."""
+    tables, tidy, findings = [], [], []
     for (task, steps), name in sorted(CLAMP_SOURCES.items()):
         folder = RESULTS / name
         if (folder / "summary.csv").exists():
-            tables.append(clamp_table(folder).assign(task=task, steps=steps))
+            tables.append(_task_steps_first(clamp_table(folder).assign(task=task, steps=steps)))
+            tidy.append(_task_steps_first(clamp_tidy(folder).assign(task=task, steps=steps)))
             findings += [{"task": task, "steps": steps, "finding": f} for f in clamp_findings(folder)]
     if not tables:
-        return pd.DataFrame(), pd.DataFrame()
-    table = pd.concat(tables, ignore_index=True)
-    return table[["task", "steps", *[c for c in table.columns if c not in ("task", "steps")]]], pd.DataFrame(findings)
+        return pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+    return (pd.concat(tables, ignore_index=True), pd.concat(tidy, ignore_index=True),
+            pd.DataFrame(findings))
+
+
+def _task_steps_first(table: pd.DataFrame) -> pd.DataFrame:
+    return table[["task", "steps", *[c for c in table.columns if c not in ("task", "steps")]]]
 
 
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
@@ -308,9 +331,10 @@ def main() -> None:
     findings.to_csv(OUT / "findings.csv", index=False)
     (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(_per_task(methods)), encoding="utf-8")
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(_per_task(calibration)), encoding="utf-8")
-    clamps, clamp_said = clamp_tables()
+    clamps, clamp_numbers, clamp_said = clamp_tables()
     if len(clamps):
         (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamps), encoding="utf-8")
+        clamp_numbers.to_csv(OUT / "clamp.csv", index=False)
         (OUT / "clamp_findings.md").write_text(clamp_said.to_markdown(index=False) + "\n", encoding="utf-8")
     for name in ("gap", "kept", "loss", "correction", "axes"):
         frame = pd.concat([t[name].assign(task=task) for task, t, _, _ in written if len(t[name])],

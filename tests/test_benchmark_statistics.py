@@ -346,3 +346,7 @@ def test_clamp_table_and_findings_read_each_lambda_against_none_and_today(tmp_pa
                             "correction; no clamp is worse than no correction")
     assert against_today == ("corrected transfer: lambda 1 beats lambda 3 (today); no clamp is worse than "
                              "lambda 3 (today)")
+    tidy = schedule_tables.clamp_tidy(tmp_path).set_index("clamp_lambda")
+    assert tidy.loc["1", "minus_uncorrected_verdict"] == "beats" and tidy.loc["1", "minus_uncorrected_low"] > 0
+    assert tidy.loc["none", "minus_reference_high"] < 0 and math.isnan(tidy.loc["3", "minus_reference"])
+    assert (tidy["reference_lambda"] == "3").all()
