@@ -4,9 +4,9 @@ sweeps -> benchmarks/results/schedule/.
     python benchmarks/schedule_tables.py
 
 Sources (each a sweep's stored tables, 5 seeds, 32-true): ``sweep_addition_5seeds`` (addition, 100 steps, ratio
-0.5; its EMLoC rows), ``sweep_addition_5seeds_ratio`` (ratio 0.4, 100 steps), ``schedule_addition`` (300 steps:
-ratio 0.5 and 0.4, the three correction methods, sequential calibration) and ``schedule_wordfacts`` (wordfacts
-at 300 and 100 steps). A source's settings that are not axes of its sweep are read from its provenance record,
+0.5; its EMLoC rows), ``sweep_addition_5seeds_ratio`` and ``sweep_addition_5seeds_ratio075`` (ratio 0.4 and
+0.75, 100 steps), ``schedule_addition`` (300 steps: ratio 0.5 and 0.4, the three correction methods, sequential
+calibration) and ``schedule_wordfacts`` (wordfacts at 300 and 100 steps). A source's settings that are not axes of its sweep are read from its provenance record,
 so every row names its task, ratio, steps, correction method and calibration. Points with the same seed share
 the test items, so differences are paired by seed.
 
@@ -15,7 +15,8 @@ closes, the share of emulator + LoRA's accuracy it keeps, its loss gap closed an
 with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, produced from the intervals),
 ``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md),
 ``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md),
-``clamp.md`` (the correction's clamp lambda at 300 steps, from ``schedule_clamp*``, for docs/correction.md), and the
+``clamp.md``/``.csv`` and ``clamp_findings.md`` (the correction's clamp lambda at 50, 100 and 300 steps, from
+:data:`CLAMP_SOURCES`, for docs/correction.md), ``ratio.md`` (every ratio against 0.5 at 100 steps), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """
@@ -32,7 +33,8 @@ from common import RESULTS  # noqa: E402
 from emloc import provenance, sweep_tables, sweeps  # noqa: E402
 
 OUT = RESULTS / "schedule"
-SOURCES = ["schedule_addition", "schedule_wordfacts", "sweep_addition_5seeds", "sweep_addition_5seeds_ratio"]
+SOURCES = ["schedule_addition", "schedule_wordfacts", "sweep_addition_5seeds", "sweep_addition_5seeds_ratio",
+           "sweep_addition_5seeds_ratio075"]
 AXES = {"task": ("data", "task"), "emulator.ratio": ("emulator", "ratio"), "lora.steps": ("lora", "steps"),
         "correction.method": ("correction", "method"), "emulator.calibration": ("emulator", "calibration")}
 """The columns every row gets, and where a source that does not vary one finds its value (its resolved config)."""
@@ -289,6 +291,49 @@ def steps_at_other_ratios(rows: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+RATIO_STEPS = 100
+"""The ratios are compared at the standard preset's steps, where every ratio was measured."""
+
+
+def ratios_at_steps(rows: pd.DataFrame, axes: list[str], steps: int = RATIO_STEPS) -> pd.DataFrame:
+    """Every ratio against 0.5 at ``steps`` (the sweep tables compare each axis against the 300-step reference
+    only): the ``emulator.ratio`` rows of :func:`emloc.sweep_tables.axis_table` over the points at ``steps``,
+    ratio 0.5 first, with the steps in a column and in the sentence."""
+    at_steps = rows[rows["lora.steps"] == steps]
+    first = _matching(at_steps, {**REFERENCE, "lora.steps": steps})
+    if not first.any():
+        return pd.DataFrame()
+    table = sweep_tables.axis_table(pd.concat([at_steps[first], at_steps[~first]]), axes)
+    if table.empty:
+        return table
+    table = table[table["axis"] == "emulator.ratio"].assign(**{"lora.steps": steps})
+    return table.assign(sentence=f"at lora.steps={steps}: " + table["sentence"])
+
+
+def ratio_table(tables: dict[str, pd.DataFrame], axes: list[str], steps: int = RATIO_STEPS) -> pd.DataFrame:
+    """Each ratio at ``steps`` with today's correction and calibration (for docs/correction.md): its corrected
+    transfer, the share of the gap it closes and its difference to ratio 0.5, paired by seed."""
+    defaults = {"lora.steps": steps, "correction.method": REFERENCE["correction.method"],
+                "emulator.calibration": REFERENCE["emulator.calibration"]}
+    summary, gap = tables["summary"], tables["gap"]
+    corrected = summary[_matching(summary, defaults) & (summary["variant"] == "transfer_corrected")]
+    closed = gap[_matching(gap, defaults) & (gap["variant"] == "transfer_corrected")].set_index("emulator.ratio")
+    against = tables["axes"]
+    if len(against) and "lora.steps" in against:
+        against = against[(against["axis"] == "emulator.ratio") & (against["lora.steps"] == steps)
+                          & (against["variant"] == "transfer_corrected") & (against["metric"] == "accuracy")]
+        against = {float(row["value"]): _effect(row) for _, row in against.iterrows()}
+    else:
+        against = {}
+    rows = [{"emulator.ratio": f"{row['emulator.ratio']:g}", "lora.steps": steps, "seeds": int(row["seeds"]),
+             "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
+             "gap closed (corrected)": _share(closed.loc[row["emulator.ratio"]], "gap_closed")
+             if row["emulator.ratio"] in closed.index else "",
+             f"minus ratio {REFERENCE['emulator.ratio']}": against.get(float(row["emulator.ratio"]), "")}
+            for _, row in corrected.sort_values("emulator.ratio").iterrows()]
+    return pd.DataFrame(rows)
+
+
 def axis_findings(axes_table: pd.DataFrame) -> list[str]:
     """The one-axis comparisons on accuracy, less the ones that cannot differ (a correction method leaves the
     emulator's own adapter as it is: a zero difference with a zero-width interval)."""
@@ -312,17 +357,19 @@ def main() -> None:
     seeds = combined_seeds(SOURCES)
     axes = list(AXES)
     OUT.mkdir(parents=True, exist_ok=True)
-    written, methods, calibration = [], {}, {}
+    written, methods, calibration, ratios = [], {}, {}, {}
     for task, rows in seeds.groupby("task", sort=False):
         task_axes = axes[1:]
         rows = rows.drop(columns="task").reset_index(drop=True)
         tables = sweep_tables.all_tables(rows, task_axes)
-        tables["axes"] = pd.concat([tables["axes"], steps_at_other_ratios(rows, task_axes)], ignore_index=True)
+        tables["axes"] = pd.concat([tables["axes"], steps_at_other_ratios(rows, task_axes),
+                                    ratios_at_steps(rows, task_axes)], ignore_index=True)
         table = point_table(tables, task_axes).assign(task=task)
         findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))
         methods[task] = methods_table(tables, task_axes)
         calibration[task] = calibration_table(tables["axes"])
+        ratios[task] = ratio_table(tables, task_axes)
     table = _task_first(pd.concat([t for _, _, t, _ in written], ignore_index=True))
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
     table.to_csv(OUT / "table.csv", index=False)
@@ -331,6 +378,8 @@ def main() -> None:
     findings.to_csv(OUT / "findings.csv", index=False)
     (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(_per_task(methods)), encoding="utf-8")
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(_per_task(calibration)), encoding="utf-8")
+    (OUT / "ratio.md").write_text(sweep_tables.as_markdown(_per_task({t: r for t, r in ratios.items() if len(r) > 1})),
+                                  encoding="utf-8")
     clamps, clamp_numbers, clamp_said = clamp_tables()
     if len(clamps):
         (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamps), encoding="utf-8")

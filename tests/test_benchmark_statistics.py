@@ -350,3 +350,24 @@ def test_clamp_table_and_findings_read_each_lambda_against_none_and_today(tmp_pa
     assert tidy.loc["1", "minus_uncorrected_verdict"] == "beats" and tidy.loc["1", "minus_uncorrected_low"] > 0
     assert tidy.loc["none", "minus_reference_high"] < 0 and math.isnan(tidy.loc["3", "minus_reference"])
     assert (tidy["reference_lambda"] == "3").all()
+
+
+def test_ratios_are_compared_with_ratio_half_at_100_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule_tables, "RESULTS", tmp_path)
+    _stored_sweep(tmp_path / "long", 300, 0.0, "lora.steps")
+    _stored_sweep(tmp_path / "short", 100, -0.4, None)
+    _stored_sweep(tmp_path / "wide", 100, -0.3, None)   # ratio 0.75: 0.1 above ratio 0.5 on every seed
+    provenance.write(tmp_path / "wide", provenance.record(
+        {"p": {"preset": "standard", "lora": {"steps": 100}, "emulator": {"ratio": 0.75}}}))
+    seeds = schedule_tables.combined_seeds(["long", "short", "wide"])
+    axes = list(schedule_tables.AXES)[1:]
+    rows = seeds.drop(columns="task")
+    tables = sweep_tables.all_tables(rows, axes)
+    tables["axes"] = pd.concat([tables["axes"], schedule_tables.ratios_at_steps(rows, axes)], ignore_index=True)
+    wide = tables["axes"][(tables["axes"]["axis"] == "emulator.ratio") & (tables["axes"]["metric"] == "accuracy")
+                          & (tables["axes"]["variant"] == "transfer_corrected")].iloc[0]
+    assert wide["value"] == 0.75 and wide["lora.steps"] == 100 and wide["verdict"] == "beats"
+    assert wide["difference"] == pytest.approx(0.1) and wide["sentence"].startswith("at lora.steps=100: ")
+    table = schedule_tables.ratio_table(tables, axes).set_index("emulator.ratio")
+    assert list(table.index) == ["0.5", "0.75"] and table.loc["0.5", "minus ratio 0.5"] == ""
+    assert table.loc["0.75", "minus ratio 0.5"].startswith("0.100 [0.100, 0.100] beats")
