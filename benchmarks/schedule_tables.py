@@ -312,12 +312,15 @@ def ratios_at_steps(rows: pd.DataFrame, axes: list[str], steps: int = RATIO_STEP
 
 def ratio_table(tables: dict[str, pd.DataFrame], axes: list[str], steps: int = RATIO_STEPS) -> pd.DataFrame:
     """Each ratio at ``steps`` with today's correction and calibration (for docs/correction.md): its corrected
-    transfer, the share of the gap it closes and its difference to ratio 0.5, paired by seed."""
+    transfer, the share of the gap it closes, the correction's effect and its difference to ratio 0.5, the last
+    two paired by seed."""
     defaults = {"lora.steps": steps, "correction.method": REFERENCE["correction.method"],
                 "emulator.calibration": REFERENCE["emulator.calibration"]}
     summary, gap = tables["summary"], tables["gap"]
     corrected = summary[_matching(summary, defaults) & (summary["variant"] == "transfer_corrected")]
     closed = gap[_matching(gap, defaults) & (gap["variant"] == "transfer_corrected")].set_index("emulator.ratio")
+    on_off = tables["correction"]
+    on_off = on_off[_matching(on_off, defaults)].set_index("emulator.ratio")
     against = tables["axes"]
     if len(against) and "lora.steps" in against:
         against = against[(against["axis"] == "emulator.ratio") & (against["lora.steps"] == steps)
@@ -329,6 +332,8 @@ def ratio_table(tables: dict[str, pd.DataFrame], axes: list[str], steps: int = R
              "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
              "gap closed (corrected)": _share(closed.loc[row["emulator.ratio"]], "gap_closed")
              if row["emulator.ratio"] in closed.index else "",
+             "corrected - uncorrected": _effect(on_off.loc[row["emulator.ratio"]], "corrected_minus_uncorrected")
+             if row["emulator.ratio"] in on_off.index else "",
              f"minus ratio {REFERENCE['emulator.ratio']}": against.get(float(row["emulator.ratio"]), "")}
             for _, row in corrected.sort_values("emulator.ratio").iterrows()]
     return pd.DataFrame(rows)
