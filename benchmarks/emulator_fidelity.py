@@ -170,6 +170,10 @@ def run_points(args) -> None:
                     record(row)
 
 
+SHARES = (0.0, 1.0)
+BOUNDED = {"top1_agreement", "emulator_accuracy", "zero_shot_accuracy", "emulator_lora_accuracy",
+           "transfer_uncorrected_accuracy", "transfer_corrected_accuracy", "full_lora_accuracy"}
+"""Measures that are shares: their intervals are clipped to [0, 1] (:func:`seed_interval`'s ``bounds``)."""
 NO_ADAPTER = ["kl_all", "kl_response", "top1_agreement", "drift_last", "emulator_accuracy", "emulator_loss"]
 """Measures of the emulator alone: the same whether or not its point also trained LoRA."""
 
@@ -209,7 +213,11 @@ def intervals(points: pd.DataFrame) -> pd.DataFrame:
     emulators = points.groupby(["task", "ratio", "seed", "setting"], sort=False).first().reset_index()
     adapters = points[points["trained"]].drop(columns=NO_ADAPTER)
     parts = [seed_intervals(emulators.assign(trained=False)[KEYS + NO_ADAPTER]), seed_intervals(adapters)]
-    return pd.concat([p for p in parts if not p.empty], ignore_index=True).reindex(columns=COLUMNS)
+    tidy = pd.concat([p for p in parts if not p.empty], ignore_index=True).reindex(columns=COLUMNS)
+    order = {setting: k for k, setting in enumerate(SETTINGS)}  # today's defaults first, then as listed
+    ordered = tidy.assign(order=tidy["setting"].map(order)).sort_values(["task", "ratio", "trained", "order"],
+                                                                          kind="stable")
+    return ordered.drop(columns="order").reset_index(drop=True)
 
 
 def _row(key: dict, measure: str, mean: float, low: float, high: float, seeds: int, defined: bool,
@@ -241,7 +249,7 @@ def seed_intervals(points: pd.DataFrame) -> pd.DataFrame:
                 rows.append(_row(key, measure, sum(values) / len(values), math.nan, math.nan, len(values), False,
                                  f"{SWEEP_MEAN}: no seed interval"))
                 continue
-            mean, low, high = seed_interval(values)
+            mean, low, high = seed_interval(values, bounds=SHARES if measure in BOUNDED else None)
             rows.append(_row(key, measure, mean, low, high, len(values), True))
         rows += _gap_rows(key, group, sweep_mean)
         rows += _difference_rows(key, group)
@@ -308,7 +316,7 @@ def setting_differences(points: pd.DataFrame) -> pd.DataFrame:
     for trained, table in parts.items():
         for key, group in table.groupby(["task", "ratio", "steps"], sort=False):
             reference = group[group["setting"] == REFERENCE].set_index("seed")
-            for setting in (s for s in group["setting"].unique() if s != REFERENCE):
+            for setting in sorted((s for s in group["setting"].unique() if s != REFERENCE), key=list(SETTINGS).index):
                 other = group[group["setting"] == setting].set_index("seed")
                 seeds = sorted(set(reference.index) & set(other.index))
                 for measure in (m for m in COMPARED[trained] if m in group and other[m].notna().any()):
