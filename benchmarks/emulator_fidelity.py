@@ -316,7 +316,8 @@ def setting_differences(points: pd.DataFrame) -> pd.DataFrame:
     for trained, table in parts.items():
         for key, group in table.groupby(["task", "ratio", "steps"], sort=False):
             reference = group[group["setting"] == REFERENCE].set_index("seed")
-            for setting in sorted((s for s in group["setting"].unique() if s != REFERENCE), key=list(SETTINGS).index):
+            others = [s for s in group["setting"].unique() if s != REFERENCE]
+            for setting in sorted(others, key=list(SETTINGS).index):
                 other = group[group["setting"] == setting].set_index("seed")
                 seeds = sorted(set(reference.index) & set(other.index))
                 for measure in (m for m in COMPARED[trained] if m in group and other[m].notna().any()):
