@@ -371,3 +371,19 @@ def test_ratios_are_compared_with_ratio_half_at_100_steps(tmp_path, monkeypatch)
     table = schedule_tables.ratio_table(tables, axes).set_index("emulator.ratio")
     assert list(table.index) == ["0.5", "0.75"] and table.loc["0.5", "minus ratio 0.5"] == ""
     assert table.loc["0.75", "minus ratio 0.5"].startswith("0.100 [0.100, 0.100] beats")
+
+
+def test_stored_fidelity_default_points_reproduce_the_headline_sweep():
+    """The fidelity grid's trained ``default`` points are the headline sweep's EMLoC runs again (checkpointing
+    off: the same gradients): the same accuracy per seed and variant, losses to float32 noise."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    points = pd.read_csv(results / "emulator_fidelity" / "points.csv")
+    points = points[(points["setting"] == "default") & points["trained"] & (points["task"] == "addition")]
+    sweep = pd.read_csv(results / "sweep_addition_5seeds" / "seeds.csv")
+    sweep = sweep[sweep["emulator.method"] == "activation_aware"].set_index(["seed", "variant"])
+    assert len(points) == 5
+    for _, row in points.iterrows():
+        for variant in ("zero_shot", "emulator", "emulator_lora", "transfer_uncorrected", "transfer_corrected"):
+            stored = sweep.loc[(row["seed"], variant)]
+            assert row[f"{variant}_accuracy"] == stored["accuracy"], (row["seed"], variant)
+            assert row[f"{variant}_loss"] == pytest.approx(stored["loss"], abs=1e-5), (row["seed"], variant)
