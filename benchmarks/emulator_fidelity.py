@@ -1,5 +1,5 @@
-"""A faithful emulator at the same budget: today's emulator vs the official exclusion, sequential calibration,
-global rank allocation and both, on the real default model.
+"""A faithful emulator at the same budget: today's default emulator against the last ``down_proj`` compressed,
+sequential calibration, global rank allocation and both, on the real default model (settings: :data:`SETTINGS`).
 
 For each (task, ratio, seed, setting) it builds the emulator and measures, with no adapter, the next-token KL
 of the emulator from the original on the held-out prompts, the residual-stream drift after the last layer,
@@ -14,8 +14,12 @@ mean(full_lora - zero_shot), undefined (with the reason) when the gap's own pair
 or with one seed; corrected minus uncorrected is paired by seed. A full-LoRA loss taken from a sweep that
 stores only its mean has no seed interval (nor has the loss gap closed built on it): such rows go to
 ``no_interval.csv`` with the reason, so every row of ``intervals.csv`` has ``ci_low <= mean <= ci_high``.
+It also writes ``trained.md`` (the trained table in brief), ``differences.csv``/``.md``/``differences_trained.md``
+(every setting minus ``default``, paired by seed, with its verdict) and ``findings.md`` (their sentences). The
+points declare today's defaults with each setting's overrides in the folder's provenance record.
 
-    PYTHONPATH=. python benchmarks/emulator_fidelity.py --tasks addition --ratios 0.5 --seeds 0 1 2
+    PYTHONPATH=. python benchmarks/emulator_fidelity.py --tasks addition --seeds 0 1 2 3 4 --settings default \
+        sequential --train --full-lora-from benchmarks/results/sweep_addition_5seeds --out benchmarks/out/fidelity
     PYTHONPATH=. python benchmarks/emulator_fidelity.py --summarize
 """
 from __future__ import annotations
