@@ -159,37 +159,17 @@ def _lambda(value) -> str:
     return f"{float(value):g}" if str(value) != sweeps.NO_VALUE else str(value)
 
 
-def clamp_effects(folder: Path) -> tuple[pd.DataFrame, dict, dict, str]:
-    """A clamp sweep's corrected transfer per lambda (``summary.csv`` rows), each lambda's corrected minus
-    uncorrected and its difference to the sweep's first lambda (rows with ``difference``, ``ci_low``,
-    ``ci_high``, ``verdict``, keyed by lambda), and that first lambda (today's default)."""
+def clamp_tidy(folder: Path) -> pd.DataFrame:
+    """A clamp sweep's numbers, one row per lambda (``clamp.csv``, for notebooks): the corrected transfer's
+    accuracy, its difference to no correction (``minus_uncorrected``) and to the sweep's first lambda, today's
+    (``minus_reference``; none on that lambda's own row), each with its interval and verdict."""
     summary, effects, axes = (pd.read_csv(folder / f"{name}.csv") for name in ("summary", "correction", "axes"))
     corrected = summary[summary["variant"] == "transfer_corrected"]
     against = axes[(axes["variant"] == "transfer_corrected") & (axes["metric"] == "accuracy")]
     against = {_lambda(row["value"]): row for _, row in against.iterrows()}
     on_off = {_lambda(row["correction.clamp"]): row.rename({"corrected_minus_uncorrected": "difference"})
               for _, row in effects.iterrows()}
-    return corrected, on_off, against, _lambda(corrected["correction.clamp"].iloc[0])
-
-
-def clamp_table(folder: Path) -> pd.DataFrame:
-    """The correction's clamp lambda (for docs/correction.md): per value its corrected transfer, its effect
-    against no correction and against today's lambda (the sweep's first value), paired by seed."""
-    corrected, on_off, against, reference = clamp_effects(folder)
-    rows = []
-    for _, row in corrected.iterrows():
-        value = _lambda(row["correction.clamp"])
-        rows.append({"clamp lambda": value, "seeds": int(row["seeds"]),
-                     "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
-                     "corrected - uncorrected": _effect(on_off[value]),
-                     f"minus lambda {reference}": _effect(against[value]) if value in against else ""})
-    return pd.DataFrame(rows)
-
-
-def clamp_tidy(folder: Path) -> pd.DataFrame:
-    """The numbers of :func:`clamp_table`, one row per lambda (for notebooks): the corrected transfer's accuracy
-    and both paired differences with their intervals and verdicts."""
-    corrected, on_off, against, reference = clamp_effects(folder)
+    reference = _lambda(corrected["correction.clamp"].iloc[0])
     rows = []
     for _, row in corrected.iterrows():
         value = _lambda(row["correction.clamp"])
@@ -203,16 +183,33 @@ def clamp_tidy(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def clamp_findings(folder: Path) -> list[str]:
-    """Two sentences from the intervals: which lambdas beat, match or lose to no correction, and to today's."""
-    _, on_off, against, reference = clamp_effects(folder)
+def _difference_text(row: pd.Series, prefix: str) -> str:
+    """``minus_uncorrected`` or ``minus_reference`` of a :func:`clamp_tidy` row as ``mean [low, high] verdict``."""
+    if pd.isna(row.get(prefix)):
+        return ""
+    return f"{_cell(row[prefix], row[f'{prefix}_low'], row[f'{prefix}_high'])} {row[f'{prefix}_verdict']}"
 
-    def grouped(rows: dict, other: str) -> str:
-        verdicts = {}
-        for value, row in rows.items():
-            verdicts.setdefault(row["verdict"], []).append(f"lambda {value}" if value != "none" else "no clamp")
+
+def clamp_table(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The correction's clamp lambda (for docs/correction.md) from :func:`clamp_tidy`: per value its corrected
+    transfer, its effect against no correction and against today's lambda (the sweep's first value)."""
+    reference = tidy["reference_lambda"].iloc[0]
+    return pd.DataFrame([{"clamp lambda": row["clamp_lambda"], "seeds": int(row["seeds"]),
+                          "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
+                          "corrected - uncorrected": _difference_text(row, "minus_uncorrected"),
+                          f"minus lambda {reference}": _difference_text(row, "minus_reference")}
+                         for _, row in tidy.iterrows()])
+
+
+def clamp_findings(tidy: pd.DataFrame) -> list[str]:
+    """Two sentences from :func:`clamp_tidy`'s verdicts: which lambdas beat, match or lose to no correction, and
+    to today's."""
+    def grouped(verdicts: pd.Series, other: str) -> str:
+        by_word = {}
+        for value, word in verdicts.dropna().items():
+            by_word.setdefault(word, []).append(f"lambda {value}" if value != "none" else "no clamp")
         parts = []
-        for word, values in verdicts.items():
+        for word, values in by_word.items():
             one = len(values) == 1
             names = values[0] if one else f"{', '.join(values[:-1])} and {values[-1]}"
             verb = {"beats": "beats" if one else "beat", "within noise": f"{'is' if one else 'are'} within noise of",
@@ -220,28 +217,27 @@ def clamp_findings(folder: Path) -> list[str]:
             parts.append(f"{names} {verb} {other}")
         return "; ".join(parts)
 
-    return [f"corrected transfer: {grouped(on_off, 'no correction')}",
-            f"corrected transfer: {grouped(against, f'lambda {reference} (today)')}"]
+    by_lambda = tidy.set_index("clamp_lambda")
+    reference = tidy["reference_lambda"].iloc[0]
+    return [f"corrected transfer: {grouped(by_lambda['minus_uncorrected_verdict'], 'no correction')}",
+            f"corrected transfer: {grouped(by_lambda['minus_reference_verdict'], f'lambda {reference} (today)')}"]
 
 
 def clamp_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``clamp.md``'s table (task, steps, then :func:`clamp_table`), ``clamp.csv``'s numbers (:func:`clamp_tidy`)
-    and the findings, over the clamp sweeps stored so far."""
-    tables, tidy, findings = [], [], []
+    and the findings, over the clamp sweeps stored so far (each read once)."""
+    tables, tidies, findings = [], [], []
     for (task, steps), name in sorted(CLAMP_SOURCES.items()):
         folder = RESULTS / name
         if (folder / "summary.csv").exists():
-            tables.append(_task_steps_first(clamp_table(folder).assign(task=task, steps=steps)))
-            tidy.append(_task_steps_first(clamp_tidy(folder).assign(task=task, steps=steps)))
-            findings += [{"task": task, "steps": steps, "finding": f} for f in clamp_findings(folder)]
+            tidy = clamp_tidy(folder)
+            tables.append(_first(clamp_table(tidy).assign(task=task, steps=steps), "task", "steps"))
+            tidies.append(_first(tidy.assign(task=task, steps=steps), "task", "steps"))
+            findings += [{"task": task, "steps": steps, "finding": f} for f in clamp_findings(tidy)]
     if not tables:
         return pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
-    return (pd.concat(tables, ignore_index=True), pd.concat(tidy, ignore_index=True),
+    return (pd.concat(tables, ignore_index=True), pd.concat(tidies, ignore_index=True),
             pd.DataFrame(findings))
-
-
-def _task_steps_first(table: pd.DataFrame) -> pd.DataFrame:
-    return table[["task", "steps", *[c for c in table.columns if c not in ("task", "steps")]]]
 
 
 def half_gap_findings(tables: dict[str, pd.DataFrame], axes: list[str]) -> list[str]:
@@ -350,13 +346,14 @@ def axis_findings(axes_table: pd.DataFrame) -> list[str]:
     return rows.loc[~same, "sentence"].tolist()
 
 
-def _task_first(table: pd.DataFrame) -> pd.DataFrame:
-    return table[["task", *[c for c in table.columns if c != "task"]]]
+def _first(table: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """``table`` with ``columns`` moved to the front, the others in their order."""
+    return table[[*columns, *[c for c in table.columns if c not in columns]]]
 
 
 def _per_task(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One table from per-task tables, the task as its first column."""
-    return _task_first(pd.concat([t.assign(task=task) for task, t in tables.items()], ignore_index=True))
+    return _first(pd.concat([t.assign(task=task) for task, t in tables.items()], ignore_index=True), "task")
 
 
 def main() -> None:
@@ -376,7 +373,7 @@ def main() -> None:
         methods[task] = methods_table(tables, task_axes)
         calibration[task] = calibration_table(tables["axes"])
         ratios[task] = ratio_table(tables, task_axes)
-    table = _task_first(pd.concat([t for _, _, t, _ in written], ignore_index=True))
+    table = _first(pd.concat([t for _, _, t, _ in written], ignore_index=True), "task")
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
     table.to_csv(OUT / "table.csv", index=False)
     findings = pd.DataFrame([{"task": task, "finding": f} for task, _, _, fs in written for f in fs])

@@ -335,13 +335,13 @@ def _clamp_sweep(folder: Path) -> None:
 
 def test_clamp_table_and_findings_read_each_lambda_against_none_and_today(tmp_path):
     _clamp_sweep(tmp_path)
-    table = schedule_tables.clamp_table(tmp_path).set_index("clamp lambda")
+    table = schedule_tables.clamp_table(schedule_tables.clamp_tidy(tmp_path)).set_index("clamp lambda")
     assert list(table.index) == ["3", "1", "none"] and (table["seeds"] == 5).all()
     assert table.loc["1", "corrected - uncorrected"].endswith("beats")
     assert table.loc["none", "corrected - uncorrected"].endswith("worse")
     assert table.loc["3", "corrected - uncorrected"].endswith("within noise")
     assert table.loc["1", "minus lambda 3"].endswith("beats") and table.loc["3", "minus lambda 3"] == ""
-    against_none, against_today = schedule_tables.clamp_findings(tmp_path)
+    against_none, against_today = schedule_tables.clamp_findings(schedule_tables.clamp_tidy(tmp_path))
     assert against_none == ("corrected transfer: lambda 3 is within noise of no correction; lambda 1 beats no "
                             "correction; no clamp is worse than no correction")
     assert against_today == ("corrected transfer: lambda 1 beats lambda 3 (today); no clamp is worse than "
