@@ -34,12 +34,14 @@ from emloc import provenance, sweep_tables, sweeps  # noqa: E402
 
 OUT = RESULTS / "schedule"
 SOURCES = ["schedule_addition", "schedule_wordfacts", "sweep_addition_5seeds", "sweep_addition_5seeds_ratio",
-           "sweep_addition_5seeds_ratio075"]
+           "sweep_addition_5seeds_ratio075", "sweep_addition_5seeds_ratio025", "sweep_addition_5seeds_calibration16",
+           "sweep_addition_5seeds_calibration256"]
 AXES = {"task": ("data", "task"), "emulator.ratio": ("emulator", "ratio"), "lora.steps": ("lora", "steps"),
-        "correction.method": ("correction", "method"), "emulator.calibration": ("emulator", "calibration")}
+        "correction.method": ("correction", "method"), "emulator.calibration": ("emulator", "calibration"),
+        "data.n_calibration": ("data", "n_calibration")}
 """The columns every row gets, and where a source that does not vary one finds its value (its resolved config)."""
 REFERENCE = {"emulator.ratio": 0.5, "lora.steps": 300, "correction.method": "official",
-             "emulator.calibration": "independent"}
+             "emulator.calibration": "independent", "data.n_calibration": 64}
 """The point each one-axis comparison is made against: the paper's schedule at ratio 0.5, today's defaults."""
 HALF = 0.5
 
@@ -288,14 +290,16 @@ def steps_at_other_ratios(rows: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-RATIO_STEPS = 100
-"""The ratios are compared at the standard preset's steps, where every ratio was measured."""
+AT_STEPS = 100
+"""Ratios and calibration sizes are compared at the standard preset's steps, where every one was measured."""
+AXIS_LABELS = {"emulator.ratio": "ratio", "data.n_calibration": "calibration samples"}
+"""The axes compared at :data:`AT_STEPS` (one table each), and how a table's columns name them."""
 
 
-def ratios_at_steps(rows: pd.DataFrame, axes: list[str], steps: int = RATIO_STEPS) -> pd.DataFrame:
-    """Every ratio against 0.5 at ``steps`` (the sweep tables compare each axis against the 300-step reference
-    only): the ``emulator.ratio`` rows of :func:`emloc.sweep_tables.axis_table` over the points at ``steps``,
-    ratio 0.5 first, with the steps in a column and in the sentence."""
+def axis_at_steps(rows: pd.DataFrame, axes: list[str], axis: str, steps: int = AT_STEPS) -> pd.DataFrame:
+    """Every value of ``axis`` against the reference's at ``steps`` (the sweep tables compare each axis against
+    the 300-step reference only): the ``axis`` rows of :func:`emloc.sweep_tables.axis_table` over the points at
+    ``steps``, the reference value first, with the steps in a column and in the sentence."""
     at_steps = rows[rows["lora.steps"] == steps]
     first = _matching(at_steps, {**REFERENCE, "lora.steps": steps})
     if not first.any():
@@ -303,36 +307,36 @@ def ratios_at_steps(rows: pd.DataFrame, axes: list[str], steps: int = RATIO_STEP
     table = sweep_tables.axis_table(pd.concat([at_steps[first], at_steps[~first]]), axes)
     if table.empty:
         return table
-    table = table[table["axis"] == "emulator.ratio"].assign(**{"lora.steps": steps})
+    table = table[table["axis"] == axis].assign(**{"lora.steps": steps})
     return table.assign(sentence=f"at lora.steps={steps}: " + table["sentence"])
 
 
-def ratio_table(tables: dict[str, pd.DataFrame], axes: list[str], steps: int = RATIO_STEPS) -> pd.DataFrame:
-    """Each ratio at ``steps`` with today's correction and calibration (for docs/correction.md): its corrected
-    transfer, the share of the gap it closes, the correction's effect and its difference to ratio 0.5, the last
-    two paired by seed."""
-    defaults = {"lora.steps": steps, "correction.method": REFERENCE["correction.method"],
-                "emulator.calibration": REFERENCE["emulator.calibration"]}
+def values_table(tables: dict[str, pd.DataFrame], axes: list[str], axis: str,
+                 steps: int = AT_STEPS) -> pd.DataFrame:
+    """Each value of ``axis`` at ``steps``, every other axis at the reference (for the docs): its corrected
+    transfer, the share of the gap it closes, the correction's effect and its difference to the reference value,
+    the last two paired by seed."""
+    defaults = {a: REFERENCE[a] for a in axes if a != axis} | {"lora.steps": steps}
     summary, gap = tables["summary"], tables["gap"]
     corrected = summary[_matching(summary, defaults) & (summary["variant"] == "transfer_corrected")]
-    closed = gap[_matching(gap, defaults) & (gap["variant"] == "transfer_corrected")].set_index("emulator.ratio")
+    closed = gap[_matching(gap, defaults) & (gap["variant"] == "transfer_corrected")].set_index(axis)
     on_off = tables["correction"]
-    on_off = on_off[_matching(on_off, defaults)].set_index("emulator.ratio")
+    on_off = on_off[_matching(on_off, defaults)].set_index(axis)
     against = tables["axes"]
     if len(against) and "lora.steps" in against:
-        against = against[(against["axis"] == "emulator.ratio") & (against["lora.steps"] == steps)
+        against = against[(against["axis"] == axis) & (against["lora.steps"] == steps)
                           & (against["variant"] == "transfer_corrected") & (against["metric"] == "accuracy")]
         against = {float(row["value"]): _effect(row) for _, row in against.iterrows()}
     else:
         against = {}
-    rows = [{"emulator.ratio": f"{row['emulator.ratio']:g}", "lora.steps": steps, "seeds": int(row["seeds"]),
+    rows = [{axis: f"{row[axis]:g}", "lora.steps": steps, "seeds": int(row["seeds"]),
              "transfer corrected": _cell(row["accuracy"], row["ci_low"], row["ci_high"]),
-             "gap closed (corrected)": _share(closed.loc[row["emulator.ratio"]], "gap_closed")
-             if row["emulator.ratio"] in closed.index else "",
-             "corrected - uncorrected": _effect(on_off.loc[row["emulator.ratio"]], "corrected_minus_uncorrected")
-             if row["emulator.ratio"] in on_off.index else "",
-             f"minus ratio {REFERENCE['emulator.ratio']}": against.get(float(row["emulator.ratio"]), "")}
-            for _, row in corrected.sort_values("emulator.ratio").iterrows()]
+             "gap closed (corrected)": _share(closed.loc[row[axis]], "gap_closed")
+             if row[axis] in closed.index else "",
+             "corrected - uncorrected": _effect(on_off.loc[row[axis]], "corrected_minus_uncorrected")
+             if row[axis] in on_off.index else "",
+             f"minus {AXIS_LABELS[axis]} {REFERENCE[axis]:g}": against.get(float(row[axis]), "")}
+            for _, row in corrected.sort_values(axis).iterrows()]
     return pd.DataFrame(rows)
 
 
@@ -356,23 +360,29 @@ def _per_task(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return _first(pd.concat([t.assign(task=task) for task, t in tables.items()], ignore_index=True), "task")
 
 
+AT_STEPS_FILES = {"emulator.ratio": "ratio.md", "data.n_calibration": "calibration_size.md"}
+
+
 def main() -> None:
     seeds = combined_seeds(SOURCES)
     axes = list(AXES)
     OUT.mkdir(parents=True, exist_ok=True)
-    written, methods, calibration, ratios = [], {}, {}, {}
+    written, methods, calibration = [], {}, {}
+    at_steps = {axis: {} for axis in AXIS_LABELS}
     for task, rows in seeds.groupby("task", sort=False):
         task_axes = axes[1:]
         rows = rows.drop(columns="task").reset_index(drop=True)
         tables = sweep_tables.all_tables(rows, task_axes)
         tables["axes"] = pd.concat([tables["axes"], steps_at_other_ratios(rows, task_axes),
-                                    ratios_at_steps(rows, task_axes)], ignore_index=True)
+                                    *(axis_at_steps(rows, task_axes, axis) for axis in AXIS_LABELS)],
+                                   ignore_index=True)
         table = point_table(tables, task_axes).assign(task=task)
         findings = half_gap_findings(tables, task_axes) + axis_findings(tables["axes"])
         written.append((task, tables, table, findings))
         methods[task] = methods_table(tables, task_axes)
         calibration[task] = calibration_table(tables["axes"])
-        ratios[task] = ratio_table(tables, task_axes)
+        for axis, per_task in at_steps.items():
+            per_task[task] = values_table(tables, task_axes, axis)
     table = _first(pd.concat([t for _, _, t, _ in written], ignore_index=True), "task")
     (OUT / "table.md").write_text(sweep_tables.as_markdown(table), encoding="utf-8")
     table.to_csv(OUT / "table.csv", index=False)
@@ -381,8 +391,10 @@ def main() -> None:
     findings.to_csv(OUT / "findings.csv", index=False)
     (OUT / "correction_methods.md").write_text(sweep_tables.as_markdown(_per_task(methods)), encoding="utf-8")
     (OUT / "calibration.md").write_text(sweep_tables.as_markdown(_per_task(calibration)), encoding="utf-8")
-    (OUT / "ratio.md").write_text(sweep_tables.as_markdown(_per_task({t: r for t, r in ratios.items() if len(r) > 1})),
-                                  encoding="utf-8")
+    for axis, name in AT_STEPS_FILES.items():
+        compared = {task: table for task, table in at_steps[axis].items() if len(table) > 1}
+        if compared:
+            (OUT / name).write_text(sweep_tables.as_markdown(_per_task(compared)), encoding="utf-8")
     clamps, clamp_numbers, clamp_said = clamp_tables()
     if len(clamps):
         (OUT / "clamp.md").write_text(sweep_tables.as_markdown(clamps), encoding="utf-8")

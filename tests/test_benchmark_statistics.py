@@ -224,8 +224,9 @@ def test_seed_table_identical_transfers_are_within_noise_and_flat_gap_undefined(
 
 # ---- the paper's schedule (benchmarks/schedule_tables.py) -----------------------------------------------
 
+import correction_diagnostics  # noqa: E402
 import schedule_tables  # noqa: E402
-from emloc import provenance, sweep_tables, sweeps  # noqa: E402
+from emloc import io, provenance, sweep_tables, sweeps  # noqa: E402
 
 SCHEDULE_VARIANTS = {"zero_shot": 0.0, "emulator": 0.0, "emulator_lora": 0.8, "transfer_uncorrected": 0.5,
                      "transfer_corrected": 0.6, "full_lora": 0.9}
@@ -352,25 +353,33 @@ def test_clamp_table_and_findings_read_each_lambda_against_none_and_today(tmp_pa
     assert (tidy["reference_lambda"] == "3").all()
 
 
-def test_ratios_are_compared_with_ratio_half_at_100_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("axis, settings, value, label", [
+    ("emulator.ratio", {"emulator": {"ratio": 0.75}}, 0.75, "minus ratio 0.5"),
+    ("data.n_calibration", {"data": {"n_calibration": 256}}, 256, "minus calibration samples 64")])
+def test_ratios_and_calibration_sizes_are_compared_with_the_default_at_100_steps(tmp_path, monkeypatch, axis,
+                                                                                settings, value, label):
     monkeypatch.setattr(schedule_tables, "RESULTS", tmp_path)
     _stored_sweep(tmp_path / "long", 300, 0.0, "lora.steps")
     _stored_sweep(tmp_path / "short", 100, -0.4, None)
-    _stored_sweep(tmp_path / "wide", 100, -0.3, None)   # ratio 0.75: 0.1 above ratio 0.5 on every seed
-    provenance.write(tmp_path / "wide", provenance.record(
-        {"p": {"preset": "standard", "lora": {"steps": 100}, "emulator": {"ratio": 0.75}}}))
-    seeds = schedule_tables.combined_seeds(["long", "short", "wide"])
+    _stored_sweep(tmp_path / "other", 100, -0.3, None)   # the other value: 0.1 above the default on every seed
+    provenance.write(tmp_path / "other", provenance.record(
+        {"p": {"preset": "standard", "lora": {"steps": 100}, **settings}}))
+    seeds = schedule_tables.combined_seeds(["long", "short", "other"])
     axes = list(schedule_tables.AXES)[1:]
     rows = seeds.drop(columns="task")
     tables = sweep_tables.all_tables(rows, axes)
-    tables["axes"] = pd.concat([tables["axes"], schedule_tables.ratios_at_steps(rows, axes)], ignore_index=True)
-    wide = tables["axes"][(tables["axes"]["axis"] == "emulator.ratio") & (tables["axes"]["metric"] == "accuracy")
-                          & (tables["axes"]["variant"] == "transfer_corrected")].iloc[0]
-    assert wide["value"] == 0.75 and wide["lora.steps"] == 100 and wide["verdict"] == "beats"
-    assert wide["difference"] == pytest.approx(0.1) and wide["sentence"].startswith("at lora.steps=100: ")
-    table = schedule_tables.ratio_table(tables, axes).set_index("emulator.ratio")
-    assert list(table.index) == ["0.5", "0.75"] and table.loc["0.5", "minus ratio 0.5"] == ""
-    assert table.loc["0.75", "minus ratio 0.5"].startswith("0.100 [0.100, 0.100] beats")
+    tables["axes"] = pd.concat([tables["axes"], *(schedule_tables.axis_at_steps(rows, axes, a)
+                                                  for a in schedule_tables.AXIS_LABELS)], ignore_index=True)
+    compared = tables["axes"][(tables["axes"]["axis"] == axis) & (tables["axes"]["metric"] == "accuracy")
+                              & (tables["axes"]["variant"] == "transfer_corrected")]
+    assert len(compared) == 1   # only the axis that differs is compared
+    other = compared.iloc[0]
+    assert other["value"] == value and other["lora.steps"] == 100 and other["verdict"] == "beats"
+    assert other["difference"] == pytest.approx(0.1) and other["sentence"].startswith("at lora.steps=100: ")
+    table = schedule_tables.values_table(tables, axes, axis).set_index(axis)
+    default = f"{schedule_tables.REFERENCE[axis]:g}"
+    assert list(table.index) == [default, f"{value:g}"] and table.loc[default, label] == ""
+    assert table.loc[f"{value:g}", label].startswith("0.100 [0.100, 0.100] beats")
 
 
 def test_stored_fidelity_default_points_reproduce_the_headline_sweep():
@@ -387,3 +396,31 @@ def test_stored_fidelity_default_points_reproduce_the_headline_sweep():
             stored = sweep.loc[(row["seed"], variant)]
             assert row[f"{variant}_accuracy"] == stored["accuracy"], (row["seed"], variant)
             assert row[f"{variant}_loss"] == pytest.approx(stored["loss"], abs=1e-5), (row["seed"], variant)
+
+
+# ---- the correction's diagnostics ----------------------------------------------------------------------
+
+def _report(coefficients: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"update_mismatch_coefficient": coefficients,
+                         "update_mismatch_cosine": [10 * c for c in coefficients]})
+
+
+def test_correction_diagnostics_read_one_adapter_per_seed_and_count_compensating_modules(tmp_path, monkeypatch):
+    monkeypatch.setattr(correction_diagnostics, "CLAMP_SOURCES", {("addition", 100): "clamp"})
+    (tmp_path / "clamp").mkdir()
+    io.write_yaml(tmp_path / "clamp" / "grid.yaml", {})
+    for seed, clamp, coefficients in [(0, "3.0", [0.0, 0.2, 0.1]), (0, "None", [9.0, 9.0, 9.0]),
+                                      (1, "3.0", [0.0, 0.0, 0.05])]:
+        point = tmp_path / "clamp" / "points" / f"seed={seed},clamp={clamp}"
+        (point / "correction").mkdir(parents=True)
+        io.write_yaml(point / "config.yaml", {"seed": seed})
+        _report(coefficients).to_csv(point / "correction" / "report.csv", index=False)
+    runs = correction_diagnostics.collect(tmp_path).set_index("seed")
+    assert list(runs.index) == [0, 1]   # seed 0 read once (its first lambda point), the other lambda skipped
+    assert runs.loc[0, "c_mean"] == pytest.approx(0.1) and runs.loc[0, "c_max"] == pytest.approx(0.2)
+    assert runs.loc[0, "modules_compensating"] == 2 and runs.loc[1, "modules_compensating"] == 0
+    assert runs.loc[0, "cosine_mean"] == pytest.approx(1.0)
+    row = correction_diagnostics.summary(runs.reset_index()).iloc[0]
+    mean, low, high = seed_interval([0.1, 0.05 / 3])
+    assert row["seeds"] == 2 and row["c (module mean)"] == f"{mean:.1e} [{low:.1e}, {high:.1e}]"
+    assert row["largest module c"] == "2.0e-01" and row["modules with c >= 0.1"] == "2 of 3"
