@@ -23,12 +23,17 @@ plus the measured after-import memory).
     python benchmarks/bench_memory.py [--steps 4] [--timing-steps 8] [--only STAGE ...]
     python benchmarks/bench_memory.py --big runs/big-llama [--big-steps 2]   # the weights-dominated model
 
+    python benchmarks/bench_memory.py --big runs/big-llama --big-timing   # its step time, emulator / original
+
 ``--big``: a model written by ``make_big_model.py`` (bfloat16 files): a streamed build (``emloc build --stream``),
 LoRA steps on its lean emulator, and inference with the original on the same prompt lengths; writes
 ``memory_big.json`` (float32) or ``memory_big_bfloat16.json``. Both load and train in float32 by default
 (``--big-dtype``): on a CPU without native bfloat16 (AVX2 only) a bfloat16 backward pass runs below 1 GFLOPS,
 so one LoRA step of the 1.5B emulator would take over an hour; with AVX-512 BF16 or AMX, bfloat16 is the
-faster of the two.
+faster of the two. ``--big-timing`` instead times the pipeline's default training (checkpointing on, glibc's own
+heap, as ``step_original`` / ``step_emulator`` do for the default model) on the original 1.5B model and on its
+emulator, each in a fresh process, one after the other: ``big_step_time.json``, the step-time ratio where the
+weights dominate.
 """
 import argparse
 import dataclasses
@@ -48,6 +53,7 @@ VARIANTS = ["lora_original_no_checkpointing", "lora_emulator_no_checkpointing"]
 STEP_STAGES = ["step_original", "step_emulator"]  # the pipeline's default training, timed
 ALL_STAGES = STAGES + VARIANTS + STEP_STAGES
 BIG_STAGES = ["big_build", "big_inference_original", "big_lora_emulator"]
+BIG_STEP_STAGES = ["big_step_original", "big_step_emulator"]  # the pipeline's default training, timed
 MB = 2 ** 20
 
 
@@ -258,12 +264,20 @@ def big_child(stage: str, out: str, steps: int) -> dict:
         times = timed_training(model, features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id)
         result["s_per_step"] = step_seconds(times)
         result["predicted_peak_mb"] = big_prediction(cfg, "lora_emulator", features, baseline)
+    elif stage in BIG_STEP_STAGES:
+        spec = dataclasses.replace(cfg.lora, steps=steps, warmup_steps=0)
+        model = run.fresh_model() if stage == "big_step_original" else lean_emulator_for_training(run)
+        result["load_peak_mb"] = peak_after_loading()
+        times = timed_training(model, features, spec, cfg.emulator.target_modules, run.tokenizer.pad_token_id,
+                               small_heap=False)
+        result |= {"s_per_step": step_seconds(times), "step_seconds": times}
     result |= {"peak_rss_mb": peak_mb(), "rss_after_import_mb": baseline, "seconds": time.perf_counter() - start,
                "seq_len": lengths(features)[0]}
     if "load_peak_mb" in result:  # the whole process's peak, and the running peak once the model was in memory
         result["running_peak_mb"] = result["peak_rss_mb"]
         result["peak_rss_mb"] = max(result["load_peak_mb"], result["running_peak_mb"])
-        result["prediction_error"] = result["predicted_peak_mb"] / result["running_peak_mb"] - 1
+        if "predicted_peak_mb" in result:
+            result["prediction_error"] = result["predicted_peak_mb"] / result["running_peak_mb"] - 1
     result["above_import_mb"] = result["peak_rss_mb"] - baseline
     return result
 
@@ -295,15 +309,18 @@ def big_train_command(out: Path, steps: int) -> dict:
     return {"stage": "big_train_command", **trained(out, "emulator", ["--steps", str(steps)])}
 
 
-def write_big_provenance(path: Path, steps: int, dtype: str) -> None:
+def write_big_provenance(path: Path, steps: int, dtype: str, timing: bool = False) -> None:
     """A named-settings record (the model is a local folder the record cannot resolve elsewhere)."""
     import datetime
 
     from emloc import provenance
+    what = ("the pipeline's default training timed on the original and on the emulator, one thread" if timing
+            else "`emloc train --on emulator` with default flags")
     record = {"declares": provenance.NAMED,
               "settings": f"benchmarks/bench_memory.py --big: a random 1.5B Llama (make_big_model.py), {dtype}, "
-                          f"batch 8, {steps} LoRA steps; `emloc train --on emulator` with default flags",
-              "command": f"python benchmarks/bench_memory.py --big runs/big-llama --big-steps {steps} --big-dtype {dtype}",
+                          f"batch 8, {steps} LoRA steps; {what}",
+              "command": f"python benchmarks/bench_memory.py --big runs/big-llama --big-steps {steps} --big-dtype {dtype}"
+                         + (" --big-timing" if timing else ""),
               "commit": provenance.git_commit(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **provenance.environment()}
     provenance.write(path, record)
@@ -322,16 +339,23 @@ def stored_rows(path: Path, stage: str) -> list[dict]:
     return [r for r in json.loads(path.read_text())["stages"] if r["stage"] == stage]
 
 
+def big_run(folder: str, max_length: int, n_calibration: int, dtype: str):
+    """The big model's run directory (``benchmarks/out/big_memory_<dtype>``) with its config saved."""
+    from emloc import pipeline
+    from emloc.config import RunConfig
+    config = RunConfig.from_dict(big_config(folder, max_length, n_calibration, dtype))
+    run = pipeline.Run(Path(f"benchmarks/out/big_memory_{dtype}"), config, progress=False)
+    run.save_config()
+    return run
+
+
 def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
     from common import RESULTS
 
-    from emloc import io, pipeline
-    from emloc.config import RunConfig
+    from emloc import io
     from emloc.streaming import model_size
-    out = Path(f"benchmarks/out/big_memory_{dtype}")
-    config = RunConfig.from_dict(big_config(folder, max_length, n_calibration, dtype))
-    run = pipeline.Run(out, config, progress=False)
-    run.save_config()
+    run = big_run(folder, max_length, n_calibration, dtype)
+    out, config = run.dir, run.config
     rows = []
     for stage in BIG_STAGES:
         if stage == "big_build" and run.is_done("build"):
@@ -364,10 +388,35 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
+def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
+    """The step time of the pipeline's default training on the big model's emulator over its original's, each
+    in a fresh process (the streamed build first, if it is not done): ``big_step_time.json``."""
+    from common import RESULTS
+    run = big_run(folder, max_length, n_calibration, dtype)
+    if not run.is_done("build"):
+        print("big_build: streaming the emulator's build first", flush=True)
+        measure("big_build", "--steps", str(steps), "--big-out", str(run.dir))
+    rows = []
+    for stage in BIG_STEP_STAGES:
+        rows.append(measure(stage, "--steps", str(steps), "--big-out", str(run.dir)))
+        print(f"{stage}: {rows[-1]['s_per_step']:.1f} s per step, peak {rows[-1]['running_peak_mb']:.0f} MB once "
+              "loaded", flush=True)
+    seconds = {r["stage"]: r["s_per_step"] for r in rows}
+    summary = {"model": Path(folder).name, "dtype": dtype, "ratio": run.config.emulator.ratio,
+               "batch_size": run.config.lora.batch_size, "lora_steps": steps, "timed_steps": steps - 1,
+               "threads": int(os.environ.get("EMLOC_BENCH_THREADS", "1")), "stages": rows,
+               "step_time_emulator_over_original": seconds["big_step_emulator"] / seconds["big_step_original"]}
+    path = RESULTS / "big_step_time.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_big_provenance(path, steps, dtype, timing=True)
+    print({k: v for k, v in summary.items() if k != "stages"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=4, help="LoRA steps per training stage (the first is not timed)")
-    parser.add_argument("--stage", choices=ALL_STAGES + BIG_STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=ALL_STAGES + BIG_STAGES + BIG_STEP_STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--big-out", help=argparse.SUPPRESS)
     parser.add_argument("--timing-steps", type=int, default=8,
                         help="LoRA steps of each step-time stage (the first two are not timed)")
@@ -375,6 +424,8 @@ def main() -> None:
                         help="re-measure these stages, keep the others from memory.json")
     parser.add_argument("--big", help="a model folder from make_big_model.py: measure it instead of the default model")
     parser.add_argument("--big-steps", type=int, default=3)
+    parser.add_argument("--big-timing", action="store_true",
+                        help="with --big: time a LoRA step on the original and on the emulator (big_step_time.json)")
     parser.add_argument("--big-max-length", type=int, default=64)
     parser.add_argument("--big-calibration", type=int, default=8)
     parser.add_argument("--big-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -383,6 +434,8 @@ def main() -> None:
     if args.stage:
         result = big_child(args.stage, args.big_out, args.steps) if args.big_out else child(args.stage, args.steps)
         print(json.dumps(result))
+    elif args.big and args.big_timing:
+        big_timing(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype)
     elif args.big:
         big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype)
     else:

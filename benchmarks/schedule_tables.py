@@ -4,8 +4,9 @@ sweeps -> benchmarks/results/schedule/.
     python benchmarks/schedule_tables.py
 
 Sources (each a sweep's stored tables, 5 seeds, 32-true): ``sweep_addition_5seeds`` (addition, 100 steps, ratio
-0.5; its EMLoC rows), ``sweep_addition_5seeds_ratio`` and ``sweep_addition_5seeds_ratio075`` (ratio 0.4 and
-0.75, 100 steps), ``schedule_addition`` (300 steps: ratio 0.5 and 0.4, the three correction methods, sequential
+0.5; its EMLoC rows), ``sweep_addition_5seeds_ratio``, ``_ratio075`` and ``_ratio025`` (ratio 0.4, 0.75 and
+0.25, 100 steps), ``sweep_addition_5seeds_calibration16`` and ``_calibration256`` (16 and 256 calibration samples
+instead of 64, 100 steps), ``schedule_addition`` (300 steps: ratio 0.5 and 0.4, the three correction methods, sequential
 calibration) and ``schedule_wordfacts`` (wordfacts at 300 and 100 steps). A source's settings that are not axes of its sweep are read from its provenance record,
 so every row names its task, ratio, steps, correction method and calibration. Points with the same seed share
 the test items, so differences are paired by seed.
@@ -16,7 +17,8 @@ with its 95% interval), ``findings.md``/``.csv`` (the sentences the docs quote, 
 ``correction_methods.md`` (the three correction methods at 300 steps, for docs/correction.md),
 ``calibration.md`` (sequential against independent calibration at 300 steps, for docs/sequential.md),
 ``clamp.md``/``.csv`` and ``clamp_findings.md`` (the correction's clamp lambda at 50, 100 and 300 steps, from
-:data:`CLAMP_SOURCES`, for docs/correction.md), ``ratio.md`` (every ratio against 0.5 at 100 steps), and the
+:data:`CLAMP_SOURCES`, for docs/correction.md), ``ratio.md`` and ``calibration_size.md`` (every ratio against
+0.5 and every calibration size against 64 at 100 steps, paired by seed), and the
 sweep tables of the combined seeds (``gap``, ``kept``, ``loss``, ``correction``, ``axes``: one-axis comparisons
 against 300 steps at ratio 0.5, official correction, independent calibration).
 """

@@ -167,6 +167,18 @@ def big_result_files(results: Path = RESULTS) -> list[str]:
 
 
 
+def big_step_claim(big_step: dict) -> dict:
+    """The step-time target where the weights dominate (``bench_memory.py --big --big-timing``)."""
+    steps = {r["stage"]: r for r in big_step["stages"]}
+    original, emulator = steps["big_step_original"], steps["big_step_emulator"]
+    return {"claim": f"emulator LoRA step time <= 0.6x the original's (1.5B {big_step['dtype']}, ratio "
+                     f"{big_step['ratio']:g}, checkpointing on)",
+            "measured": big_step["step_time_emulator_over_original"], "target": 0.6, "direction": "<=",
+            "detail": f"{emulator['s_per_step']:.1f} s vs {original['s_per_step']:.1f} s per step (median of "
+                      f"{big_step['timed_steps']}), batch {big_step['batch_size']}, {big_step['threads']} thread, one "
+                      "benchmark run, each in a fresh process", "source": "big_step_time.json"}
+
+
 def readme_command_rows(readme: dict) -> list[dict]:
     """The claims measured by ``bench_readme_commands.py``: the README's commands, from outside."""
     commands = readme["rows"]
@@ -240,6 +252,9 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
                          "direction": "<=", "detail": f"{command['peak_rss_mb']:.0f} MB from outside vs inference "
                          f"once loaded; whole process against whole process "
                          f"{memory_big['train_command_over_inference_original_whole_process']:.2f}x", "source": name})
+    big_step = _json("big_step_time.json")
+    if big_step:
+        rows.append(big_step_claim(big_step))
     class_start = _json("class_start.json")
     if class_start:
         rows.append({"claim": "a fresh clone with a prepared class bundle reaches the quickstart's results board in <= 60 s",
