@@ -88,7 +88,7 @@ def baseline_claims(sweep: Path) -> list[dict]:
 
 
 SCHEDULE_POINT = {"emulator.ratio": 0.5, "lora.steps": 300, "correction.method": "official",
-                  "emulator.calibration": "independent"}
+                  "emulator.calibration": "independent", "data.n_calibration": 64}
 """The paper's schedule (issue 24, part c) at ratio 0.5 under today's defaults, in ``schedule/``."""
 
 
