@@ -23,7 +23,7 @@ plus the measured after-import memory).
     python benchmarks/bench_memory.py [--steps 4] [--timing-steps 8] [--only STAGE ...]
     python benchmarks/bench_memory.py --big runs/big-llama [--big-steps 2]   # the weights-dominated model
 
-    python benchmarks/bench_memory.py --big runs/big-llama --big-timing   # its step time, emulator / original
+    python benchmarks/bench_memory.py --big runs/big-llama --big-timing --big-steps 4   # its step time, emulator / original
 
 ``--big``: a model written by ``make_big_model.py`` (bfloat16 files): a streamed build (``emloc build --stream``),
 LoRA steps on its lean emulator, and inference with the original on the same prompt lengths; writes
@@ -32,8 +32,8 @@ LoRA steps on its lean emulator, and inference with the original on the same pro
 so one LoRA step of the 1.5B emulator would take over an hour; with AVX-512 BF16 or AMX, bfloat16 is the
 faster of the two. ``--big-timing`` instead times the pipeline's default training (checkpointing on, glibc's own
 heap, as ``step_original`` / ``step_emulator`` do for the default model) on the original 1.5B model and on its
-emulator, each in a fresh process, one after the other: ``big_step_time.json``, the step-time ratio where the
-weights dominate.
+emulator, each in a fresh process, over ``--big-rounds`` rounds whose order alternates: ``big_step_time.json``, the
+step-time ratio where the weights dominate.
 """
 import argparse
 import dataclasses
@@ -309,18 +309,18 @@ def big_train_command(out: Path, steps: int) -> dict:
     return {"stage": "big_train_command", **trained(out, "emulator", ["--steps", str(steps)])}
 
 
-def write_big_provenance(path: Path, steps: int, dtype: str, timing: bool = False) -> None:
+def write_big_provenance(path: Path, steps: int, dtype: str, timing: int = 0) -> None:
     """A named-settings record (the model is a local folder the record cannot resolve elsewhere)."""
     import datetime
 
     from emloc import provenance
-    what = ("the pipeline's default training timed on the original and on the emulator, one thread" if timing
-            else "`emloc train --on emulator` with default flags")
+    what = (f"the pipeline's default training timed on the original and on the emulator, {timing} rounds, one thread"
+            if timing else "`emloc train --on emulator` with default flags")
     record = {"declares": provenance.NAMED,
               "settings": f"benchmarks/bench_memory.py --big: a random 1.5B Llama (make_big_model.py), {dtype}, "
                           f"batch 8, {steps} LoRA steps; {what}",
               "command": f"python benchmarks/bench_memory.py --big runs/big-llama --big-steps {steps} --big-dtype {dtype}"
-                         + (" --big-timing" if timing else ""),
+                         + (f" --big-timing --big-rounds {timing}" if timing else ""),
               "commit": provenance.git_commit(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **provenance.environment()}
     provenance.write(path, record)
@@ -388,28 +388,34 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
-def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str) -> None:
+def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str, rounds: int = 1) -> None:
     """The step time of the pipeline's default training on the big model's emulator over its original's, each
-    in a fresh process (the streamed build first, if it is not done): ``big_step_time.json``."""
+    in a fresh process (the streamed build first, if it is not done), over ``rounds`` rounds whose order
+    alternates: ``big_step_time.json`` with each round's ratio and the ratio of the medians."""
     from common import RESULTS
     run = big_run(folder, max_length, n_calibration, dtype)
     if not run.is_done("build"):
         print("big_build: streaming the emulator's build first", flush=True)
         measure("big_build", "--steps", str(steps), "--big-out", str(run.dir))
     rows = []
-    for stage in BIG_STEP_STAGES:
-        rows.append(measure(stage, "--steps", str(steps), "--big-out", str(run.dir)))
-        print(f"{stage}: {rows[-1]['s_per_step']:.1f} s per step, peak {rows[-1]['running_peak_mb']:.0f} MB once "
-              "loaded", flush=True)
-    seconds = {r["stage"]: r["s_per_step"] for r in rows}
+    for number in range(rounds):
+        order = BIG_STEP_STAGES if number % 2 == 0 else BIG_STEP_STAGES[::-1]
+        for stage in order:
+            rows.append(measure(stage, "--steps", str(steps), "--big-out", str(run.dir)) | {"round": number})
+            print(f"round {number}, {stage}: {rows[-1]['s_per_step']:.1f} s per step, peak "
+                  f"{rows[-1]['running_peak_mb']:.0f} MB once loaded", flush=True)
+    seconds = {stage: [r["s_per_step"] for r in sorted(rows, key=lambda r: r["round"]) if r["stage"] == stage]
+               for stage in BIG_STEP_STAGES}
+    emulator, original = seconds["big_step_emulator"], seconds["big_step_original"]
     summary = {"model": Path(folder).name, "dtype": dtype, "ratio": run.config.emulator.ratio,
                "batch_size": run.config.lora.batch_size, "lora_steps": steps, "timed_steps": steps - 1,
-               "threads": int(os.environ.get("EMLOC_BENCH_THREADS", "1")), "stages": rows,
-               "step_time_emulator_over_original": seconds["big_step_emulator"] / seconds["big_step_original"]}
+               "rounds": rounds, "threads": int(os.environ.get("EMLOC_BENCH_THREADS", "1")), "stages": rows,
+               "step_time_emulator_over_original_per_round": [e / o for e, o in zip(emulator, original)],
+               "step_time_emulator_over_original": statistics.median(emulator) / statistics.median(original)}
     path = RESULTS / "big_step_time.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_big_provenance(path, steps, dtype, timing=True)
+    write_big_provenance(path, steps, dtype, timing=rounds)
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
@@ -426,6 +432,7 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=3)
     parser.add_argument("--big-timing", action="store_true",
                         help="with --big: time a LoRA step on the original and on the emulator (big_step_time.json)")
+    parser.add_argument("--big-rounds", type=int, default=3, help="with --big-timing: rounds, the order alternating")
     parser.add_argument("--big-max-length", type=int, default=64)
     parser.add_argument("--big-calibration", type=int, default=8)
     parser.add_argument("--big-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -435,7 +442,7 @@ def main() -> None:
         result = big_child(args.stage, args.big_out, args.steps) if args.big_out else child(args.stage, args.steps)
         print(json.dumps(result))
     elif args.big and args.big_timing:
-        big_timing(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype)
+        big_timing(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype, args.big_rounds)
     elif args.big:
         big_model(args.big, args.big_steps, args.big_max_length, args.big_calibration, args.big_dtype)
     else:

@@ -49,3 +49,10 @@ def test_readme_quotes_the_default_command_measured_from_outside():
     generation = measured["rows"]["inference_original_generate_only"]["peak_rss_mb"]
     assert f"**{lora / generation:.2f}x** the leanest inference, generation alone ({generation:.0f} MB)" in text
     assert f"at {measured['budget_step_time_over_default']:.2f}x the default step time" in text
+
+
+def test_readme_quotes_the_weights_dominated_step_time():
+    big = json.loads((RESULTS / "big_step_time.json").read_text())
+    text = first_page()
+    assert f"**{big['step_time_emulator_over_original']:.2f}x**" in text and f"{big['rounds']} rounds" in text
+    assert ("still missed" in text) == (big["step_time_emulator_over_original"] > 0.6)
