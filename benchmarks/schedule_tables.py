@@ -296,6 +296,8 @@ AT_STEPS = 100
 """Ratios and calibration sizes are compared at the standard preset's steps, where every one was measured."""
 AXIS_LABELS = {"emulator.ratio": "ratio", "data.n_calibration": "calibration samples"}
 """The axes compared at :data:`AT_STEPS` (one table each), and how a table's columns name them."""
+AT_STEPS_FILES = {"emulator.ratio": "ratio.md", "data.n_calibration": "calibration_size.md"}
+"""The file each of those tables is written to."""
 
 
 def axis_at_steps(rows: pd.DataFrame, axes: list[str], axis: str, steps: int = AT_STEPS) -> pd.DataFrame:
@@ -360,9 +362,6 @@ def _first(table: pd.DataFrame, *columns: str) -> pd.DataFrame:
 def _per_task(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One table from per-task tables, the task as its first column."""
     return _first(pd.concat([t.assign(task=task) for task, t in tables.items()], ignore_index=True), "task")
-
-
-AT_STEPS_FILES = {"emulator.ratio": "ratio.md", "data.n_calibration": "calibration_size.md"}
 
 
 def main() -> None:
