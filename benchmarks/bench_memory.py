@@ -388,7 +388,7 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
-def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str, rounds: int = 1) -> None:
+def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str, rounds: int = 3) -> None:
     """The step time of the pipeline's default training on the big model's emulator over its original's, each
     in a fresh process (the streamed build first, if it is not done), over ``rounds`` rounds whose order
     alternates: ``big_step_time.json`` with each round's ratio and the ratio of the medians."""
@@ -404,8 +404,7 @@ def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dty
             rows.append(measure(stage, "--steps", str(steps), "--big-out", str(run.dir)) | {"round": number})
             print(f"round {number}, {stage}: {rows[-1]['s_per_step']:.1f} s per step, peak "
                   f"{rows[-1]['running_peak_mb']:.0f} MB once loaded", flush=True)
-    seconds = {stage: [r["s_per_step"] for r in sorted(rows, key=lambda r: r["round"]) if r["stage"] == stage]
-               for stage in BIG_STEP_STAGES}
+    seconds = {stage: [r["s_per_step"] for r in rows if r["stage"] == stage] for stage in BIG_STEP_STAGES}  # by round
     emulator, original = seconds["big_step_emulator"], seconds["big_step_original"]
     summary = {"model": Path(folder).name, "dtype": dtype, "ratio": run.config.emulator.ratio,
                "batch_size": run.config.lora.batch_size, "lora_steps": steps, "timed_steps": steps - 1,
