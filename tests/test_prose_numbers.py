@@ -9,16 +9,18 @@ backticks, code blocks), formulas (``$...$``) and integers (counts, MB) are not 
 """
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DOCS = ["README.md", "benchmarks/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
-NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-RENDERED = re.compile(r"<!-- rendered from .*? -->.*?<!-- end rendered -->", re.S)
+import render_docs  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
 FENCED = re.compile(r"```.*?```", re.S)
 CODE = re.compile(r"`[^`]*`")
 ARXIV = re.compile(r"arXiv[ :]\S+")
@@ -75,7 +77,7 @@ def sections(text: str) -> list[str]:
 def unsupported(text: str, every: list[Path]) -> list[str]:
     """``heading: number`` for each prose number that no file its section cites holds."""
     missing = []
-    for section in sections(FENCED.sub("", RENDERED.sub("", text))):
+    for section in sections(FENCED.sub("", render_docs.BLOCK.sub("", text))):
         values = pool(cited_files(section, every))
         prose = MATH.sub("", ARXIV.sub("", CODE.sub("", section)))
         missing += [f"{section.strip().splitlines()[0][:60]}: {number}" for number in PROSE_NUMBER.findall(prose)
@@ -90,7 +92,7 @@ def markdown_of(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("doc", DOCS + NOTEBOOKS)
+@pytest.mark.parametrize("doc", render_docs.DOCS + NOTEBOOKS)
 def test_every_prose_number_is_in_a_result_file_it_cites(doc):
     assert unsupported(markdown_of(ROOT / doc), result_files()) == []
 
@@ -103,4 +105,4 @@ def test_a_number_its_files_do_not_hold_is_caught(tmp_path):
     assert unsupported(f"## A\n\nFrom `claims.csv`: {held}.\n", result_files()) == []
     assert unsupported(f"## A\n\nFrom `claims.csv`: {other}.\n", result_files()) == [f"## A: {other}"]
     assert unsupported(f"## A\n\nNo file named: {held}.\n", result_files()) == [f"## A: {held}"]
-    assert unsupported(f"## A\n\nA setting in code, `0.37`, and an id, arXiv 2506.12015.\n", result_files()) == []
+    assert unsupported("## A\n\nA setting in code, `0.37`, and an id, arXiv 2506.12015.\n", result_files()) == []
