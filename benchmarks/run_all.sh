@@ -26,7 +26,9 @@ $PY benchmarks/bench_memory.py
 if [ -z "${SKIP_BIG:-}" ]; then
   [ -f runs/big-llama/config.json ] || $PY benchmarks/make_big_model.py runs/big-llama
   $PY benchmarks/bench_memory.py --big runs/big-llama
+  $PY benchmarks/bench_memory.py --big runs/big-llama --big-timing --big-steps 4 --big-rounds 3
 fi
+$PY benchmarks/bench_step_scaling.py  # step time across widths up to Llama-3-8B's (about 25 minutes)
 $PY benchmarks/bench_memory_ledger.py
 $PY benchmarks/summarize.py
 $PY benchmarks/render_docs.py  # the tables quoted in the docs, from the files just written

@@ -180,6 +180,24 @@ def big_step_claim(big_step: dict) -> dict:
                       + f"; batch {big_step['batch_size']}, {big_step['threads']} thread", "source": "big_step_time.json"}
 
 
+def step_scaling_claim(scaling: dict, shape: str = "8b") -> dict:
+    """The step-time target at the widest decoder shape of ``bench_step_scaling.py`` (Llama-3-8B's), with the
+    other shapes' extrapolations and the full-depth checks in the detail."""
+    widest = scaling["shapes"][shape]
+    others = "; ".join(
+        f"{s.get('label', name)} {s['ratio_full_depth']:.2f}x" + (f" (measured at full depth {s['measured_full_depth']['ratio']:.2f}x)"
+                                                  if "measured_full_depth" in s else "")
+        for name, s in scaling["shapes"].items() if name != shape)
+    return {"claim": f"emulator LoRA step time <= 0.6x the original's (Llama-3-8B decoder shape, {widest['depth']} "
+                     f"layers, {scaling['dtype']}, ratio {scaling['ratio']:g}, checkpointing on)",
+            "measured": widest["ratio_full_depth"], "target": 0.6, "direction": "<=",
+            "detail": f"extrapolated from random-weight stacks of {', '.join(map(str, scaling['layers'][shape]))} "
+                      f"layers: {widest['emulator']['full_depth_s']:.1f} s vs {widest['original']['full_depth_s']:.1f} s "
+                      f"per step; per round " + ", ".join(f"{r:.2f}x" for r in widest["ratio_full_depth_per_round"])
+                      + f"; per layer {widest['ratio_per_layer']:.2f}x; other shapes: {others}; "
+                      f"{scaling['threads']} thread", "source": "step_scaling.json"}
+
+
 def _median_step(big_step: dict, stage: str) -> float:
     return statistics.median(r["s_per_step"] for r in big_step["stages"] if r["stage"] == stage)
 
@@ -260,6 +278,9 @@ def claims(results: Path = RESULTS) -> pd.DataFrame:
     big_step = _json("big_step_time.json")
     if big_step:
         rows.append(big_step_claim(big_step))
+    scaling = _json("step_scaling.json")
+    if scaling and "8b" in scaling["shapes"]:
+        rows.append(step_scaling_claim(scaling))
     class_start = _json("class_start.json")
     if class_start:
         rows.append({"claim": "a fresh clone with a prepared class bundle reaches the quickstart's results board in <= 60 s",

@@ -56,3 +56,11 @@ def test_readme_quotes_the_weights_dominated_step_time():
     text = first_page()
     assert f"**{big['step_time_emulator_over_original']:.2f}x**" in text and f"{big['rounds']} rounds" in text
     assert ("still missed" in text) == (big["step_time_emulator_over_original"] > 0.6)
+
+
+def test_readme_quotes_the_step_time_at_the_papers_width():
+    shapes = json.loads((RESULTS / "step_scaling.json").read_text())["shapes"]
+    ratio = shapes["8b"]["ratio_full_depth"]
+    text = first_page()
+    assert shapes["8b"]["label"] in text and f"**{ratio:.2f}x** the original's" in text
+    assert ("the target holds there" in text) == (ratio <= 0.6)
