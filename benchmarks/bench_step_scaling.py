@@ -104,22 +104,23 @@ def fit_line(layers: list[int], seconds: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def fitted(rows: list[dict], model: str, round_number: int | None = None) -> tuple[float, float]:
+    """``(a, b)`` of ``model``'s rows (of one round, or of all rounds when ``round_number`` is None)."""
+    mine = [r for r in rows if r["model"] == model and round_number in (None, r["round"])]
+    return fit_line([r["layers"] for r in mine], [r["s_per_step"] for r in mine])
+
+
 def full_depth(rows: list[dict], depth: int) -> dict:
     """Per model: the fitted intercept and per-layer seconds over all rounds, the predicted full-depth step,
     and the emulator/original ratios (full depth, per layer, and each round's full-depth ratio)."""
     result = {}
     for model in MODELS:
-        mine = [r for r in rows if r["model"] == model]
-        a, b = fit_line([r["layers"] for r in mine], [r["s_per_step"] for r in mine])
+        a, b = fitted(rows, model)
         result[model] = {"intercept_s": a, "per_layer_s": b, "full_depth_s": a + b * depth}
     per_round = []
     for number in sorted({r["round"] for r in rows}):
-        predicted = {}
-        for model in MODELS:
-            mine = [r for r in rows if r["model"] == model and r["round"] == number]
-            a, b = fit_line([r["layers"] for r in mine], [r["s_per_step"] for r in mine])
-            predicted[model] = a + b * depth
-        per_round.append(predicted["emulator"] / predicted["original"])
+        (a_e, b_e), (a_o, b_o) = fitted(rows, "emulator", number), fitted(rows, "original", number)
+        per_round.append((a_e + b_e * depth) / (a_o + b_o * depth))
     result["ratio_full_depth"] = result["emulator"]["full_depth_s"] / result["original"]["full_depth_s"]
     result["ratio_per_layer"] = result["emulator"]["per_layer_s"] / result["original"]["per_layer_s"]
     result["ratio_full_depth_per_round"] = per_round
