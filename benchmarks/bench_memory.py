@@ -388,6 +388,12 @@ def big_model(folder: str, steps: int, max_length: int, n_calibration: int, dtyp
     print({k: v for k, v in summary.items() if k != "stages"})
 
 
+def median_step_seconds(big_step: dict, stage: str) -> float:
+    """The median of ``stage``'s per-round step seconds in a ``big_step_time.json`` (``big_step_original`` or
+    ``big_step_emulator``): the figures its ratio of medians divides."""
+    return statistics.median(r["s_per_step"] for r in big_step["stages"] if r["stage"] == stage)
+
+
 def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dtype: str, rounds: int = 3) -> None:
     """The step time of the pipeline's default training on the big model's emulator over its original's, each
     in a fresh process (the streamed build first, if it is not done), over ``rounds`` rounds whose order

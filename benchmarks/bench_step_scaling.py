@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_memory import step_seconds, timed_training  # noqa: E402
+from bench_memory import median_step_seconds, step_seconds, timed_training  # noqa: E402
 from common import OUT, RESULTS, threads  # noqa: E402
 from make_big_model import BIG_CONFIG  # noqa: E402
 
@@ -167,8 +166,7 @@ def big_check() -> dict | None:
     if not path.exists():
         return None
     stored = json.loads(path.read_text(encoding="utf-8"))
-    seconds = {kind: statistics.median(s["s_per_step"] for s in stored["stages"]
-                                       if s["stage"] == f"big_step_{kind}") for kind in MODELS}
+    seconds = {kind: median_step_seconds(stored, f"big_step_{kind}") for kind in MODELS}
     return {**seconds, "ratio": stored["step_time_emulator_over_original"], "source": "big_step_time.json"}
 
 
@@ -191,7 +189,7 @@ def markdown(result: dict) -> str:
         measured = (f"{check['original']:.2f} s / {check['emulator']:.2f} s = {check['ratio']:.3f}"
                     + (f" (`{check['source']}`)" if "source" in check else "")) if check else ""
         rounds = ", ".join(f"{r:.3f}" for r in s["ratio_full_depth_per_round"])
-        lines.append(f"| {s.get('label', shape)} | {s['hidden_size']} | {s['intermediate_size']} "
+        lines.append(f"| {s['label']} | {s['hidden_size']} | {s['intermediate_size']} "
                      f"| {s['depth']} "
                      f"| {s['original']['full_depth_s']:.2f} | {s['emulator']['full_depth_s']:.2f} "
                      f"| {s['ratio_full_depth']:.3f} | {rounds} | {s['ratio_per_layer']:.3f} | {measured} |")
@@ -218,8 +216,9 @@ def main() -> None:
     layers = {shape: args.layers or LAYER_COUNTS.get(shape, [1, 2, 3]) for shape in args.shapes}
     shapes = {shape: measure_shape(shape, layers[shape], run, args.steps, args.rounds,
                                    shape in args.check_full) for shape in args.shapes}
-    if "big" in shapes and "measured_full_depth" not in shapes["big"] and big_check():
-        shapes["big"]["measured_full_depth"] = big_check()
+    stored_big = big_check() if "big" in shapes and "measured_full_depth" not in shapes["big"] else None
+    if stored_big:
+        shapes["big"]["measured_full_depth"] = stored_big
     result = {"ratio": config.emulator.ratio, "batch_size": config.lora.batch_size, "threads": n_threads,
               "dtype": "float32", "steps": args.steps, "timed_steps": args.steps - 1, "layers": layers,
               "rounds": args.rounds, "shapes": shapes}

@@ -3,13 +3,13 @@
     python benchmarks/summarize.py
 """
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_memory import median_step_seconds  # noqa: E402
 from common import RESULTS  # noqa: E402
 
 from emloc import provenance  # noqa: E402
@@ -173,8 +173,8 @@ def big_step_claim(big_step: dict) -> dict:
     return {"claim": f"emulator LoRA step time <= 0.6x the original's (1.5B {big_step['dtype']}, ratio "
                      f"{big_step['ratio']:g}, checkpointing on)",
             "measured": big_step["step_time_emulator_over_original"], "target": 0.6, "direction": "<=",
-            "detail": f"median step {_median_step(big_step, 'big_step_emulator'):.1f} s vs "
-                      f"{_median_step(big_step, 'big_step_original'):.1f} s over {big_step['rounds']} rounds (each a fresh "
+            "detail": f"median step {median_step_seconds(big_step, 'big_step_emulator'):.1f} s vs "
+                      f"{median_step_seconds(big_step, 'big_step_original'):.1f} s over {big_step['rounds']} rounds (each a fresh "
                       f"process, {big_step['timed_steps']} timed steps); per round "
                       + ", ".join(f"{r:.2f}x" for r in big_step["step_time_emulator_over_original_per_round"])
                       + f"; batch {big_step['batch_size']}, {big_step['threads']} thread", "source": "big_step_time.json"}
@@ -185,10 +185,10 @@ def step_scaling_claim(scaling: dict, shape: str = "8b") -> dict:
     other shapes' extrapolations and the full-depth checks in the detail."""
     widest = scaling["shapes"][shape]
     others = "; ".join(
-        f"{s.get('label', name)} {s['ratio_full_depth']:.2f}x" + (f" (measured at full depth {s['measured_full_depth']['ratio']:.2f}x)"
-                                                  if "measured_full_depth" in s else "")
+        f"{s['label']} {s['ratio_full_depth']:.2f}x"
+        + (f" (measured at full depth {s['measured_full_depth']['ratio']:.2f}x)" if "measured_full_depth" in s else "")
         for name, s in scaling["shapes"].items() if name != shape)
-    return {"claim": f"emulator LoRA step time <= 0.6x the original's (Llama-3-8B decoder shape, {widest['depth']} "
+    return {"claim": f"emulator LoRA step time <= 0.6x the original's ({widest['label']} decoder shape, {widest['depth']} "
                      f"layers, {scaling['dtype']}, ratio {scaling['ratio']:g}, checkpointing on)",
             "measured": widest["ratio_full_depth"], "target": 0.6, "direction": "<=",
             "detail": f"extrapolated from random-weight stacks of {', '.join(map(str, scaling['layers'][shape]))} "
@@ -196,10 +196,6 @@ def step_scaling_claim(scaling: dict, shape: str = "8b") -> dict:
                       f"per step; per round " + ", ".join(f"{r:.2f}x" for r in widest["ratio_full_depth_per_round"])
                       + f"; per layer {widest['ratio_per_layer']:.2f}x; other shapes: {others}; "
                       f"{scaling['threads']} thread", "source": "step_scaling.json"}
-
-
-def _median_step(big_step: dict, stage: str) -> float:
-    return statistics.median(r["s_per_step"] for r in big_step["stages"] if r["stage"] == stage)
 
 
 def readme_command_rows(readme: dict) -> list[dict]:
