@@ -411,12 +411,13 @@ def big_timing(folder: str, steps: int, max_length: int, n_calibration: int, dty
             print(f"round {number}, {stage}: {rows[-1]['s_per_step']:.1f} s per step, peak "
                   f"{rows[-1]['running_peak_mb']:.0f} MB once loaded", flush=True)
     seconds = {stage: [r["s_per_step"] for r in rows if r["stage"] == stage] for stage in BIG_STEP_STAGES}  # by round
-    emulator, original = seconds["big_step_emulator"], seconds["big_step_original"]
     summary = {"model": Path(folder).name, "dtype": dtype, "ratio": run.config.emulator.ratio,
                "batch_size": run.config.lora.batch_size, "lora_steps": steps, "timed_steps": steps - 1,
                "rounds": rounds, "threads": int(os.environ.get("EMLOC_BENCH_THREADS", "1")), "stages": rows,
-               "step_time_emulator_over_original_per_round": [e / o for e, o in zip(emulator, original)],
-               "step_time_emulator_over_original": statistics.median(emulator) / statistics.median(original)}
+               "step_time_emulator_over_original_per_round":
+                   [e / o for e, o in zip(seconds["big_step_emulator"], seconds["big_step_original"])]}
+    summary["step_time_emulator_over_original"] = (median_step_seconds(summary, "big_step_emulator")
+                                                   / median_step_seconds(summary, "big_step_original"))
     path = RESULTS / "big_step_time.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
